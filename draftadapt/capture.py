@@ -1,0 +1,440 @@
+"""Capture target features for draft training during the policy's log-prob recompute forward.
+
+`FeatureCapture` puts forward hooks on an HF causal LM for the forward the RL loop runs anyway
+(with gradients on: the policy loss comes from it) and keeps detached copies of the aux hidden
+states, the final hidden state and a teacher built from the logits. `RolloutBatch` is the packed,
+validated result; `RolloutBatch.to_draft_batch` pads it into the trainer's `DraftBatch`.
+It does not train, cache or know about engines, and it never changes the policy's forward or its
+gradients: hooks only copy, and never ask for `output_hidden_states`.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .batch import DraftBatch
+
+TEACHERS = ("draft_vocab", "topk", "final_hidden")
+# Log-prob of a draft id a top-k teacher did not keep (and of padding): exp() is exactly 0 in
+# fp32, yet finite, so KL terms p * (log p - log q) give 0 and never 0 * inf = nan.
+MISSING_LOGPROB = -1e4
+_CHUNK_ELEMENTS = 1 << 26  # logits upcast to fp32 at most this many elements at a time (256 MiB)
+# (layer list, final norm) attribute names of the decoder bodies we know (Llama/Qwen, GPT-2, OPT).
+_STACKS = (("layers", "norm"), ("h", "ln_f"), ("layers", "final_layer_norm"))
+
+
+def _check(t, name: str, shape: tuple, dtype, fix: str) -> None:
+    """Raise ValueError naming `name` unless `t` has `shape` (None = any size) and `dtype`."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"RolloutBatch.{name} must be a tensor, got {type(t).__name__}; {fix}")
+    ok_shape = t.dim() == len(shape) and all(s is None or s == g for s, g in zip(shape, t.shape))
+    ok_dtype = t.is_floating_point() if dtype == "float" else t.dtype == dtype
+    if not (ok_shape and ok_dtype):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + f"] {dtype}"
+        raise ValueError(f"RolloutBatch.{name} is {list(t.shape)} {t.dtype}, expected {want}; {fix}")
+
+
+class Teacher(NamedTuple):
+    """The target's next-token distribution in the form the draft trains on (M rows)."""
+
+    logprobs: torch.Tensor | None  # [M, Vd] fp32: full-vocab log-probs at the draft vocab ids
+    topk_ids: torch.Tensor | None  # [M, K] int64: target ids of the K most likely tokens
+    topk_logprobs: torch.Tensor | None  # [M, K] fp32: their full-vocab log-probs
+    top_in_draft: torch.Tensor  # [M] bool: the target's top token is in the draft vocab
+
+
+@torch.no_grad()
+def teacher_from_logits(logits: torch.Tensor, draft_vocab_ids: torch.Tensor | None = None,
+                        top_k: int = 0) -> Teacher:
+    """Teacher from logits [M, V]: log-probs at `draft_vocab_ids` (all V ids when None) or top-k.
+
+    Rows are upcast to fp32 in chunks, so memory stays bounded for large vocabularies.
+    """
+    v = logits.shape[-1]
+    ids = None if draft_vocab_ids is None else draft_vocab_ids.to(logits.device)
+    in_draft = torch.ones(v, dtype=torch.bool, device=logits.device)
+    if ids is not None:
+        in_draft = torch.zeros_like(in_draft).index_fill_(0, ids, True)
+    parts = []
+    for x in logits.detach().split(max(1, _CHUNK_ELEMENTS // v)):
+        x = x.float()
+        lse = x.logsumexp(-1, keepdim=True)
+        top_ok = in_draft[x.argmax(-1)]
+        if top_k:
+            val, idx = x.topk(top_k, dim=-1)  # sorted: column 0 is the top token
+            parts.append((None, idx, val - lse, top_ok))
+        else:
+            parts.append(((x if ids is None else x.index_select(-1, ids)) - lse, None, None, top_ok))
+    return Teacher(*(None if col[0] is None else torch.cat(col) for col in zip(*parts)))
+
+
+@dataclass
+class RolloutBatch:
+    """Target features of B sequences packed back to back (N tokens in all).
+
+    Position n describes the target after reading its sequence up to token n: the aux hidden
+    states there and a teacher for token n+1 (draft-vocab log-probs, top-k, or the final hidden
+    state for the frozen target head). `loss_mask[n]` is the EAGLE-3 training mask: token n+1 is
+    a completion token and the target's top token at n is in the draft vocab (for a final_hidden
+    teacher that check is applied by `to_draft_batch`, when the head gives the logits).
+    """
+
+    input_ids: torch.Tensor  # [N] int64: target token ids, sequences back to back
+    cu_seqlens: torch.Tensor  # [B+1] int64: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]
+    aux_hidden: torch.Tensor  # [N, 3*H_t] bf16/fp16/fp32: residual entering the 3 aux layers
+    loss_mask: torch.Tensor  # [N] bool: the teacher at n is a training target
+    policy_version: int = 0  # version of the policy that produced these features
+    teacher_logprobs: torch.Tensor | None = None  # [N, Vd] float: log p(draft id), not renormalised
+    teacher_topk_ids: torch.Tensor | None = None  # [N, K] int64: target ids of the top-k tokens
+    teacher_topk_logprobs: torch.Tensor | None = None  # [N, K] float: their full-vocab log-probs
+    final_hidden: torch.Tensor | None = None  # [N, H_t] float: post-norm last hidden state
+
+    def __post_init__(self) -> None:
+        _check(self.input_ids, "input_ids", (None,), torch.int64, "pack the sequences' ids into one [N] int64")
+        n, width = self.input_ids.shape[0], getattr(self.aux_hidden, "shape", (0, 0))[-1]
+        k = getattr(self.teacher_topk_ids, "shape", (0, None))[-1]
+        rules = (("cu_seqlens", (None,), torch.int64, "pass [0, len_0, len_0+len_1, ..., N] as int64"),
+                 ("aux_hidden", (n, None), "float", "concatenate the 3 aux states of each token"),
+                 ("loss_mask", (n,), torch.bool, "pass one bool per token"),
+                 ("teacher_logprobs", (n, None), "float", "one row of draft-vocab log-probs per token"),
+                 ("teacher_topk_ids", (n, None), torch.int64, "one row of K target ids per token"),
+                 ("teacher_topk_logprobs", (n, k), "float", "one log-prob per top-k id"),
+                 ("final_hidden", (n, width // 3), "float", "capture the post-norm last hidden state"))
+        for i, (name, shape, dtype, fix) in enumerate(rules):
+            if i < 3 or getattr(self, name) is not None:
+                _check(getattr(self, name), name, shape, dtype, fix)
+        cu = self.cu_seqlens
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu.diff() <= 0).any()):
+            raise ValueError(f"RolloutBatch.cu_seqlens must rise strictly from 0 to N={n}, got {cu.tolist()[:8]}"
+                             "...; drop empty sequences and recompute it")
+        if width % 3:
+            raise ValueError(f"RolloutBatch.aux_hidden width {width} is not 3*H_t; capture exactly three aux layers")
+        if (self.teacher_topk_ids is None) != (self.teacher_topk_logprobs is None):
+            raise ValueError("RolloutBatch.teacher_topk_ids and teacher_topk_logprobs come together; pass both")
+        if self.teacher_logprobs is None and self.teacher_topk_ids is None and self.final_hidden is None:
+            raise ValueError("RolloutBatch has no teacher; pass teacher_logprobs, teacher_topk_* or final_hidden")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_lens(self) -> torch.Tensor:  # [B] int64
+        return self.cu_seqlens.diff()
+
+    def _tensors(self) -> dict:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k != "cu_seqlens"}
+
+    def sequences(self) -> list["RolloutBatch"]:
+        """One RolloutBatch per sequence (views into this batch's tensors)."""
+        cu = self.cu_seqlens.tolist()
+        return [RolloutBatch(**{k: v[a:b] for k, v in self._tensors().items()},
+                             cu_seqlens=torch.tensor([0, b - a], device=self.input_ids.device),
+                             policy_version=self.policy_version)
+                for a, b in zip(cu[:-1], cu[1:])]
+
+    @classmethod
+    def concat(cls, batches: list["RolloutBatch"]) -> "RolloutBatch":
+        """Pack batches back to back; the result carries the OLDEST policy_version among them."""
+        if not batches:
+            raise ValueError("RolloutBatch.concat needs at least one batch")
+        keys = set(batches[0]._tensors())
+        if any(set(b._tensors()) != keys for b in batches):
+            raise ValueError("RolloutBatch.concat: batches carry different teacher fields; capture them alike")
+        lens = torch.cat([b.seq_lens.cpu() for b in batches])
+        return cls(**{k: torch.cat([getattr(b, k) for b in batches]) for k in keys},
+                   cu_seqlens=torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(batches[0].input_ids.device),
+                   policy_version=min(b.policy_version for b in batches))
+
+    def draft_teacher(self, draft_vocab_ids: torch.Tensor | None = None,
+                      target_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher [N, Vd] fp32 log-probs over the draft vocab, top_in_draft [N] bool).
+
+        Uses teacher_logprobs as stored; maps a top-k teacher through `draft_vocab_ids` (ids it
+        did not keep get MISSING_LOGPROB); recomputes from final_hidden with `target_head`.
+        """
+        n = self.num_tokens
+        if self.teacher_logprobs is not None:
+            return self.teacher_logprobs.float(), torch.ones(n, dtype=torch.bool, device=self.loss_mask.device)
+        if self.teacher_topk_ids is not None:
+            if draft_vocab_ids is None:
+                raise ValueError("a top-k teacher needs draft_vocab_ids (target id of each draft id; "
+                                 "torch.arange(V) for the full vocab)")
+            ids = draft_vocab_ids.to(self.teacher_topk_ids.device)
+            size = int(max(ids.max(), self.teacher_topk_ids.max())) + 1
+            t2d = torch.full((size,), -1, dtype=torch.long, device=ids.device)  # target id -> draft id or -1
+            t2d[ids] = torch.arange(ids.numel(), device=ids.device)
+            d = t2d[self.teacher_topk_ids]  # [N, K] draft id or -1
+            keep = d >= 0
+            rows = torch.arange(n, device=d.device)[:, None].expand_as(d)
+            out = torch.full((n, ids.numel()), MISSING_LOGPROB, device=d.device)
+            out[rows[keep], d[keep]] = self.teacher_topk_logprobs.float()[keep]
+            return out, keep[:, 0]
+        if target_head is None:
+            raise ValueError("a final_hidden teacher needs target_head (the frozen target lm_head)")
+        w = next(target_head.parameters(), None)  # [V, H_t] for a Linear head
+        rows = max(1, _CHUNK_ELEMENTS // w.shape[0]) if w is not None and w.dim() == 2 else 1024
+        parts = []
+        with torch.no_grad():
+            for h in self.final_hidden.split(rows):
+                logits = target_head(h if w is None else h.to(w.dtype))
+                parts.append(teacher_from_logits(logits, draft_vocab_ids))
+        return torch.cat([p.logprobs for p in parts]), torch.cat([p.top_in_draft for p in parts])
+
+    def pad(self, x: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
+        """[N, ...] packed -> [B, T, ...] right-padded with `fill`."""
+        lens = self.seq_lens
+        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+        pos = torch.arange(self.num_tokens, device=lens.device) - self.cu_seqlens[seq]
+        out = x.new_full((lens.numel(), int(lens.max()), *x.shape[1:]), fill)
+        out[seq.to(x.device), pos.to(x.device)] = x
+        return out
+
+    def to_draft_batch(self, draft_vocab_ids: torch.Tensor | None = None, target_head: nn.Module | None = None,
+                       dtype: torch.dtype = torch.float32) -> DraftBatch:
+        """Pad into the trainer's DraftBatch; floating fields cast to `dtype`."""
+        teacher, top_ok = self.draft_teacher(draft_vocab_ids, target_head)
+        fh = self.final_hidden
+        return DraftBatch(
+            input_ids=self.pad(self.input_ids, 0),
+            aux_hidden=self.pad(self.aux_hidden.to(dtype), 0.0),
+            teacher_logprobs=self.pad(teacher.to(dtype), MISSING_LOGPROB),
+            loss_mask=self.pad(self.loss_mask & top_ok.to(self.loss_mask.device), False),
+            valid=self.pad(torch.ones_like(self.loss_mask), False),
+            final_hidden=None if fh is None else self.pad(fh.to(dtype), 0.0),
+            policy_version=self.policy_version,
+        )
+
+
+def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3 / vLLM default: inputs of layers 2, L//2, L-3 (outputs of 1, L/2-1, L-4)."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+def resolve_aux_layer_ids(aux_layer_ids, num_layers: int) -> tuple[int, int, int]:
+    """Validate three distinct ids in [0, L); sorted, the order vLLM concatenates them in."""
+    ids = default_aux_layer_ids(num_layers) if aux_layer_ids is None else tuple(int(i) for i in aux_layer_ids)
+    if len(ids) != 3 or len(set(ids)) != 3 or not all(0 <= i < num_layers for i in ids):
+        raise ValueError(f"aux_layer_ids {ids} must be 3 distinct ids in [0, {num_layers}) (a {num_layers}-layer "
+                         f"target); pass e.g. aux_layer_ids=(1, {num_layers // 2}, {num_layers - 1})")
+    return tuple(sorted(ids))
+
+
+def find_decoder_stack(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
+    """(decoder layer list, final norm): the outermost module holding both, so DDP/FSDP/PEFT
+    wrappers and `model.model.layers` / `model.model.norm` (Llama, Qwen2, Qwen3) are found alike."""
+    for module in model.modules():  # pre-order: outermost first
+        for layers_name, norm_name in _STACKS:
+            layers, norm = getattr(module, layers_name, None), getattr(module, norm_name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0 and isinstance(norm, nn.Module):
+                return layers, norm
+    raise ValueError(f"could not find the decoder layers of {type(model).__name__} (looked for a module with "
+                     f"{' / '.join(f'.{a} + .{b}' for a, b in _STACKS)}); pass layers=<the nn.ModuleList> and "
+                     "final_norm=<the final norm module> to FeatureCapture")
+
+
+class FeatureCapture:
+    """Hooks that copy target features out of the top-level forward of the policy.
+
+        with FeatureCapture(policy, draft_vocab_ids=ids) as cap:
+            logits = policy(input_ids=ids, attention_mask=am).logits   # the usual log-prob forward
+            loss.backward()
+        batch = cap.rollout_batch(input_ids=ids, attention_mask=am, completion_mask=cm, policy_version=v)
+
+    Every captured tensor is a detached copy (optionally cast to `store_dtype`, moved to CPU), so
+    the policy's loss and gradients are bit-identical with and without capture. Only hooks run
+    while the top-level forward is active are recorded, so gradient-checkpoint recomputation in
+    backward is ignored. Each forward is one pending capture; `rollout_batch` consumes them oldest
+    first. `teacher`: "draft_vocab" (log-probs at `draft_vocab_ids`, the full vocab when None),
+    "topk" (`top_k` ids + log-probs), or "final_hidden" (no logits work during the forward; the
+    teacher and the top-token check come later from the frozen target head, in to_draft_batch).
+    """
+
+    def __init__(self, model: nn.Module, aux_layer_ids=None, draft_vocab_ids=None, teacher: str = "draft_vocab",
+                 top_k: int = 0, capture_final_hidden: bool = False, store_dtype: torch.dtype | None = None,
+                 offload_to_cpu: bool = False, layers: nn.ModuleList | None = None,
+                 final_norm: nn.Module | None = None):
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher={teacher!r}; choose one of {TEACHERS}")
+        if (teacher == "topk") != (top_k > 0):
+            raise ValueError(f"top_k={top_k} with teacher={teacher!r}; set top_k > 0 exactly when teacher='topk'")
+        if (layers is None) != (final_norm is None):
+            raise ValueError("pass layers and final_norm together, or neither to find them automatically")
+        self.model = model
+        self.layers, self.final_norm = (layers, final_norm) if layers is not None else find_decoder_stack(model)
+        self.aux_layer_ids = resolve_aux_layer_ids(aux_layer_ids, len(self.layers))
+        ids = None if draft_vocab_ids is None else torch.as_tensor(draft_vocab_ids, dtype=torch.long)
+        if ids is not None and (ids.dim() != 1 or ids.numel() == 0 or ids.min() < 0
+                                or ids.unique().numel() != ids.numel()):
+            raise ValueError("draft_vocab_ids must be a 1-D list of distinct target ids (draft id i -> target id)")
+        self.draft_vocab_ids = ids
+        get_head = getattr(model, "get_output_embeddings", None)
+        self.lm_head = get_head() if callable(get_head) else None
+        if teacher != "final_hidden" and self.lm_head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings to take logits from; "
+                             "use teacher='final_hidden'")
+        self.teacher, self.top_k = teacher, top_k
+        self.keep_final = capture_final_hidden or teacher == "final_hidden"
+        self.store_dtype, self.offload_to_cpu = store_dtype, offload_to_cpu
+        self._handles: list = []
+        self._current: dict | None = None
+        self._pending: list[dict] = []
+
+    # 1) hooks ---------------------------------------------------------------------------------
+    def attach(self) -> "FeatureCapture":
+        if self._handles:
+            raise RuntimeError("FeatureCapture is already attached; call remove() first")
+        h = self._handles
+        h.append(self.model.register_forward_pre_hook(self._begin))
+        h.append(self.model.register_forward_hook(self._end))
+        for i in self.aux_layer_ids:
+            h.append(self.layers[i].register_forward_pre_hook(partial(self._grab_aux, i), with_kwargs=True))
+        if self.keep_final:
+            h.append(self.final_norm.register_forward_hook(self._grab_final))
+        if self.teacher != "final_hidden":  # a final_hidden teacher is built later, by to_draft_batch
+            h.append(self.lm_head.register_forward_hook(self._grab_logits))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._current = None
+
+    def __enter__(self) -> "FeatureCapture":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    def _keep(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        device = "cpu" if self.offload_to_cpu else t.device
+        return t.detach().to(device=device, dtype=dtype or t.dtype, copy=True)
+
+    def _begin(self, module, args) -> None:
+        self._current = {"aux": {}}
+
+    def _end(self, module, args, output) -> None:
+        if self._current is not None and self._current["aux"]:
+            self._pending.append(self._current)
+        self._current = None
+
+    def _grab_aux(self, i: int, module, args, kwargs) -> None:
+        if self._current is not None and i not in self._current["aux"]:  # first call only, if a layer is reused
+            self._current["aux"][i] = self._keep(args[0] if args else kwargs["hidden_states"], self.store_dtype)
+
+    def _grab_final(self, module, args, output) -> None:
+        if self._current is not None and "final" not in self._current:
+            self._current["final"] = self._keep(output, self.store_dtype)
+
+    def _grab_logits(self, module, args, logits) -> None:
+        if self._current is None or "teacher" in self._current:
+            return
+        b, t, v = logits.shape
+        teacher = teacher_from_logits(logits.reshape(b * t, v), self.draft_vocab_ids, self.top_k)
+        self._current["teacher"] = Teacher(*(None if x is None else self._keep(x.reshape(b, t, *x.shape[1:]))
+                                             for x in teacher))
+
+    # 2) packing -------------------------------------------------------------------------------
+    def rollout_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      completion_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                      policy_version: int = 0) -> RolloutBatch:
+        """Pack the oldest pending forward into a RolloutBatch.
+
+        Padded: input_ids [B, T] with attention_mask [B, T] (left or right padding). Packed:
+        input_ids [N] or [R, L] (R rows of whole sequences) with cu_seqlens [B+1] over the flattened
+        rows. completion_mask (laid out like input_ids, all True when None) marks completion
+        tokens; the loss mask at n is completion[n+1].
+        """
+        if not self._pending:
+            raise RuntimeError("no captured forward: run the policy forward inside "
+                               "`with FeatureCapture(...)` first")
+        p = self._pending.pop(0)
+        if len(p["aux"]) != 3 or (self.keep_final and "final" not in p):
+            raise RuntimeError("the captured forward did not pass the hooked layers; was it this model's forward?")
+        aux = torch.cat([p["aux"][i] for i in self.aux_layer_ids], -1)  # [B, T, 3*H_t]
+        b, t, dev = aux.shape[0], aux.shape[1], aux.device
+        ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+        if tuple(ids.shape) != (b, t):
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)} but the captured forward saw {(b, t)}")
+        for name, m in (("attention_mask", attention_mask), ("completion_mask", completion_mask)):
+            if m is not None and m.numel() != b * t:
+                raise ValueError(f"{name} has shape {tuple(m.shape)}; make it match input_ids {tuple(input_ids.shape)}")
+        # 1) real positions and sequence boundaries
+        if cu_seqlens is not None:  # rows hold whole sequences back to back; cu indexes the flattened rows
+            cu = cu_seqlens.to(device=dev, dtype=torch.long)
+            if attention_mask is not None or not torch.isin(torch.arange(0, b * t + 1, t, device=dev), cu).all():
+                raise ValueError("packed input: pass input_ids [N] or [R, L] with cu_seqlens over the flattened rows, "
+                                 "no sequence crossing a row end, and no attention_mask")
+            sel = torch.ones(b, t, dtype=torch.bool, device=dev)
+        else:
+            sel = torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+            sel = sel.to(dev).reshape(b, t)
+            lens = sel.sum(1)
+            cu = torch.cat([lens.new_zeros(1), lens[lens > 0].cumsum(0)])
+        # 2) next-token completion mask, cut at each sequence's last token
+        comp = torch.ones_like(sel) if completion_mask is None else completion_mask.to(dev).bool().reshape(b, t)
+        comp = comp[sel]
+        loss_mask = torch.zeros_like(comp)
+        loss_mask[:-1] = comp[1:]
+        loss_mask[cu[1:] - 1] = False
+        # 3) teacher, aligned to the end when the forward kept only the last logits
+        kw = {}
+        tch: Teacher | None = p.get("teacher")
+        if tch is not None:
+            t_l = tch.top_in_draft.shape[1]
+            has = torch.zeros(b, t, dtype=torch.bool, device=dev)
+            has[:, t - t_l:] = True
+            loss_mask &= (has & _align(tch.top_in_draft, t, False))[sel]
+            names = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+            kw = {k: _align(x, t, 0)[sel] for k, x in zip(names, tch[:3]) if x is not None}
+        if self.keep_final:
+            kw["final_hidden"] = p["final"][sel]
+        return RolloutBatch(input_ids=ids.to(dev).long()[sel], cu_seqlens=cu, aux_hidden=aux[sel], loss_mask=loss_mask,
+                            policy_version=int(policy_version), **kw)
+
+
+def _align(x: torch.Tensor, t: int, fill) -> torch.Tensor:
+    """[B, T_l, ...] -> [B, T, ...]: x fills the LAST T_l positions (HF `logits_to_keep`)."""
+    out = x.new_full((x.shape[0], t, *x.shape[2:]), fill)
+    out[:, t - x.shape[1]:] = x
+    return out
+
+
+def measure_capture_overhead(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5,
+                             **capture_kwargs) -> float:
+    """Fraction of forward+backward time that capture adds: median(on) / median(off) - 1.
+
+    "On" includes the hooks, the teacher from the logits and `rollout_batch`; on and off runs
+    alternate so drift in machine load hits both alike.
+    """
+    sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
+
+    def step(capture: bool) -> float:
+        model.zero_grad(set_to_none=True)
+        sync()
+        start = time.perf_counter()
+        with (FeatureCapture(model, **capture_kwargs) if capture else nullcontext()) as cap:
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            logits.float().log_softmax(-1).mean().backward()
+        if capture:
+            cap.rollout_batch(input_ids=input_ids)
+        sync()
+        return time.perf_counter() - start
+
+    step(False), step(True)  # warm-up
+    off_on = torch.tensor([[step(False), step(True)] for _ in range(repeats)])  # [repeats, 2] seconds
+    return float(off_on[:, 1].median() / off_on[:, 0].median() - 1.0)

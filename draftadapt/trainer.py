@@ -1,0 +1,122 @@
+"""`DraftTrainer`: one optimizer step of the TTT loss on a `DraftBatch`, with its own AdamW,
+warm-up and grad clipping, and a state that resumes exactly.
+
+It trains the draft only: the target embedding is read detached, nothing reaches the policy. It
+does not fetch features, schedule itself or push weights; callers (the adapter, recipes) do.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .batch import DraftBatch
+from .drafts.eagle3 import Eagle3Draft
+from .ttt import ttt_loss
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    lr: float = 3e-4  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ttt_steps: int = 3  # K: draft steps unrolled per position (match the engine's k)
+    decay: float = 0.8  # weight of step k is decay^(k-1)
+    warmup_steps: int = 0  # linear lr warm-up from lr/warmup_steps to lr
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError(f"TrainerConfig needs lr > 0 and weight_decay, grad_clip, warmup_steps >= 0; got {self}")
+        if self.ttt_steps < 1 or not 0 < self.decay <= 1:
+            raise ValueError(f"TrainerConfig needs ttt_steps >= 1 and 0 < decay <= 1; got {self}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    step: int  # optimizer steps done, this one included
+    loss: float  # weighted TTT loss
+    step_loss: tuple[float, ...]  # [K] mean KL per draft step
+    step_acc: tuple[float, ...]  # [K] top-1 agreement with the teacher per draft step
+    tokens: int  # positions scored at step 1
+    grad_norm: float  # global grad norm before clipping
+    lr: float  # learning rate used for this step
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat floats for loggers: loss, acc_1..acc_K, loss_1..loss_K, ..."""
+        out = {"step": float(self.step), "loss": self.loss, "tokens": float(self.tokens),
+               "grad_norm": self.grad_norm, "lr": self.lr}
+        out.update({f"loss_{k}": v for k, v in enumerate(self.step_loss, start=1)})
+        out.update({f"acc_{k}": v for k, v in enumerate(self.step_acc, start=1)})
+        return out
+
+
+class DraftTrainer:
+    """Owns the draft's optimizer; `step(batch)` is one update."""
+
+    def __init__(self, draft: Eagle3Draft, embed: nn.Embedding | torch.Tensor, config: TrainerConfig = TrainerConfig()):
+        self.draft, self.embed, self.config = draft, embed, config
+        params = [p for p in draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                           weight_decay=config.weight_decay)
+        self.steps_done = 0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimizer step with 0-based index `step`."""
+        warm = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
+
+    def step(self, batch: DraftBatch) -> TrainStats:
+        device = self.draft.fc.weight.device
+        self.draft.train()
+        lr = self.lr_at(self.steps_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        cfg = self.config
+        result = ttt_loss(self.draft, batch.to(device), self.embed, steps=cfg.ttt_steps, decay=cfg.decay)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        clip = self.config.grad_clip or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        self.optimizer.step()
+        self.steps_done += 1
+        return TrainStats(step=self.steps_done, loss=float(result.loss.detach()),
+                          step_loss=tuple(result.step_loss.tolist()), step_acc=tuple(result.step_acc.tolist()), tokens=int(result.step_tokens[0]),
+                          grad_norm=grad_norm, lr=lr)
+
+    def fit(self, batches: Iterable[DraftBatch], steps: int, progress: bool = True) -> list[TrainStats]:
+        """Run `steps` updates, cycling over `batches` when it can be iterated again (a list);
+        an iterator ends the run early when it is exhausted."""
+        from tqdm.auto import tqdm
+
+        history: list[TrainStats] = []
+        bar = tqdm(total=steps, disable=not progress, desc="draft")
+        while len(history) < steps:
+            before = len(history)
+            for batch in batches:
+                history.append(self.step(batch))
+                bar.update(1)
+                bar.set_postfix(loss=f"{history[-1].loss:.3f}", acc=" ".join(f"{a:.2f}" for a in history[-1].step_acc))
+                if len(history) == steps:
+                    break
+            if len(history) == before or iter(batches) is batches:
+                break
+        bar.close()
+        return history
+
+    def state_dict(self) -> dict:
+        return {"draft": self.draft.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "steps_done": self.steps_done, "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != asdict(self.config):
+            raise ValueError(f"trainer state was saved with config {state['config']},"
+                             f" this trainer has {asdict(self.config)}")
+        self.draft.load_state_dict(state["draft"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random targets built from configs, the trained toy policy, one engine."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Single-process vLLM engines start in ~3 s; keep tests off the user's home directory.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(arch: str = "llama", layers: int = 8, hidden: int = 64, vocab: int = 1147):
+    """A tiny config of a real architecture (llama, qwen2, qwen3), random weights in seconds."""
+    import transformers as tf
+
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, tie_word_embeddings=False)
+    if arch == "llama":
+        return tf.LlamaConfig(**kw)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**kw)
+    if arch == "qwen3":
+        return tf.Qwen3Config(head_dim=hidden // 4, **kw)
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).eval()
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def tiny_target(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def toy_policy_dir():
+    """The trained toy policy (built on first use, ~3 min on 2 cores, then cached)."""
+    from draftadapt.toy.policy import toy_policy
+
+    return toy_policy(progress=False)
+
+
+def save_tiny(arch: str, root, seed: int = 0, **kw):
+    """Save a tiny random target + the toy tokenizer in its own dir (qwen2 trap: a WordLevel
+    tokenizer beside a qwen2 config loads as Qwen2Tokenizer and encodes to nothing).
+    Returns (model_dir, tokenizer_dir)."""
+    from pathlib import Path
+
+    from draftadapt.toy.tokenizer import save_tokenizer
+
+    root = Path(root)
+    model_dir, tok_dir = root / f"tiny-{arch}", root / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        save_tokenizer(tok_dir)
+    tiny_model(arch, seed=seed, **kw).save_pretrained(model_dir, safe_serialization=True)
+    return model_dir, tok_dir
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_policy_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_policy_dir)
+
+
+@pytest.fixture(scope="session")
+def toy_engine(toy_policy_dir):
+    """One plain (no spec decode) engine on the toy policy, shared by the whole session."""
+    from draftadapt.engine.vllm import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(model=str(toy_policy_dir), max_num_seqs=64))
+    yield eng
+    eng.shutdown()
