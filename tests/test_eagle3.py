@@ -241,8 +241,8 @@ def test_vllm_loads_export_and_its_draft_steps_equal_ttt_unroll(tmp_path):
     pytest.importorskip("vllm")
     tests = Path(__file__).parent
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", VLLM_PARITY, str(tests), str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=tests.parent)
+    proc = subprocess.run([sys.executable, "-c", VLLM_PARITY, str(tests), str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=tests.parent)
     assert "PARITY OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
