@@ -119,7 +119,11 @@ def speculative_generate(target, draft: Eagle3Draft, prompt: Sequence[int], max_
     seq = torch.tensor(list(prompt))
     drafts = accepted = 0
     per_pos = [0] * k
-    while seq.numel() - len(prompt) < max_new_tokens:
+    # 0) as in vLLM, the prefill forward samples the first token; drafting starts after it
+    first = torch.softmax(target(input_ids=seq[None]).logits[0, -1].float() / max(temperature, 1e-6), -1)
+    nxt = int(first.argmax()) if greedy else int(torch.multinomial(first, 1, generator=generator))
+    seq = torch.cat([seq, torch.tensor([nxt])])
+    while seq.numel() - len(prompt) < max_new_tokens and nxt != eos_token_id:
         n = seq.numel()
         # 1) the target's aux states over the prefix (what the engine hands the drafter)
         hs = target(input_ids=seq[None], output_hidden_states=True).hidden_states
@@ -136,7 +140,6 @@ def speculative_generate(target, draft: Eagle3Draft, prompt: Sequence[int], max_
         if eos_token_id is not None and eos_token_id in new:
             new = new[: new.index(eos_token_id) + 1]
         seq = torch.cat([seq, torch.tensor(new)])
-        if eos_token_id is not None and new[-1] == eos_token_id:
-            break
+        nxt = new[-1]
     out = seq[len(prompt):][:max_new_tokens].tolist()
     return SpecOutput(out, SpecCounters(drafts, drafts * k, accepted, tuple(per_pos)))

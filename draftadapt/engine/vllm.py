@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,7 @@ from ..metrics import SpecCounters
 from . import cpu_fix
 
 log = logging.getLogger("draftadapt.engine")
+_live_in_process: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 SPEC_METHODS = ("eagle3", "ngram", "draft_model", "mtp")
 
 
@@ -82,11 +84,18 @@ class Engine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self._llm = None
+        if not cfg.multiprocessing and len(_live_in_process):
+            # vLLM's parallel state is process-global: when one in-process engine shuts down it
+            # tears down the groups the other still uses.
+            raise RuntimeError("another in-process vLLM engine is alive: call its shutdown() first, or use "
+                               "EngineConfig(multiprocessing=True) / one engine per process (Ray actors)")
         _set_env(cfg)
         self.cpu_fix_applied = cpu_fix.apply()
         t0 = time.perf_counter()
         self._llm = _build_llm(cfg)
         self.start_seconds = time.perf_counter() - t0
+        if not cfg.multiprocessing:
+            _live_in_process.add(self)
         log.info("engine up in %.1fs (%s, spec=%s, cpu fix: %s)", self.start_seconds, cfg.model,
                  cfg.spec.method if cfg.spec else None, cpu_fix.status())
 
@@ -126,6 +135,7 @@ class Engine:
         if self._llm is None:
             return
         llm, self._llm = self._llm, None
+        _live_in_process.discard(self)
         engine = getattr(llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):

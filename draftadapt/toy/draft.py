@@ -1,0 +1,95 @@
+"""A first EAGLE-3 draft for the toy policy, trained on the policy's own temperature-1 samples.
+
+`rollout_sequences` samples completions of a prompt domain through an engine; `toy_draft`
+builds (or finds in the cache) a draft trained on them with the training-time-test loss.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..trainer import TrainerConfig
+from .eval import encode_prompt
+from .task import TaskConfig, sample_chat, sample_problem
+
+
+@dataclass(frozen=True)
+class ToyDraftConfig:
+    domain: str = "task"  # prompts to sample: "task" (in-domain) or "chat" (generic)
+    prompts: int = 1024  # distinct prompts
+    samples_per_prompt: int = 2  # temperature-1 completions per prompt
+    max_tokens: int = 96  # completion cap
+    draft_vocab_size: int = 512  # reduced draft vocab (most frequent tokens of the samples)
+    steps: int = 600  # TTT optimizer steps
+    batch_size: int = 32  # sequences per step
+    seed: int = 100  # prompt stream (eval prompts use other seeds)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-3, ttt_steps=3, warmup_steps=30))
+
+
+class Rollouts(NamedTuple):
+    sequences: list[list[int]]  # prompt + completion token ids
+    loss_masks: list[list[bool]]  # True where the NEXT token is a completion token
+    seconds: float
+    tokens: int  # completion tokens generated
+
+
+def domain_prompts(tok, domain: str, n: int, seed: int, task: TaskConfig = TaskConfig()) -> list[list[int]]:
+    rng = random.Random(seed)
+    if domain == "task":
+        return [encode_prompt(tok, sample_problem(rng, task).prompt) for _ in range(n)]
+    if domain == "chat":
+        return [encode_prompt(tok, sample_chat(rng).prompt) for _ in range(n)]
+    raise ValueError(f"domain={domain!r}; choose 'task' or 'chat'")
+
+
+def rollout_sequences(engine, tok, prompts: list[list[int]], n: int, max_tokens: int) -> Rollouts:
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, n=n, temperature=1.0, max_tokens=max_tokens, logprobs=False,
+                           stop_token_ids=[tok.eos_token_id])
+    seqs, masks, toks = [], [], 0
+    for prompt, group in zip(prompts, outs):
+        for c in group:
+            seqs.append(prompt + c.token_ids)
+            masks.append([i + 1 >= len(prompt) for i in range(len(prompt) + len(c.token_ids))])
+            toks += len(c.token_ids)
+    return Rollouts(seqs, masks, time.perf_counter() - t0, toks)
+
+
+def toy_draft(policy_dir: str | Path, cfg: ToyDraftConfig = ToyDraftConfig(), progress: bool = True) -> Path:
+    """Directory of an EAGLE-3 draft for the toy policy at `policy_dir`, built when not cached."""
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = Path(policy_dir).parent / f"{Path(policy_dir).name}-eagle3-{cfg.domain}-{key}"
+    if not (out / "model.safetensors").exists():
+        stats = train_toy_draft(policy_dir, out, cfg, progress)
+        (out / "draftadapt_train.json").write_text(json.dumps(stats, indent=1))
+    return out
+
+
+def train_toy_draft(policy_dir: str | Path, out_dir: str | Path, cfg: ToyDraftConfig, progress: bool = True) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..engine.vllm import Engine, EngineConfig
+    from ..offline import train_offline
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    prompts = domain_prompts(tok, cfg.domain, cfg.prompts, cfg.seed)
+    # 1) the policy's own samples (what the draft must predict in RL rollouts)
+    with Engine(EngineConfig(model=str(policy_dir), max_num_seqs=64, worker_extension=None)) as eng:
+        roll = rollout_sequences(eng, tok, prompts, cfg.samples_per_prompt, cfg.max_tokens)
+    # 2) features from the HF policy + TTT training, then export
+    target = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    train_offline(target, roll.sequences, cfg.steps, draft_vocab_size=cfg.draft_vocab_size, config=cfg.trainer,
+                  loss_masks=roll.loss_masks, batch_size=cfg.batch_size, out_dir=out_dir, progress=progress)
+    train_s = time.perf_counter() - t0
+    n_tok = sum(len(s) for s in roll.sequences)
+    return {"rollout_seconds": roll.seconds, "rollout_tokens": roll.tokens, "train_seconds": train_s,
+            "feature_tokens": n_tok, "train_tokens_per_s": cfg.steps * cfg.batch_size * n_tok / len(roll.sequences) / train_s,
+            "config": asdict(cfg)}
