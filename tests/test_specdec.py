@@ -93,7 +93,7 @@ def test_speculative_sampling_matches_plain_sampling(sample_drafts):
                 p = torch.softmax(target(input_ids=torch.tensor([seq])).logits[0, -1].float(), -1)
                 seq.append(int(torch.multinomial(p, 1, generator=gen)))
             plain.append(seq[len(prompt):])
-    assert acc > 0.1 * drafts, "too few acceptances to exercise the accept path"
+    assert acc >= 50, f"only {acc} acceptances: too few to exercise the accept path"
     for pos in range(steps):
         res = chi2_homogeneity([s[pos] for s in spec], [s[pos] for s in plain])
         assert res.pvalue > ALPHA / steps, (pos, res)
