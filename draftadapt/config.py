@@ -67,3 +67,38 @@ def _options(hint: Any) -> tuple:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return typing.get_args(hint)
     return (hint,)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict:
+    """A copy of nested `data` with `section.field=value` strings applied (values parsed as YAML).
+
+    Unknown keys are not checked here: `load_section` refuses them with the list of valid ones.
+    """
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(dict(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r}: write it as section.field=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
+            node = nxt
+        node[leaf] = _number_or_str(yaml.safe_load(raw))
+    return out
+
+
+def _number_or_str(value: Any) -> Any:
+    """PyYAML reads `3e-4` (no dot) as a string; on a command line it means a float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value

@@ -45,3 +45,26 @@ def test_library_sections_validate_their_values(tmp_path):
         load_yaml(CacheConfig, path, "adapter")
     with pytest.raises(ValueError, match="max_tokens"):
         load_section(CacheConfig, {"max_tokens": -1})
+
+
+
+@dataclass(frozen=True)
+class _OvInner:
+    lr: float = 1.0
+    steps: int = 1
+
+
+@dataclass(frozen=True)
+class _OvOuter:
+    inner: _OvInner = field(default_factory=_OvInner)
+
+
+def test_overrides_reach_nested_fields_and_bad_ones_name_the_fix():
+    from draftadapt.config import apply_overrides
+
+    cfg = load_section(_OvOuter, apply_overrides({"inner": {"lr": 2.0}}, ["inner.steps=7", "inner.lr=3e-4"]))
+    assert cfg == _OvOuter(_OvInner(lr=3e-4, steps=7))
+    with pytest.raises(ValueError, match="section.field=value"):
+        apply_overrides({}, ["inner.steps"])
+    with pytest.raises(ValueError, match="valid keys"):
+        load_section(_OvOuter, apply_overrides({}, ["inner.stepz=3"]))

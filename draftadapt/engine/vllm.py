@@ -131,6 +131,10 @@ class Engine:
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
         return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop cached KV blocks: after a weight push they hold the old weights' keys/values."""
+        return bool(self.llm.reset_prefix_cache())
+
     def shutdown(self) -> None:
         if self._llm is None:
             return

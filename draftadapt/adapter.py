@@ -1,0 +1,426 @@
+"""`DraftAdapter`: the callback any GRPO loop calls to keep an EAGLE-3 draft matched to its policy.
+
+Three calls, at points every RL loop already has (`policy_version` = the loop's global step):
+
+    adapter = DraftAdapter(draft, policy.get_input_embeddings(), AdapterConfig(...), sink=swapper)
+    for step in range(num_steps):
+        completions = generate(prompts)                  # engines serve the last pushed draft
+        with adapter.capture(policy) as cap:             # the log-prob recompute the loop runs anyway
+            logits = policy(input_ids=ids, attention_mask=am).logits
+        adapter.on_rollouts(cap.rollout_batch(ids, am, completion_mask, policy_version=step))
+        ...                                               # policy update, refit into the engines
+        log(adapter.on_step_end(step).as_dict())         # drop stale, train the draft, maybe push
+
+Pushes happen only in `on_step_end` (a step boundary), at most once per policy version.
+
+The seam for training off the critical path: `DraftAdapter` only decides (staleness, when to
+train, when to push, acceptance tracking). Every touch of the draft, its optimizer and the
+feature cache goes through a `DraftWorker`; `LocalDraftWorker` runs them in this process,
+synchronously. A Ray actor (or a thread) implementing the same methods plugs in through
+`DraftAdapter.with_worker(...)` and the calls above do not change: an asynchronous `train` may
+return at once with the stats of the last finished run, and `state_for_push` returns the weights
+of the last finished optimizer step; the push itself still happens only at the step boundary.
+It does not talk to vLLM: pushes and spec-decode counters go through a `DraftSink` (e.g. the
+engine swapper), and it never touches the policy's weights or gradients (capture only copies).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import nn
+
+from .cache import CacheConfig, HiddenStateCache, read_manifest
+from .capture import TEACHERS, FeatureCapture, RolloutBatch
+from .checkpoint import draft_state_for_push
+from .drafts.eagle3 import Eagle3Draft
+from .metrics import SpecCounters
+from .trainer import DraftTrainer, TrainerConfig
+
+FORMAT = "draftadapt.adapter/1"
+REFERENCES = ("ema", "last_push")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    train_steps: int = 4  # draft optimizer steps per policy step
+    batch_tokens: int = 8192  # tokens per training batch sampled from the cache (whole sequences, >= 1)
+    min_tokens: int = 2048  # skip training while the cache holds fewer tokens than this
+    staleness_window: int = 2  # train on features of policy versions >= current - window only
+    push_every: int = 1  # push once this many versions passed since the last push; 0 = never on cadence
+    acceptance_drop: float | None = 0.2  # also push when the step's acceptance length is this many
+    #   tokens below the reference; None = never on acceptance
+    acceptance_reference: str = "ema"  # "ema" of the past steps' acceptance length, or "last_push":
+    #   the first acceptance length measured after the last push (the fresh draft's)
+    ema_decay: float = 0.8  # weight of the past in the acceptance EMA
+    teacher: str = "draft_vocab"  # FeatureCapture teacher: "draft_vocab", "topk" or "final_hidden"
+    top_k: int = 0  # ids per position when teacher="topk"
+    seed: int = 0  # seed of the cache-sampling generator
+
+    def __post_init__(self) -> None:
+        for name, low in (("train_steps", 0), ("batch_tokens", 1), ("min_tokens", 0), ("staleness_window", 0),
+                          ("push_every", 0), ("top_k", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"AdapterConfig.{name}={value!r}; set it to an int >= {low}")
+        if self.acceptance_drop is not None and not self.acceptance_drop >= 0:
+            raise ValueError(f"AdapterConfig.acceptance_drop={self.acceptance_drop!r}; use tokens >= 0 or None")
+        if self.acceptance_reference not in REFERENCES:
+            raise ValueError(f"AdapterConfig.acceptance_reference={self.acceptance_reference!r}; use one of {REFERENCES}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"AdapterConfig.ema_decay={self.ema_decay!r}; use a value in [0, 1)")
+        if self.teacher not in TEACHERS or (self.teacher == "topk") != (self.top_k > 0):
+            raise ValueError(f"AdapterConfig.teacher={self.teacher!r} with top_k={self.top_k}; use one of {TEACHERS}"
+                             " and top_k > 0 exactly when teacher='topk'")
+
+
+class FeatureSpec(NamedTuple):
+    """What capture must produce for this draft."""
+
+    aux_layer_ids: tuple[int, ...]  # HF hidden_states indices of the aux layers
+    draft_vocab_ids: torch.Tensor | None  # [Vd] int64 target id per draft id; None = full vocab
+    aux_width: int  # 3 * H_t
+    draft_vocab_size: int  # Vd
+
+
+class CacheInfo(NamedTuple):
+    tokens: int
+    bytes: int
+    sequences: int
+    newest_version: int | None  # newest policy_version among cached features (None = empty)
+    oldest_version: int | None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int  # optimizer steps run
+    loss: float  # mean weighted TTT loss over those steps
+    step_acc: tuple[float, ...]  # [K] mean top-1 agreement with the teacher per TTT step
+    tokens: int  # positions scored at TTT step 1, summed over the steps
+    grad_norm: float  # mean pre-clip grad norm
+    seconds: float  # wall time of the whole train call
+
+
+class DraftSink(Protocol):
+    """Where drafts go and counters come from: the engine swapper, or a fake in tests."""
+
+    def push_draft(self, state: dict[str, torch.Tensor], version: int) -> Any: ...  # has .pushed, .skipped_reason
+    def spec_counters(self) -> SpecCounters: ...  # cumulative, summed over engines
+
+
+class DraftWorker(Protocol):
+    """The train-work seam: everything that touches the draft, its optimizer or the cache."""
+
+    def feature_spec(self) -> FeatureSpec: ...
+    def add(self, batch: RolloutBatch) -> int: ...
+    def drop_stale(self, current_version: int, window: int) -> int: ...
+    def cache_info(self) -> CacheInfo: ...
+    def train(self, num_steps: int) -> TrainResult: ...
+    def state_for_push(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class LocalDraftWorker:
+    """The in-process DraftWorker: a HiddenStateCache and a DraftTrainer, run synchronously."""
+
+    def __init__(self, draft: Eagle3Draft, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
+                 cache_config: CacheConfig, batch_tokens: int, seed: int = 0, target_head: nn.Module | None = None):
+        self.draft, self.cache_config, self.batch_tokens, self.target_head = draft, cache_config, batch_tokens, target_head
+        self.trainer = DraftTrainer(draft, embed, trainer_config)
+        self.cache = HiddenStateCache(cache_config)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._target_ids = draft.target_ids().cpu()  # [Vd] int64
+
+    def feature_spec(self) -> FeatureSpec:
+        c = self.draft.config
+        return FeatureSpec(tuple(c.aux_layer_ids), None if c.full_vocab else self._target_ids,
+                           len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size)
+
+    def add(self, batch: RolloutBatch) -> int:
+        return self.cache.add(batch)
+
+    def drop_stale(self, current_version: int, window: int) -> int:
+        return self.cache.drop_stale(current_version, window)
+
+    def cache_info(self) -> CacheInfo:
+        versions = [v for v, _ in self.cache.state_dict()["entries"]]
+        return CacheInfo(self.cache.num_tokens, self.cache.num_bytes, len(versions),
+                         max(versions, default=None), min(versions, default=None))
+
+    def train(self, num_steps: int) -> TrainResult:
+        start = time.perf_counter()
+        hist = [self.trainer.step(self.cache.sample(num_tokens=self.batch_tokens, generator=self.generator,
+                                                    draft_vocab_ids=self._target_ids, target_head=self.target_head))
+                for _ in range(num_steps)]
+        n = max(1, len(hist))
+        acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()
+        return TrainResult(len(hist), sum(s.loss for s in hist) / n, acc, sum(s.tokens for s in hist),
+                           sum(s.grad_norm for s in hist) / n, time.perf_counter() - start)
+
+    def state_for_push(self) -> dict[str, torch.Tensor]:
+        """The live weights vLLM's drafter owns (no copy): consume them before the next train()."""
+        return draft_state_for_push(self.draft)
+
+    def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
+        """Trainer (draft + optimizer), sampling generator, cache index; the cache's features are
+        written to `cache_dir` when given (safetensors shards), and are otherwise not saved."""
+        if cache_dir is not None:
+            cache_dir = str(self.cache.save(cache_dir).absolute())
+        return {"trainer": self.trainer.state_dict(), "generator": self.generator.get_state(),
+                "cache": self.cache.state_dict(), "cache_dir": cache_dir}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.generator.set_state(state["generator"])
+        cache_dir = state["cache_dir"]
+        if cache_dir is None:
+            warnings.warn("the adapter state holds no features (state_dict(cache_dir=None) was used): the cache starts "
+                          "empty and refills from new rollouts; pass cache_dir= for an exact resume", stacklevel=3)
+            self.cache = HiddenStateCache(self.cache_config)
+            return
+        if read_manifest(cache_dir)["entries"] != state["cache"]["entries"]:
+            raise ValueError(f"the features in {cache_dir} are not the ones this state saved (a later save "
+                             "overwrote them); give every checkpoint its own cache_dir")
+        self.cache = HiddenStateCache.load(cache_dir, **asdict(self.cache_config))
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    policy_version: int  # the version on_step_end was called with
+    train: TrainResult | None  # None when training was skipped
+    train_skipped_reason: str | None  # why it was skipped
+    pushed: bool  # the sink accepted a push of this version
+    push_reason: str  # why it pushed ("cadence", "acceptance ..."), or why not
+    push_seconds: float  # wall time of state_for_push + push_draft; 0.0 without an attempt
+    push_bytes: int  # bytes of the pushed tensors; 0 without an attempt
+    push_result: Any  # what the sink returned, None without an attempt
+    last_pushed_version: int | None  # newest version the sink accepted, this step included
+    cache: CacheInfo  # after this step's drop and training
+    dropped_stale: int  # cached sequences dropped this step for falling out of the window
+    dropped_rollouts: int  # sequences on_rollouts refused as stale since the previous on_step_end
+    spec: SpecCounters | None  # spec-decode counters of this step's rollouts (delta), when known
+    acceptance_reference: float | None  # what this step's acceptance length was compared with
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat floats under the names RL users chart; unknown values are left out, not NaN.
+        `draft/acc-step-{k}` is 0-based, like `spec_acceptance_rate-pos-{k}` it predicts."""
+        c = self.cache
+        out = {"draft/policy_version": float(self.policy_version), "draft/trained": float(self.train is not None),
+               "draft/pushed": float(self.pushed), "draft/push_seconds": self.push_seconds,
+               "draft/push_bytes": float(self.push_bytes), "draft/cache_tokens": float(c.tokens),
+               "draft/cache_bytes": float(c.bytes), "draft/cache_sequences": float(c.sequences),
+               "draft/dropped_stale": float(self.dropped_stale), "draft/dropped_rollouts": float(self.dropped_rollouts)}
+        if self.train is not None:
+            t = self.train
+            out.update({"draft/loss": t.loss, "draft/train_steps": float(t.steps), "draft/train_tokens": float(t.tokens),
+                        "draft/train_seconds": t.seconds, "draft/grad_norm": t.grad_norm})
+            out.update({f"draft/acc-step-{k}": a for k, a in enumerate(t.step_acc)})
+        if c.newest_version is not None:
+            out["draft/cache_lag_newest"] = float(self.policy_version - c.newest_version)
+            out["draft/cache_lag_oldest"] = float(self.policy_version - c.oldest_version)
+        if self.last_pushed_version is not None:
+            out["draft/pushed_version"] = float(self.last_pushed_version)
+        if self.acceptance_reference is not None:
+            out["draft/acceptance_reference"] = self.acceptance_reference
+        if self.spec is not None and self.spec.drafts > 0:
+            out.update(self.spec.as_dict())
+        return out
+
+
+class DraftAdapter:
+    """Drop stale features, train the draft, push it at step boundaries; see the module docstring."""
+
+    def __init__(self, draft: Eagle3Draft, embed: nn.Embedding | torch.Tensor, config: AdapterConfig = AdapterConfig(),
+                 trainer_config: TrainerConfig = TrainerConfig(), cache_config: CacheConfig = CacheConfig(),
+                 sink: DraftSink | None = None, target_head: nn.Module | None = None):
+        """embed: the policy's live input embedding (vLLM's drafter shares it, so the draft trains
+        against the current one). target_head: the policy's lm_head, needed for teacher="final_hidden"."""
+        if cache_config.staleness_window is not None:
+            raise ValueError(f"CacheConfig.staleness_window={cache_config.staleness_window}: the adapter drops stale "
+                             "features itself, relative to on_step_end's policy_version; set "
+                             "AdapterConfig.staleness_window and leave CacheConfig.staleness_window None")
+        if config.teacher == "final_hidden" and target_head is None:
+            raise ValueError("AdapterConfig.teacher='final_hidden' needs target_head=<the policy's lm_head>")
+        worker = LocalDraftWorker(draft, embed, trainer_config, cache_config, config.batch_tokens, config.seed,
+                                  target_head)
+        self._setup(worker, config, sink)
+
+    @classmethod
+    def with_worker(cls, worker: DraftWorker, config: AdapterConfig = AdapterConfig(),
+                    sink: DraftSink | None = None) -> "DraftAdapter":
+        """An adapter over any DraftWorker (a Ray actor proxy, a background-thread worker)."""
+        adapter = cls.__new__(cls)
+        adapter._setup(worker, config, sink)
+        return adapter
+
+    def _setup(self, worker: DraftWorker, config: AdapterConfig, sink: DraftSink | None) -> None:
+        self.worker, self.config, self.sink = worker, config, sink
+        self.features = worker.feature_spec()
+        self.last_version: int | None = None  # policy_version of the last on_step_end
+        self.newest_rollout_version: int | None = None  # newest policy_version on_rollouts stored
+        self.last_push_version: int | None = None  # version of the last push attempt (accepted or not)
+        self.last_pushed_version: int | None = None  # version of the last push the sink accepted
+        self.trained_since_push = False  # the draft has new weights the engines have not seen
+        self.acceptance_ema: float | None = None
+        self.acceptance_after_push: float | None = None  # first acceptance length measured after a push
+        self.dropped_rollouts = 0  # since the last on_step_end
+        # Engine counters are read as deltas from here; not saved: they describe the engines, not the run.
+        self._seen = sink.spec_counters() if sink is not None else None
+
+    # 1) features ----------------------------------------------------------------------------
+    def capture(self, policy_model: nn.Module, **capture_kwargs) -> FeatureCapture:
+        """FeatureCapture hooks configured for this draft (aux layers, draft vocab, teacher);
+        extra keyword arguments go to FeatureCapture (e.g. layers=, final_norm=, store_dtype=)."""
+        fixed = {"aux_layer_ids", "draft_vocab_ids", "teacher", "top_k"} & set(capture_kwargs)
+        if fixed:
+            raise ValueError(f"capture() sets {sorted(fixed)} from the draft and AdapterConfig; do not pass them")
+        kw = {"offload_to_cpu": True, **capture_kwargs}
+        return FeatureCapture(policy_model, aux_layer_ids=self.features.aux_layer_ids, teacher=self.config.teacher,
+                              draft_vocab_ids=self.features.draft_vocab_ids, top_k=self.config.top_k, **kw)
+
+    def on_rollouts(self, batch: RolloutBatch) -> int:
+        """Cache the features of one captured batch; returns how many sequences were stored.
+
+        A batch older than the staleness window (policy_version < last on_step_end version -
+        staleness_window) is DROPPED with a warning and counted in `AdapterStats.dropped_rollouts`,
+        not raised: a late batch is normal in async RL and harmless, and crashing would cost the
+        run. A batch that does not fit the draft raises ValueError naming the field.
+        """
+        self._check_batch(batch)
+        v = batch.policy_version
+        if self.last_version is not None and v < self.last_version - self.config.staleness_window:
+            n = batch.cu_seqlens.numel() - 1
+            self.dropped_rollouts += n
+            warnings.warn(f"on_rollouts: dropped {n} sequences of policy version {v}, older than the staleness window "
+                          f"({self.config.staleness_window}) behind version {self.last_version}", stacklevel=2)
+            return 0
+        self.newest_rollout_version = v if self.newest_rollout_version is None else max(v, self.newest_rollout_version)
+        return self.worker.add(batch)
+
+    def _check_batch(self, batch: RolloutBatch) -> None:
+        if not isinstance(batch, RolloutBatch):
+            raise ValueError(f"on_rollouts takes a RolloutBatch (from adapter.capture(...).rollout_batch), "
+                             f"got {type(batch).__name__}")
+        width = batch.aux_hidden.shape[-1]
+        if width != self.features.aux_width:
+            raise ValueError(f"RolloutBatch.aux_hidden has width {width}, the draft's fc takes {self.features.aux_width} "
+                             f"(aux layers {self.features.aux_layer_ids}); capture with adapter.capture(policy)")
+        lp = batch.teacher_logprobs
+        if lp is not None and lp.shape[-1] != self.features.draft_vocab_size:
+            raise ValueError(f"RolloutBatch.teacher_logprobs has {lp.shape[-1]} columns, the draft vocab has "
+                             f"{self.features.draft_vocab_size}; capture with adapter.capture(policy)")
+
+    # 2) the step boundary -----------------------------------------------------------------------
+    def on_step_end(self, policy_version: int, counters: SpecCounters | None = None) -> AdapterStats:
+        """Drop stale features, train `train_steps` steps, push when due. `counters`: the
+        spec-decode counters of this step's rollouts (a delta); None reads the sink's cumulative
+        counters as a delta (pass them every step or never)."""
+        v = self._check_order(policy_version)
+        cfg = self.config
+        # 1) drop features that fell out of the staleness window
+        dropped = self.worker.drop_stale(v, cfg.staleness_window)
+        # 2) train on what is left
+        tokens, train, skipped = self.worker.cache_info().tokens, None, None
+        if cfg.train_steps == 0:
+            skipped = "AdapterConfig.train_steps=0"
+        elif tokens < cfg.min_tokens:
+            skipped = f"the cache holds {tokens} tokens < AdapterConfig.min_tokens={cfg.min_tokens}"
+        else:
+            train = self.worker.train(cfg.train_steps)
+            self.trained_since_push = True
+        # 3) acceptance of this step's rollouts (served by the draft pushed before), then the push
+        spec = self._measure(counters)
+        al = spec.acceptance_length if spec is not None and spec.drafts > 0 else None
+        ref = self.acceptance_ema if cfg.acceptance_reference == "ema" else self.acceptance_after_push
+        pushed, reason, seconds, nbytes, result = self._maybe_push(v, al, ref)
+        self._track_acceptance(al, pushed)
+        stats = AdapterStats(policy_version=v, train=train, train_skipped_reason=skipped, pushed=pushed,
+                             push_reason=reason, push_seconds=seconds, push_bytes=nbytes, push_result=result,
+                             last_pushed_version=self.last_pushed_version, cache=self.worker.cache_info(),
+                             dropped_stale=dropped, dropped_rollouts=self.dropped_rollouts, spec=spec,
+                             acceptance_reference=ref)
+        self.last_version, self.dropped_rollouts = v, 0
+        return stats
+
+    def _check_order(self, policy_version: int) -> int:
+        if not isinstance(policy_version, int) or isinstance(policy_version, bool) or policy_version < 0:
+            raise ValueError(f"on_step_end: policy_version={policy_version!r}; pass the RL loop's step (an int >= 0)")
+        if self.last_version is not None and policy_version < self.last_version:
+            raise RuntimeError(f"on_step_end(policy_version={policy_version}) after on_step_end(policy_version="
+                               f"{self.last_version}): versions must not go back; pass the loop's global step, or "
+                               "call load_state_dict() first to rewind to a checkpoint")
+        if self.newest_rollout_version is not None and policy_version < self.newest_rollout_version:
+            raise RuntimeError(f"on_step_end(policy_version={policy_version}) but on_rollouts already stored features "
+                               f"of version {self.newest_rollout_version}; call on_step_end with the version of the "
+                               "policy that produced this step's rollouts")
+        return policy_version
+
+    def _measure(self, counters: SpecCounters | None) -> SpecCounters | None:
+        if counters is not None or self.sink is None:
+            return counters
+        now = self.sink.spec_counters()
+        prev, self._seen = self._seen, now
+        delta = now - prev
+        fields = (delta.drafts, delta.draft_tokens, delta.accepted, *delta.accepted_per_pos)
+        return now if min(fields) < 0 else delta  # counters went back: the engines restarted from 0
+
+    def _maybe_push(self, v: int, al: float | None, ref: float | None) -> tuple[bool, str, float, int, Any]:
+        """(pushed, reason, seconds, bytes, sink result): the push decision and, if due, the push."""
+        cfg = self.config
+        if self.last_push_version == v:
+            return False, f"version {v} was already pushed once", 0.0, 0, None
+        if self.sink is None:
+            return False, "no sink", 0.0, 0, None
+        last = self.last_pushed_version
+        if cfg.push_every and (last is None or v - last >= cfg.push_every):
+            why = "cadence"
+        elif cfg.acceptance_drop is not None and al is not None and ref is not None and al < ref - cfg.acceptance_drop:
+            why = f"acceptance length {al:.3f} < {cfg.acceptance_reference} {ref:.3f} - {cfg.acceptance_drop}"
+        else:
+            nxt = f"; next cadence push at version {last + cfg.push_every}" if cfg.push_every else ""
+            return False, f"not due{nxt}", 0.0, 0, None
+        if not self.trained_since_push:
+            return False, f"{why} but the draft has not trained since the last push", 0.0, 0, None
+        # 4) push: the only place weights leave the adapter
+        start = time.perf_counter()
+        state = self.worker.state_for_push()
+        result = self.sink.push_draft(state, version=v)
+        seconds = time.perf_counter() - start
+        self.last_push_version = v
+        if not result.pushed:
+            return False, f"{why}; the sink refused: {result.skipped_reason}", seconds, 0, result
+        self.last_pushed_version, self.trained_since_push = v, False
+        return True, why, seconds, sum(t.numel() * t.element_size() for t in state.values()), result
+
+    def _track_acceptance(self, al: float | None, pushed: bool) -> None:
+        if pushed:
+            self.acceptance_after_push = None  # the next step measures the fresh draft
+        elif al is not None and self.acceptance_after_push is None:
+            self.acceptance_after_push = al
+        if al is not None:
+            d = self.config.ema_decay
+            self.acceptance_ema = al if self.acceptance_ema is None else d * self.acceptance_ema + (1 - d) * al
+
+    # 3) resume --------------------------------------------------------------------------------
+    _COUNTERS = ("last_version", "newest_rollout_version", "last_push_version", "last_pushed_version",
+                 "trained_since_push", "acceptance_ema", "acceptance_after_push", "dropped_rollouts")
+
+    def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
+        """Everything a resumed run needs: draft weights, optimizer, sampling RNG, push/acceptance
+        counters, and the cache index. The cached features are written to `cache_dir` (give
+        each checkpoint its own); without it the resumed cache starts empty. Tensors are live
+        references: torch.save the result before training on."""
+        return {"format": FORMAT, "config": asdict(self.config), "worker": self.worker.state_dict(cache_dir),
+                **{k: getattr(self, k) for k in self._COUNTERS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != FORMAT:
+            raise ValueError(f"adapter state has format {state.get('format')!r}, expected {FORMAT!r}")
+        self.worker.load_state_dict(state["worker"])
+        for k in self._COUNTERS:
+            setattr(self, k, state[k])

@@ -1,0 +1,217 @@
+"""GRPO on the toy task with speculative-decoding rollouts and online draft adaptation.
+
+    python recipes/grpo_toy.py [--config recipes/grpo_toy.yaml] [section.field=value ...] [--resume]
+
+Reads top to bottom: 1) policy and first draft, 2) the engine, 3) resume, 4) the loop
+(rollouts -> rewards -> log-prob recompute with capture -> GRPO step -> policy refit -> draft
+adaptation), 5) the closing comparison: the adapted draft vs the same initial draft kept frozen,
+both on the final policy with the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
+from draftadapt.cache import CacheConfig  # noqa: E402
+from draftadapt.checkpoint import load_eagle3, save_eagle3  # noqa: E402
+from draftadapt.config import apply_overrides, load_section  # noqa: E402
+from draftadapt.engine.swap import EngineSwapper  # noqa: E402
+from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig  # noqa: E402
+from draftadapt.grpo.loop import UpdateConfig, collect_rollouts, policy_update  # noqa: E402
+from draftadapt.grpo.runlog import RunLogger, plot_run  # noqa: E402
+from draftadapt.grpo.state import has_checkpoint, load_run, save_run  # noqa: E402
+from draftadapt.toy.draft import ToyDraftConfig, toy_draft  # noqa: E402
+from draftadapt.toy.eval import encode_prompt, eval_problems  # noqa: E402
+from draftadapt.toy.policy import toy_policy  # noqa: E402
+from draftadapt.toy.task import RewardConfig, TaskConfig, reward, sample_problem  # noqa: E402
+from draftadapt.trainer import TrainerConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 30  # GRPO policy steps
+    out_dir: str = "runs/grpo_toy"  # metrics.jsonl, tb/, plot.png, checkpoints, final table
+    seed: int = 0
+    checkpoint_every: int = 5  # steps between run checkpoints (0 = only at the end)
+    adapt: bool = True  # False = keep the initial draft frozen (the baseline arm)
+    eval_prompts: int = 200  # held-out prompts for the before/after accuracy and the final AL table
+    threads: int = 1  # torch threads of the policy/draft updates (vLLM pins this process to 1 anyway)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_step: int = 32  # P
+    group_size: int = 8  # G samples per prompt
+    temperature: float = 1.0
+    max_tokens: int = 96
+    num_speculative_tokens: int = 3  # k of the EAGLE-3 drafter
+    max_num_seqs: int = 64  # engine batch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-5  # policy AdamW lr (1e-4 .. 3e-4 collapsed or reward-hacked in the prototype)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(verbose_bonus=2.0))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    draft: ToyDraftConfig = field(default_factory=ToyDraftConfig)  # the initial draft
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=5e-4, ttt_steps=3))
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(max_tokens=200_000))
+
+
+def load_config(path: str | None, overrides: list[str]) -> RecipeConfig:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    return load_section(RecipeConfig, apply_overrides(data or {}, overrides), "config")
+
+
+def step_problems(cfg: RecipeConfig, step: int):
+    rng = random.Random(cfg.run.seed * 1_000_003 + step)  # a resumed run redraws the same prompts
+    return [sample_problem(rng, cfg.task) for _ in range(cfg.rollout.prompts_per_step)]
+
+
+def measure(engine, tok, problems, cfg: RecipeConfig, group: int = 2) -> dict[str, float]:
+    """Accuracy and acceptance on fixed prompts at the rollout temperature."""
+    before = engine.spec_counters()
+    r = rollouts(engine, tok, problems, cfg, version=-1, group=group, seed=12345)
+    spec = engine.spec_counters() - before
+    return {"accuracy": float((r.rewards > 0).float().mean()), "reward": float(r.rewards.mean()),
+            "spec_acceptance_length": spec.acceptance_length}
+
+
+def rollouts(engine, tok, problems, cfg: RecipeConfig, version: int, group: int | None = None, seed: int | None = None):
+    prompts = [encode_prompt(tok, p.prompt) for p in problems]
+    return collect_rollouts(engine, prompts, lambda i, text: reward(problems[i], text, cfg.reward),
+                            lambda ids: tok.decode(ids, skip_special_tokens=True), group or cfg.rollout.group_size,
+                            cfg.rollout.temperature, cfg.rollout.max_tokens, [tok.eos_token_id], version, seed)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "recipes" / "grpo_toy.yaml"))
+    ap.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint if present")
+    ap.add_argument("overrides", nargs="*", help="section.field=value")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out, ckpt = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoint"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    torch.manual_seed(cfg.run.seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # 1) the toy policy (supervised, cached) and a first draft trained on its own samples
+    policy_dir = toy_policy()
+    draft_dir = toy_draft(policy_dir, cfg.draft)
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    # 2) one engine serving the policy with the EAGLE-3 draft; the swapper pushes into it
+    spec = SpecConfig("eagle3", cfg.rollout.num_speculative_tokens, model=str(draft_dir))
+    engine = Engine(EngineConfig(model=str(policy_dir), spec=spec, max_num_seqs=cfg.rollout.max_num_seqs,
+                                 max_model_len=512, seed=cfg.run.seed))
+    torch.set_num_threads(cfg.run.threads)
+    swapper = EngineSwapper([engine])
+    adapter = None
+    if cfg.run.adapt:
+        adapter = DraftAdapter(load_eagle3(draft_dir), policy.get_input_embeddings(), cfg.adapter, cfg.trainer,
+                               cfg.cache, sink=swapper)
+    held_out = eval_problems(cfg.run.eval_prompts, seed=4321, cfg=cfg.task)
+    # 3) resume: restore policy/optimizer/draft, then refit and push them into the fresh engine
+    start, logger = 0, RunLogger(out)
+    if args.resume and has_checkpoint(ckpt):
+        st = load_run(ckpt, policy, optimizer, adapter)
+        start, before = st.step, st.extra["before"]
+        swapper.refit_policy(policy.state_dict(), start)
+        if adapter is not None:
+            swapper.push_draft(adapter.worker.state_for_push(), start)
+        logger.truncate_after(start)
+        print(f"resumed at step {start}")
+    else:
+        logger.truncate_after(-1)
+        before = measure(engine, tok, held_out, cfg)
+    # 4) the loop
+    from tqdm import tqdm
+
+    bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="GRPO")
+    for step in bar:
+        t0 = time.perf_counter()
+        c0 = swapper.spec_counters()
+        r = rollouts(engine, tok, step_problems(cfg, step), cfg, version=step, seed=cfg.run.seed * 7919 + step)
+        spec_delta = swapper.spec_counters() - c0
+        upd = policy_update(policy, optimizer, r, tok.pad_token_id, cfg.update, adapter)
+        version = step + 1
+        refit = swapper.refit_policy(policy.state_dict(), version)
+        t_draft = time.perf_counter()
+        astats = adapter.on_step_end(version, counters=spec_delta) if adapter is not None else None
+        t_draft = time.perf_counter() - t_draft
+        row = {"reward": float(r.rewards.mean()), "accuracy": float((r.rewards > 0).float().mean()),
+               "loss": upd.loss, "kl": upd.kl, "clip_frac": upd.clip_frac, "grad_norm": upd.grad_norm,
+               "logprob_mismatch": upd.logprob_mismatch, "rollout_tokens_per_s": r.num_tokens / r.seconds,
+               "time/generation": r.seconds, "time/policy_train": upd.seconds, "time/refit": refit.seconds,
+               "time/draft": t_draft, "time/step": time.perf_counter() - t0, **spec_delta.as_dict(),
+               **({k: v for k, v in astats.as_dict().items() if not k.startswith("spec_")} if astats else {})}
+        logger.log(version, row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", AL=f"{spec_delta.acceptance_length:.2f}")
+        if cfg.run.checkpoint_every and version % cfg.run.checkpoint_every == 0 or version == cfg.run.steps:
+            save_run(ckpt, version, policy, optimizer, adapter, extra={"before": before})
+    # 5) closing comparison on the final policy: accuracy, and frozen vs adapted draft
+    after = measure(engine, tok, held_out, cfg)
+    engine.shutdown()
+    final_policy = out / "policy-final"
+    policy.save_pretrained(final_policy, safe_serialization=True)
+    tok.save_pretrained(str(final_policy))
+    result = {"before": before, "after": after, "frozen": None, "adapted": None}
+    arms = {"frozen": draft_dir}
+    if adapter is not None:
+        arms["adapted"] = save_eagle3(adapter.worker.draft, out / "draft-final", policy.config)
+    for name, d in arms.items():
+        with Engine(EngineConfig(model=str(final_policy), max_num_seqs=cfg.rollout.max_num_seqs, seed=cfg.run.seed,
+                                 spec=SpecConfig("eagle3", cfg.rollout.num_speculative_tokens, model=str(d)))) as eng:
+            result[name] = measure(eng, tok, held_out, cfg)
+    rows = logger.rows()
+    logger.close()
+    plot_run(rows, out / "plot.png", title=f"GRPO toy (reward verbose_bonus={cfg.reward.verbose_bonus})")
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print_summary(result, out)
+    return result
+
+
+def print_summary(res: dict, out: Path) -> None:
+    def f(x, key, fmt):
+        return "-" if x is None or x.get(key) is None else format(x[key], fmt)
+
+    print("\n                      before RL   after RL")
+    print(f"accuracy (T=1)        {f(res['before'], 'accuracy', '8.1%')}   {f(res['after'], 'accuracy', '8.1%')}")
+    print(f"\nacceptance length on the final policy (same prompts, k drafts):")
+    print(f"  initial draft, frozen   {f(res['frozen'], 'spec_acceptance_length', '.2f')}")
+    print(f"  adapted online          {f(res['adapted'], 'spec_acceptance_length', '.2f')}")
+    print(f"\nlogs: {out}/metrics.jsonl, {out}/tb, plot: {out}/plot.png")
+
+
+if __name__ == "__main__":
+    main()
