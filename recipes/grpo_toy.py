@@ -207,7 +207,7 @@ def print_summary(res: dict, out: Path) -> None:
 
     print("\n                      before RL   after RL")
     print(f"accuracy (T=1)        {f(res['before'], 'accuracy', '8.1%')}   {f(res['after'], 'accuracy', '8.1%')}")
-    print(f"\nacceptance length on the final policy (same prompts, k drafts):")
+    print("\nacceptance length on the final policy (same prompts, k drafts):")
     print(f"  initial draft, frozen   {f(res['frozen'], 'spec_acceptance_length', '.2f')}")
     print(f"  adapted online          {f(res['adapted'], 'spec_acceptance_length', '.2f')}")
     print(f"\nlogs: {out}/metrics.jsonl, {out}/tb, plot: {out}/plot.png")

@@ -60,7 +60,7 @@ class EngineConfig:
     multiprocessing: bool = False  # single-process engines start in ~3 s
     seed: int = 0
     logprobs_mode: str = "processed_logprobs"  # log-probs of the distribution actually sampled
-    worker_extension: str | None = "draftadapt.engine.swap.DraftSwapExtension"  # weight pushes
+    worker_extension: str | None = "draftadapt.engine.swap_worker.DraftSwapExtension"  # weight pushes
     extra: dict = field(default_factory=dict)  # passed through to vllm.LLM
 
 

@@ -120,7 +120,7 @@ def policy_update(policy, optimizer, r: Rollouts, pad_id: int, cfg: UpdateConfig
         out = grpo_loss(lp, batch.old_logprobs[sl], adv[sl], cm, cfg.clip_eps, ref, cfg.kl_coef)
         share = cm.sum() / n_tok  # token-level aggregation across micro-batches
         (out.loss * share).backward()
-        tot["loss"] += float(out.loss) * float(share)
+        tot["loss"] += float(out.loss.detach()) * float(share)
         tot["clip"] += float(out.clip_frac) * float(share)
         tot["kl"] += float(out.kl) * float(share)
         tot["mismatch"] += float(((lp.detach() - batch.old_logprobs[sl]).abs() * cm).sum())
