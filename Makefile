@@ -4,11 +4,16 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo smoke test test-fast
 setup:
 	bash scripts/setup_env.sh
 
+# The main job: toy GRPO with EAGLE-3 spec-decode rollouts and online draft adaptation.
 demo: setup
+	$(PY) recipes/grpo_toy.py
+
+# The toy smoke run: policy, accuracy, n-gram spec decode on the real engine.
+smoke: setup
 	$(PY) -m draftadapt.cli demo
 
 test: setup

@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default=str(ROOT / "recipes" / "grpo_toy.yaml"))
     ap.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint if present")
     ap.add_argument("overrides", nargs="*", help="section.field=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out, ckpt = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoint"
