@@ -2,6 +2,12 @@
 
     draftadapt demo            # toy smoke run: build/reuse the toy policy, serve it, spec decode
     draftadapt toy-policy      # build (or find) the toy policy and print its directory
+    draftadapt train-draft --target DIR --data seqs.jsonl --out DIR [--steps N --draft-vocab-size V]
+                               # offline EAGLE-3 training: features -> TTT -> a checkpoint vLLM loads
+
+train-draft reads JSON lines {"input_ids": [...], "completion_start": n}: token ids of the
+target's tokenizer; only positions whose next token lies at or after completion_start train
+(omit it to train on every position).
 """
 from __future__ import annotations
 
@@ -62,6 +68,44 @@ def demo(args) -> None:
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
+def train_draft(args) -> None:
+    """Offline EAGLE-3 training from a JSONL file of token sequences."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .offline import train_offline
+    from .trainer import TrainerConfig
+
+    seqs, masks = _read_sequences(args.data)
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
+    cfg = TrainerConfig(lr=args.lr, ttt_steps=args.ttt_steps, warmup_steps=min(30, args.steps // 10))
+    aux = tuple(int(x) for x in args.aux_layer_ids.split(",")) if args.aux_layer_ids else None
+    t0 = time.perf_counter()
+    train_offline(target, seqs, args.steps, draft_vocab_size=args.draft_vocab_size, aux_layer_ids=aux, config=cfg,
+                  loss_masks=masks, batch_size=args.batch_size, out_dir=args.out)
+    print(f"trained {args.steps} steps on {len(seqs)} sequences in {time.perf_counter() - t0:.0f}s -> {args.out}")
+
+
+def _read_sequences(path: str) -> tuple[list[list[int]], list[list[bool]]]:
+    seqs, masks = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or "input_ids" not in row:
+                raise ValueError(f"{path}:{n}: each line must be a JSON object with 'input_ids' (a list of token ids)")
+            ids = [int(x) for x in row["input_ids"]]
+            if len(ids) < 3:
+                raise ValueError(f"{path}:{n}: {len(ids)} tokens; a sequence needs at least 3")
+            start = int(row.get("completion_start", 0))
+            seqs.append(ids)
+            masks.append([i + 1 >= start for i in range(len(ids))])
+    if not seqs:
+        raise ValueError(f"{path} holds no sequences")
+    return seqs, masks
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="draftadapt", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +116,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--threads", type=int, default=2, help="torch threads for toy policy training")
         p.add_argument("--problems", type=int, default=300, help="held-out problems to score")
         p.set_defaults(fn=fn)
+    t = sub.add_parser("train-draft", help="offline EAGLE-3 training from token sequences")
+    t.add_argument("--target", required=True, help="HF checkpoint dir of the target (policy)")
+    t.add_argument("--data", required=True, help='JSONL: {"input_ids": [...], "completion_start": n}')
+    t.add_argument("--out", required=True, help="output dir (a checkpoint vLLM loads with method eagle3)")
+    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    t.add_argument("--draft-vocab-size", type=int, default=None, help="most frequent tokens kept (default: full)")
+    t.add_argument("--ttt-steps", type=int, default=3, help="training-time-test unroll K")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--aux-layer-ids", default=None, help="comma-separated HF hidden_states indices (default 2,L/2,L-3)")
+    t.set_defaults(fn=train_draft)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.fn(args)
