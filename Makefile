@@ -1,6 +1,9 @@
 # The two set-up commands of the README. Each creates or reuses .venv (scripts/setup_env.sh).
 PY := .venv/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
+# One OpenMP thread per process by default: vLLM pins its own threads, and tests start engines
+# in-process; the toy-policy SFT asks for its 2 threads explicitly (SFTConfig.threads).
+export OMP_NUM_THREADS ?= 1
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export HF_HUB_OFFLINE ?= 1
 

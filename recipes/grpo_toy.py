@@ -56,7 +56,7 @@ class RolloutConfig:
     group_size: int = 8  # G samples per prompt
     temperature: float = 1.0
     max_tokens: int = 96
-    num_speculative_tokens: int = 3  # k of the EAGLE-3 drafter
+    num_speculative_tokens: int = 3  # k of the EAGLE-3 drafter; 0 = no spec decode (baseline)
     max_num_seqs: int = 64  # engine batch
 
 
@@ -131,13 +131,14 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     # 2) one engine serving the policy with the EAGLE-3 draft; the swapper pushes into it
-    spec = SpecConfig("eagle3", cfg.rollout.num_speculative_tokens, model=str(draft_dir))
+    k = cfg.rollout.num_speculative_tokens  # 0 = plain decoding (the no-spec baseline arm)
+    spec = SpecConfig("eagle3", k, model=str(draft_dir)) if k > 0 else None
     engine = Engine(EngineConfig(model=str(policy_dir), spec=spec, max_num_seqs=cfg.rollout.max_num_seqs,
                                  max_model_len=512, seed=cfg.run.seed))
     torch.set_num_threads(cfg.run.threads)
     swapper = EngineSwapper([engine])
     adapter = None
-    if cfg.run.adapt:
+    if cfg.run.adapt and k > 0:
         adapter = DraftAdapter(load_eagle3(draft_dir), policy.get_input_embeddings(), cfg.adapter, cfg.trainer,
                                cfg.cache, sink=swapper)
     held_out = eval_problems(cfg.run.eval_prompts, seed=4321, cfg=cfg.task)
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
     policy.save_pretrained(final_policy, safe_serialization=True)
     tok.save_pretrained(str(final_policy))
     result = {"before": before, "after": after, "frozen": None, "adapted": None}
-    arms = {"frozen": draft_dir}
+    arms = {"frozen": draft_dir} if k > 0 else {}
     if adapter is not None:
         arms["adapted"] = save_eagle3(adapter.worker.draft, out / "draft-final", policy.config)
     for name, d in arms.items():
