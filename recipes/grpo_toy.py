@@ -18,8 +18,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import os
+
 import torch
 
+# vLLM's INFO lines (throughput every few seconds, per-layer reload notes) drown the progress
+# bar; set VLLM_LOGGING_LEVEL=INFO to see them again.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
