@@ -40,7 +40,7 @@ from draftadapt.grpo.state import has_checkpoint, load_run, save_run  # noqa: E4
 from draftadapt.toy.draft import ToyDraftConfig, toy_draft  # noqa: E402
 from draftadapt.toy.eval import encode_prompt, eval_problems  # noqa: E402
 from draftadapt.toy.policy import toy_policy  # noqa: E402
-from draftadapt.toy.task import RewardConfig, TaskConfig, reward, sample_problem  # noqa: E402
+from draftadapt.toy.task import STYLES, RewardConfig, TaskConfig, reward, sample_problem, style_of  # noqa: E402
 from draftadapt.trainer import TrainerConfig  # noqa: E402
 
 
@@ -180,6 +180,7 @@ def main(argv=None) -> dict:
                "logprob_mismatch": upd.logprob_mismatch, "rollout_tokens_per_s": r.num_tokens / r.seconds,
                "time/generation": r.seconds, "time/policy_train": upd.seconds, "time/refit": refit.seconds,
                "time/draft": t_draft, "time/step": time.perf_counter() - t0, **spec_delta.as_dict(),
+               **{f"style/{s}": sum(style_of(t) == s for t in r.texts) / len(r.texts) for s in STYLES},
                **({k: v for k, v in astats.as_dict().items() if not k.startswith("spec_")} if astats else {})}
         logger.log(version, row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", AL=f"{spec_delta.acceptance_length:.2f}")
