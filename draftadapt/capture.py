@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .batch import DraftBatch
+from .drafts.eagle3 import check_aux_layer_ids, default_aux_layer_ids
 
 TEACHERS = ("draft_vocab", "topk", "final_hidden")
 # Log-prob of a draft id a top-k teacher did not keep (and of padding): exp() is exactly 0 in
@@ -212,18 +213,10 @@ class RolloutBatch:
         )
 
 
-def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3 / vLLM default: inputs of layers 2, L//2, L-3 (outputs of 1, L/2-1, L-4)."""
-    return (2, num_layers // 2, num_layers - 3)
-
-
-def resolve_aux_layer_ids(aux_layer_ids, num_layers: int) -> tuple[int, int, int]:
-    """Validate three distinct ids in [0, L); sorted, the order vLLM concatenates them in."""
-    ids = default_aux_layer_ids(num_layers) if aux_layer_ids is None else tuple(int(i) for i in aux_layer_ids)
-    if len(ids) != 3 or len(set(ids)) != 3 or not all(0 <= i < num_layers for i in ids):
-        raise ValueError(f"aux_layer_ids {ids} must be 3 distinct ids in [0, {num_layers}) (a {num_layers}-layer "
-                         f"target); pass e.g. aux_layer_ids=(1, {num_layers // 2}, {num_layers - 1})")
-    return tuple(sorted(ids))
+def resolve_aux_layer_ids(aux_layer_ids, num_layers: int) -> tuple[int, ...]:
+    """The draft's aux ids (vLLM's default when None), checked as the draft checks them."""
+    ids = default_aux_layer_ids(num_layers) if aux_layer_ids is None else aux_layer_ids
+    return check_aux_layer_ids(tuple(ids), num_layers)
 
 
 def find_decoder_stack(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:

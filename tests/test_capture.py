@@ -199,8 +199,10 @@ def test_bad_aux_layer_ids_and_unknown_models_raise_value_error():
     model = tiny_model("llama", layers=4, hidden=64)
     with pytest.raises(ValueError, match="distinct"):
         FeatureCapture(model)  # default (2, 2, 1) for L=4
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="must lie in 0..3"):
         FeatureCapture(model, aux_layer_ids=(1, 2, 4))
+    with pytest.raises(ValueError, match="increasing"):
+        FeatureCapture(model, aux_layer_ids=(3, 1, 2))  # vLLM concatenates in layer order: refuse, don't sort
     with pytest.raises(ValueError, match="layers="):
         FeatureCapture(torch.nn.Sequential(torch.nn.Linear(2, 2)), teacher="final_hidden")
     with pytest.raises(RuntimeError, match="inside `with FeatureCapture"):
