@@ -1,6 +1,6 @@
 """Does online adaptation keep the draft matched to a drifting policy? (GRPO on the toy task)
 
-For each reward (style: correct x (1 + 2 x verbose), the drift case; correct: correctness only,
+For each reward (style: correct + 1 for any verbose completion, the drift case; correct: correctness only,
 the sharpening case) and each seed, runs the GRPO recipe twice: draft adapted online, and the
 same initial draft kept frozen. Reports the acceptance length over the steps of both arms, and
 the paired adaptation gain on the FINAL policy of the adapted run (same prompts, same seeded
@@ -23,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, write_json  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo_toy.py"
-REWARDS = {"style": "reward.verbose_bonus=2", "correct": "reward.verbose_bonus=0"}
+# style: +1 for any verbose completion, right or wrong (the toy's verbose answers are rarely right, so a bonus on
+# correct verbose answers alone does not move its style); correct: correctness only (the policy sharpens)
+REWARDS = {"style": ["reward.verbose_bonus=0", "reward.verbose_reward=1"],
+           "correct": ["reward.verbose_bonus=0", "reward.verbose_reward=0"]}
 
 
 def run_arm(out: Path, steps: int, seed: int, overrides: list[str]) -> dict:
@@ -51,15 +54,17 @@ def main() -> None:
     args = ap.parse_args()
     base = RESULTS / "grpo_adaptation"
     arms = {"adapted": ["run.adapt=true"], "frozen": ["run.adapt=false"]}
+    extra = {}  # run once, on the first reward and seed
     if args.generic:
-        arms["generic-adapted"] = ["run.adapt=true", "draft.domain=chat"]
+        extra["generic-adapted"] = ["run.adapt=true", "draft.domain=chat"]
     if args.no_spec:
-        arms["no-spec"] = ["rollout.num_speculative_tokens=0"]
+        extra["no-spec"] = ["rollout.num_speculative_tokens=0"]
     runs, table = {}, []
     for reward in args.rewards:
         for seed in args.seeds:
-            for arm, ov in arms.items():
-                r = run_arm(base / f"{reward}-{arm}-s{seed}", args.steps, seed, [REWARDS[reward], *ov])
+            first = reward == args.rewards[0] and seed == args.seeds[0]
+            for arm, ov in {**arms, **(extra if first else {})}.items():
+                r = run_arm(base / f"{reward}-{arm}-s{seed}", args.steps, seed, [*REWARDS[reward], *ov])
                 runs[f"{reward}/{arm}/{seed}"] = r
                 rows, res = r["rows"], r["result"]
                 final = res.get("adapted") or res.get("frozen") or {}
@@ -69,9 +74,11 @@ def main() -> None:
                 table.append([reward, seed, arm, res["before"]["accuracy"], res["after"]["accuracy"],
                               rows[0].get("spec_acceptance_length"), mean(x.get("spec_acceptance_length") for x in rows[-5:]),
                               final.get("spec_acceptance_length"), gain,
-                              mean(x.get("rollout_tokens_per_s") for x in rows), mean(x.get("logprob_mismatch") for x in rows)])
+                              mean(x.get("rollout_tokens_per_s") for x in rows), mean(x.get("logprob_mismatch") for x in rows),
+                              rows[0].get("style/verbose"), mean(x.get("style/verbose") for x in rows[-5:])])
     print_table(["reward", "seed", "arm", "acc before", "acc after", "AL step 1", "AL last 5",
-                 "AL final policy", "gain vs frozen", "rollout tok/s", "|dlogp|"],
+                 "AL final policy", "gain vs frozen", "rollout tok/s", "|dlogp|",
+                 "verbose step 1", "verbose last 5"],
                 [[("-" if c is None else c) for c in row] for row in table])
     plot(runs, base / "acceptance_over_steps.png")
     write_json("grpo_adaptation", {"args": vars(args), "table": table,

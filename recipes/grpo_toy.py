@@ -40,7 +40,8 @@ from draftadapt.grpo.state import has_checkpoint, load_run, save_run  # noqa: E4
 from draftadapt.toy.draft import ToyDraftConfig, toy_draft  # noqa: E402
 from draftadapt.toy.eval import encode_prompt, eval_problems  # noqa: E402
 from draftadapt.toy.policy import toy_policy  # noqa: E402
-from draftadapt.toy.task import STYLES, RewardConfig, TaskConfig, reward, sample_problem, style_of  # noqa: E402
+from draftadapt.toy.task import (STYLES, RewardConfig, TaskConfig, parse_answer, reward, sample_problem,  # noqa: E402
+                                 style_of)
 from draftadapt.trainer import TrainerConfig  # noqa: E402
 
 
@@ -103,8 +104,13 @@ def measure(engine, tok, problems, cfg: RecipeConfig, group: int = 2) -> dict[st
     before = engine.spec_counters()
     r = rollouts(engine, tok, problems, cfg, version=-1, group=group, seed=12345)
     spec = engine.spec_counters() - before
-    return {"accuracy": float((r.rewards > 0).float().mean()), "reward": float(r.rewards.mean()),
+    return {"accuracy": accuracy(problems, r), "reward": float(r.rewards.mean()),
             "spec_acceptance_length": spec.acceptance_length}
+
+
+def accuracy(problems, r) -> float:
+    """Share of completions with the right answer (not reward > 0: a style reward pays wrong answers too)."""
+    return sum(parse_answer(t) == problems[j // r.group_size].answer for j, t in enumerate(r.texts)) / len(r.texts)
 
 
 def rollouts(engine, tok, problems, cfg: RecipeConfig, version: int, group: int | None = None, seed: int | None = None):
@@ -167,7 +173,8 @@ def main(argv=None) -> dict:
     for step in bar:
         t0 = time.perf_counter()
         c0 = swapper.spec_counters()
-        r = rollouts(engine, tok, step_problems(cfg, step), cfg, version=step, seed=cfg.run.seed * 7919 + step)
+        problems = step_problems(cfg, step)
+        r = rollouts(engine, tok, problems, cfg, version=step, seed=cfg.run.seed * 7919 + step)
         spec_delta = swapper.spec_counters() - c0
         upd = policy_update(policy, optimizer, r, tok.pad_token_id, cfg.update, adapter)
         version = step + 1
@@ -175,7 +182,7 @@ def main(argv=None) -> dict:
         t_draft = time.perf_counter()
         astats = adapter.on_step_end(version, counters=spec_delta) if adapter is not None else None
         t_draft = time.perf_counter() - t_draft
-        row = {"reward": float(r.rewards.mean()), "accuracy": float((r.rewards > 0).float().mean()),
+        row = {"reward": float(r.rewards.mean()), "accuracy": accuracy(problems, r),
                "loss": upd.loss, "kl": upd.kl, "clip_frac": upd.clip_frac, "grad_norm": upd.grad_norm,
                "logprob_mismatch": upd.logprob_mismatch, "rollout_tokens_per_s": r.num_tokens / r.seconds,
                "time/generation": r.seconds, "time/policy_train": upd.seconds, "time/refit": refit.seconds,

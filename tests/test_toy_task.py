@@ -41,6 +41,16 @@ def test_reward_is_correctness_times_verbose_bonus():
     assert reward(p, "no answer at all") == 0.0
 
 
+def test_verbose_reward_pays_for_the_style_right_or_wrong():
+    p = Problem((3, 4), ("+",), 7)
+    verbose = solution(p, "verbose", random.Random(0))
+    wrong = verbose.replace("A: 7", "A: 8")
+    cfg = RewardConfig(verbose_reward=0.5)
+    assert reward(p, verbose, cfg) == 1.5
+    assert reward(p, wrong, cfg) == 0.5
+    assert reward(p, solution(p, "terse", random.Random(0)), cfg) == 1.0
+
+
 def test_unknown_style_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="cot"):
         solution(Problem((1, 1), ("+",), 2), "poetry", random.Random(0))

@@ -126,13 +126,18 @@ class RewardConfig:
     # extra multiplier for a correct verbose answer: reward = correct * (1 + verbose_bonus).
     # 0 = correctness only (the policy sharpens); 2 = the style-drift reward of the benchmarks.
     verbose_bonus: float = 0.0
+    # added to every verbose completion, right or wrong: a pure style reward. The toy policy's verbose answers are
+    # rarely right (~1% of samples), so verbose_bonus alone barely moves its style; this one does.
+    verbose_reward: float = 0.0
 
 
 def reward(problem: Problem, completion: str, cfg: RewardConfig = RewardConfig()) -> float:
+    verbose = style_of(completion) == "verbose"
+    style = cfg.verbose_reward if verbose else 0.0
     if parse_answer(completion) != problem.answer:
-        return 0.0
-    bonus = cfg.verbose_bonus if style_of(completion) == "verbose" else 0.0
-    return cfg.correct * (1.0 + bonus)
+        return style
+    bonus = cfg.verbose_bonus if verbose else 0.0
+    return cfg.correct * (1.0 + bonus) + style
 
 
 # --- the generic chat-like domain (UltraChat analogue) -------------------------------------
