@@ -157,8 +157,9 @@ def _flush(out: Path, manifest: dict, entries: list[RolloutBatch]) -> None:
 def _finish_manifest(out: Path, manifest: dict, cfg: CaptureConfig) -> None:
     """Mark the capture complete and fill the fields `HiddenStateCache.load` reads."""
     manifest["complete"] = True
+    # bounds that keep every entry when HiddenStateCache.load reads it back (it also counts cu_seqlens)
     manifest["config"] = asdict(CacheConfig(max_tokens=max(1, manifest["num_tokens"]),
-                                            max_bytes=max(1, manifest["num_bytes"]), dtype=cfg.dtype,
+                                            max_bytes=2 * manifest["num_bytes"] + (1 << 20), dtype=cfg.dtype,
                                             teacher_dtype=cfg.teacher_dtype))
     manifest.update(latest_version=0, stats={"added": len(manifest["entries"]), "evicted": 0, "dropped_stale": 0})
     _write_json(out / MANIFEST, manifest)
