@@ -301,13 +301,14 @@ class _Context:
 
         from ..drafts.vocab import build_draft_vocab
 
+        t0 = time.perf_counter()
         v = self.model.config.get_text_config().vocab_size
         size = self.cfg.draft.draft_vocab_size or v
         completions = [s.ids[s.completion_start:] for s in self.sequences()]
         vocab = build_draft_vocab(completions, v, min(size, v))
         save_file({"d2t": vocab.d2t, "counts": vocab.counts}, str(self.out / "vocab.safetensors"))
         return {"draft_vocab_size": len(vocab.d2t), "vocab_size": v, "coverage": vocab.coverage(),
-                "completion_tokens": int(vocab.counts.sum())}
+                "completion_tokens": int(vocab.counts.sum()), "seconds": time.perf_counter() - t0}
 
     def draft_vocab(self):
         from safetensors.torch import load_file
@@ -346,7 +347,8 @@ class _Context:
         embed = model.get_input_embeddings().weight.detach().float()
         stats = train_from_shards(draft, embed, self.out / "features", self.cfg.train, self.out / "train" / "state.pt",
                                   progress=self.progress)
-        torch.save(draft.cpu().state_dict(), self.out / "train" / "draft.pt")
+        (self.out / "train").mkdir(parents=True, exist_ok=True)
+        torch.save(draft.cpu().state_dict(), self.out / "train" / "draft.pt")  # the stage record comes after it
         stats["tokens_per_s"] = stats["tokens_now"] / stats["seconds"] if stats["seconds"] else None
         return stats
 
