@@ -24,7 +24,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM's INFO lines drown 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from draftadapt.preinit.pipeline import load_config, run_preinit  # noqa: E402
+from draftadapt.preinit.pipeline import format_summary, load_config, run_preinit  # noqa: E402
 
 PRESETS = {name: ROOT / "recipes" / f"preinit_{name.replace('-', '_')}.yaml"
            for name in ("dapo", "ultrachat", "custom", "toy-task", "toy-chat")}
@@ -44,25 +44,8 @@ def main(argv=None) -> dict:
     if args.fresh and Path(cfg.run.out_dir).exists():
         shutil.rmtree(cfg.run.out_dir)
     result = run_preinit(cfg, progress=not args.quiet)
-    print_summary(result)
+    print(format_summary(result))
     return result
-
-
-def print_summary(res: dict) -> None:
-    def rate(stage, key="tokens_per_s"):
-        v = res.get(stage, {}).get(key)
-        return "-" if v is None else f"{v:,.0f}"
-
-    ev, cap = res.get("evaluate", {}), res.get("capture", {})
-    rows = [("train samples / eval prompts", f"{res['prepare']['train_samples']} / {res['prepare']['eval_prompts']}"),
-            ("bad rows skipped", str(res["prepare"]["bad_rows"]["total"] + res["prepare"]["bad_render"]["total"])),
-            ("regeneration tokens/s", rate("regenerate")), ("capture tokens/s", rate("capture")),
-            ("disk bytes / captured token", f"{cap.get('bytes_per_token', 0):,.0f}"),
-            ("training tokens/s", rate("train")),
-            ("acceptance length", "-" if "spec_acceptance_length" not in ev else f"{ev['spec_acceptance_length']:.2f}")]
-    width = max(len(k) for k, _ in rows)
-    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    print(f"draft: {res.get('export', {}).get('vllm')}")
 
 
 if __name__ == "__main__":

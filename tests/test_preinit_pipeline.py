@@ -182,3 +182,27 @@ def test_pipeline_on_a_local_dapo_file_resumes_after_crashes_and_evaluates(tmp_p
     got = torch.load(out / "train" / "draft.pt")
     assert all(torch.equal(v, got[k]) for k, v in ref.state_dict().items()), "resumed training drifted"
     assert os.path.isfile(out / "draft" / "model.safetensors") and (out / "result.json").is_file()
+
+
+def test_recipe_and_cli_run_without_engine_then_resume_as_a_no_op(tmp_path):
+    """Dataset responses (no regeneration), no evaluation: the whole CPU path through the recipe and
+    the CLI; a rerun skips every stage, a changed config is refused."""
+    import importlib.util
+
+    from conftest import save_tiny
+    from draftadapt.cli import main as cli_main
+
+    model_dir, _ = save_tiny("llama", tmp_path)
+    spec = importlib.util.spec_from_file_location("preinit_recipe", ROOT / "recipes" / "preinit.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = [f"run.target={model_dir}", f"run.out_dir={tmp_path / 'run'}", "data.max_rows=24", "regen.enabled=false",
+            "eval.prompts=0", "train.steps=4", "train.batch_size=4", "capture.batch_size=8"]
+    first = recipe.main(["--preset", "toy-chat", "--quiet", *args])
+    assert first["prepare"]["train_samples"] == 24 and first["regenerate"] == {"enabled": False, "seconds": 0.0}
+    assert first["evaluate"] == {"prompts": 0} and first["capture"]["sequences"] == 24
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stages").iterdir()}
+    cli_main(["preinit", "--config", str(ROOT / "recipes" / "preinit_toy_chat.yaml"), "--quiet", *args])
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "stages").iterdir()} == stamps
+    with pytest.raises(ValueError, match=r"differs in \['train.steps'\].*--fresh"):
+        recipe.main(["--preset", "toy-chat", "--quiet", *args, "train.steps=5"])

@@ -151,7 +151,7 @@ def _flush(out: Path, manifest: dict, entries: list[RolloutBatch]) -> None:
     manifest["num_bytes"] += record["bytes"]
     manifest["schema"] = {k: v.shape[1] if v.dim() > 1 else 1 for k, v in vars(entries[0]).items()
                           if isinstance(v, torch.Tensor) and k != "cu_seqlens"}
-    _write_json(out / MANIFEST, manifest)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _finish_manifest(out: Path, manifest: dict, cfg: CaptureConfig) -> None:
@@ -162,12 +162,14 @@ def _finish_manifest(out: Path, manifest: dict, cfg: CaptureConfig) -> None:
                                             max_bytes=2 * manifest["num_bytes"] + (1 << 20), dtype=cfg.dtype,
                                             teacher_dtype=cfg.teacher_dtype))
     manifest.update(latest_version=0, stats={"added": len(manifest["entries"]), "evicted": 0, "dropped_stale": 0})
-    _write_json(out / MANIFEST, manifest)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

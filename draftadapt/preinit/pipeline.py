@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .data import DataConfig, RenderConfig, Sample, load_rows, parse_rows, render
-from .features import CaptureConfig, TrainConfig, TrainSequence, capture_to_shards, train_from_shards
+from .features import (CaptureConfig, TrainConfig, TrainSequence, capture_to_shards, train_from_shards,
+                       write_text_atomic)
 
 log = logging.getLogger("draftadapt.preinit")
 STAGES = ("prepare", "regenerate", "vocab", "capture", "train", "export", "evaluate")
@@ -124,14 +123,14 @@ class StageLog:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def finish(self, name: str, stats: dict) -> dict:
-        from .features import _write_json
-
-        _write_json(self.dir / f"{name}.json", stats)
+        write_text_atomic(self.dir / f"{name}.json", json.dumps(stats, indent=1))
         return stats
 
 
 def run_preinit(cfg: PreinitConfig, progress: bool = True, stop_after: str | None = None) -> dict:
-    """Run (or resume) every stage; returns {stage: stats} and writes <out_dir>/result.json."""
+    """Run (or resume) every stage; returns {stage: stats} and writes <out_dir>/result.json.
+
+    stop_after: a stage name to stop after (e.g. "capture" to build feature shards only)."""
     out = Path(cfg.run.out_dir)
     _check_same_config(out, cfg)
     stages, ctx, result = StageLog(out), _Context(cfg, out, progress), {}
@@ -145,8 +144,26 @@ def run_preinit(cfg: PreinitConfig, progress: bool = True, stop_after: str | Non
         result[name] = stats
         if name == stop_after:
             break
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(out / "result.json", json.dumps(result, indent=1))
     return result
+
+
+def format_summary(res: dict) -> str:
+    """The closing table of a run: rows kept, throughput per stage, disk cost, acceptance length."""
+    def rate(stage: str) -> str:
+        v = res.get(stage, {}).get("tokens_per_s")
+        return "-" if v is None else f"{v:,.0f}"
+
+    prep, cap, ev = res["prepare"], res.get("capture", {}), res.get("evaluate", {})
+    al = ev.get("spec_acceptance_length")
+    rows = [("train samples / eval prompts", f"{prep['train_samples']} / {prep['eval_prompts']}"),
+            ("bad rows skipped", str(prep["bad_rows"]["total"] + prep["bad_render"]["total"])),
+            ("regeneration tokens/s", rate("regenerate")), ("capture tokens/s", rate("capture")),
+            ("disk bytes / captured token", f"{cap.get('bytes_per_token', 0):,.0f}"),
+            ("training tokens/s", rate("train")), ("acceptance length", "-" if al is None else f"{al:.2f}"),
+            ("draft (vLLM layout)", str(res.get("export", {}).get("vllm")))]
+    width = max(len(k) for k, _ in rows)
+    return "\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _check_same_config(out: Path, cfg: PreinitConfig) -> None:
@@ -166,10 +183,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class _Context:
