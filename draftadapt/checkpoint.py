@@ -75,6 +75,48 @@ def save_eagle3(draft: Eagle3Draft, out_dir: str | os.PathLike, target_config=No
     return atomic_write_dir(out_dir, write)
 
 
+def speculators_config(draft: Eagle3Draft, verifier: str | None = None, verifier_architectures=(),
+                        num_speculative_tokens: int = 3) -> dict[str, Any]:
+    """config.json of the `speculators` layout, with the fields vLLM 0.32 validates
+    (transformers_utils/configs/speculators/base.py) and reads (algos.py::update_eagle3)."""
+    layer = {k: v for k, v in eagle3_hf_config(draft).items()
+             if k not in ("architectures", "eagle_config", "draft_vocab_size", "target_hidden_size",
+                          "norm_before_residual")}
+    c = draft.config
+    return {
+        "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "speculators_version": "0.2.0",
+        "transformer_layer_config": layer, "draft_vocab_size": c.draft_vocab_size,
+        "target_hidden_size": c.target_hidden_size, "norm_before_residual": c.norm_before_residual,
+        "eagle_aux_hidden_state_layer_ids": list(c.aux_layer_ids),
+        "speculators_config": {
+            "algorithm": "eagle3", "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens}],
+            "verifier": {"name_or_path": verifier, "architectures": list(verifier_architectures)},
+        },
+    }
+
+
+def save_speculators(draft: Eagle3Draft, out_dir: str | os.PathLike, target_config=None, verifier: str | None = None,
+                     num_speculative_tokens: int = 3) -> Path:
+    """Write the draft in the `speculators` layout (atomically): config with `speculators_config`,
+    the one layer named `layers.0.*`, `d2t` and `t2d` when the draft vocab is reduced.
+    `load_eagle3` reads it back; vLLM serves it as an eagle3 draft."""
+    if target_config is not None:
+        check_against_target(draft.config, target_config)
+    state = {("layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k): v.contiguous().cpu()
+             for k, v in draft_state_for_push(draft).items()}
+    if not draft.config.full_vocab:
+        state["t2d"] = draft.t2d.detach().cpu().contiguous()
+    archs = list(getattr(target_config, "architectures", None) or []) if target_config is not None else []
+    config = speculators_config(draft, verifier, archs, num_speculative_tokens)
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+
+    return atomic_write_dir(out_dir, write)
+
+
 def atomic_write_dir(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) in a temp dir beside out_dir, fsync it, then swap it in with os.replace."""
     out = Path(out_dir).absolute()

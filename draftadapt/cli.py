@@ -4,6 +4,8 @@
     draftadapt toy-policy      # build (or find) the toy policy and print its directory
     draftadapt train-draft --target DIR --data seqs.jsonl --out DIR [--steps N --draft-vocab-size V]
                                # offline EAGLE-3 training: features -> TTT -> a checkpoint vLLM loads
+    draftadapt preinit --config recipes/preinit_dapo.yaml [section.field=value ...] [--fresh]
+                               # offline draft pre-init pipeline (recipes/preinit.py has the presets)
 
 train-draft reads JSON lines {"input_ids": [...], "completion_start": n}: token ids of the
 target's tokenizer; only positions whose next token lies at or after completion_start train
@@ -86,6 +88,19 @@ def train_draft(args) -> None:
     print(f"trained {args.steps} steps on {len(seqs)} sequences in {time.perf_counter() - t0:.0f}s -> {args.out}")
 
 
+def preinit(args) -> None:
+    """The offline pre-init pipeline (draftadapt/preinit/) on a YAML config, resuming by default."""
+    import shutil
+    from pathlib import Path
+
+    from .preinit.pipeline import format_summary, load_config, run_preinit
+
+    cfg = load_config(args.config, args.overrides)
+    if args.fresh and Path(cfg.run.out_dir).exists():
+        shutil.rmtree(cfg.run.out_dir)
+    print(format_summary(run_preinit(cfg, progress=not args.quiet)))
+
+
 def _read_sequences(path: str) -> tuple[list[list[int]], list[list[bool]]]:
     seqs, masks = [], []
     with open(path) as f:
@@ -127,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--aux-layer-ids", default=None, help="comma-separated HF hidden_states indices (default 2,L/2,L-3)")
     t.set_defaults(fn=train_draft)
+    p = sub.add_parser("preinit", help="offline draft pre-init: data -> regeneration -> features -> TTT -> export")
+    p.add_argument("--config", required=True, help="YAML with the sections of recipes/preinit_*.yaml")
+    p.add_argument("--fresh", action="store_true", help="delete run.out_dir first instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.set_defaults(fn=preinit)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args.fn(args)
