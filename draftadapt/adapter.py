@@ -38,6 +38,7 @@ from .cache import CacheConfig, HiddenStateCache, read_manifest
 from .capture import TEACHERS, FeatureCapture, RolloutBatch
 from .checkpoint import draft_state_for_push
 from .drafts.eagle3 import Eagle3Draft
+from .drafts.mtp import MTPDraft, mtp_state_for_push
 from .metrics import SpecCounters
 from .trainer import DraftTrainer, TrainerConfig
 
@@ -83,8 +84,9 @@ class FeatureSpec(NamedTuple):
 
     aux_layer_ids: tuple[int, ...]  # HF hidden_states indices of the aux layers
     draft_vocab_ids: torch.Tensor | None  # [Vd] int64 target id per draft id; None = full vocab
-    aux_width: int  # 3 * H_t
+    aux_width: int  # 3 * H_t (0 for a native MTP draft)
     draft_vocab_size: int  # Vd
+    final_hidden: str | None = None  # "prenorm": also capture the state entering the final norm (MTP)
 
 
 class CacheInfo(NamedTuple):
@@ -128,7 +130,7 @@ class DraftWorker(Protocol):
 class LocalDraftWorker:
     """The in-process DraftWorker: a HiddenStateCache and a DraftTrainer, run synchronously."""
 
-    def __init__(self, draft: Eagle3Draft, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
+    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
                  cache_config: CacheConfig, batch_tokens: int, seed: int = 0, target_head: nn.Module | None = None):
         self.draft, self.cache_config, self.batch_tokens, self.target_head = draft, cache_config, batch_tokens, target_head
         self.trainer = DraftTrainer(draft, embed, trainer_config)
@@ -139,7 +141,8 @@ class LocalDraftWorker:
     def feature_spec(self) -> FeatureSpec:
         c = self.draft.config
         return FeatureSpec(tuple(c.aux_layer_ids), None if c.full_vocab else self._target_ids,
-                           len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size)
+                           len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size,
+                           getattr(c, "final_hidden", None))
 
     def add(self, batch: RolloutBatch) -> int:
         return self.cache.add(batch)
@@ -164,6 +167,8 @@ class LocalDraftWorker:
 
     def state_for_push(self) -> dict[str, torch.Tensor]:
         """The live weights vLLM's drafter owns (no copy): consume them before the next train()."""
+        if isinstance(self.draft, MTPDraft):
+            return mtp_state_for_push(self.draft)
         return draft_state_for_push(self.draft)
 
     def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
@@ -235,7 +240,7 @@ class AdapterStats:
 class DraftAdapter:
     """Drop stale features, train the draft, push it at step boundaries; see the module docstring."""
 
-    def __init__(self, draft: Eagle3Draft, embed: nn.Embedding | torch.Tensor, config: AdapterConfig = AdapterConfig(),
+    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, config: AdapterConfig = AdapterConfig(),
                  trainer_config: TrainerConfig = TrainerConfig(), cache_config: CacheConfig = CacheConfig(),
                  sink: DraftSink | None = None, target_head: nn.Module | None = None):
         """embed: the policy's live input embedding (vLLM's drafter shares it, so the draft trains
@@ -280,6 +285,8 @@ class DraftAdapter:
         if fixed:
             raise ValueError(f"capture() sets {sorted(fixed)} from the draft and AdapterConfig; do not pass them")
         kw = {"offload_to_cpu": True, **capture_kwargs}
+        if self.features.final_hidden == "prenorm":  # a native MTP draft reads the pre-norm last state
+            kw["final_prenorm"] = True
         return FeatureCapture(policy_model, aux_layer_ids=self.features.aux_layer_ids, teacher=self.config.teacher,
                               draft_vocab_ids=self.features.draft_vocab_ids, top_k=self.config.top_k, **kw)
 
