@@ -317,6 +317,9 @@ class DraftAdapter:
         if width != self.features.aux_width:
             raise ValueError(f"RolloutBatch.aux_hidden has width {width}, the draft's fc takes {self.features.aux_width} "
                              f"(aux layers {self.features.aux_layer_ids}); capture with adapter.capture(policy)")
+        if self.features.final_hidden is not None and batch.final_hidden is None:
+            raise ValueError("RolloutBatch.final_hidden is missing: this draft (native MTP) reads the policy's last "
+                             "hidden state; capture with adapter.capture(policy)")
         lp = batch.teacher_logprobs
         if lp is not None and lp.shape[-1] != self.features.draft_vocab_size:
             raise ValueError(f"RolloutBatch.teacher_logprobs has {lp.shape[-1]} columns, the draft vocab has "

@@ -210,3 +210,14 @@ def test_load_mtp_state_reads_a_whole_checkpoint_and_names_missing_tensors(polic
     del ckpt["model.mtp_layers.0.input_proj.weight"]
     with pytest.raises(ValueError, match="input_proj"):
         load_mtp_state(b, ckpt)
+
+
+def test_on_rollouts_names_a_missing_final_hidden_state(policy):
+    from draftadapt.capture import RolloutBatch
+
+    adapter = DraftAdapter(MTPDraft.from_target(policy.config, policy.lm_head), policy.get_input_embeddings())
+    n = 8
+    batch = RolloutBatch(input_ids=torch.arange(n), cu_seqlens=torch.tensor([0, n]), aux_hidden=torch.zeros(n, 0),
+                         loss_mask=torch.ones(n, dtype=torch.bool), teacher_logprobs=torch.zeros(n, 1147))
+    with pytest.raises(ValueError, match="final_hidden is missing"):
+        adapter.on_rollouts(batch)
