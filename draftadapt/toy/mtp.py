@@ -13,6 +13,7 @@ with one MTP layer appended, so vLLM serves it with `speculative_config={"method
    `num_nextn_predict_layers`), `model.safetensors` (trunk + `model.mtp_layers.*`), and the
    tokenizer in a directory of its own (with model_type qwen2 AutoTokenizer would load the
    WordLevel tokenizer as Qwen2Tokenizer and encode to nothing): pass it as `EngineConfig.tokenizer`.
+   It carries a one-line `config.json` (`model_type: llama`): without one vLLM sleeps 2 s per start.
 """
 from __future__ import annotations
 
@@ -93,6 +94,9 @@ def write_mimo(out_dir: str | Path, config: dict, trunk: dict[str, torch.Tensor]
         tensors = {k: v.detach().contiguous().cpu() for k, v in {**trunk, **mtp}.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         AutoTokenizer.from_pretrained(str(tokenizer_src)).save_pretrained(str(tmp / TOKENIZER_DIR))
+        # vLLM parses a config in the tokenizer dir too; without one it logs an error and sleeps 2 s
+        # per engine start (repo_utils.with_retry). tokenizer_config.json still picks the class.
+        (tmp / TOKENIZER_DIR / "config.json").write_text(json.dumps({"model_type": "llama"}) + "\n")
 
     out = atomic_write_dir(out_dir, write)
     return ToyMTP(out, out / TOKENIZER_DIR)
