@@ -142,7 +142,8 @@ def main() -> None:
         rec["log"] = adapt_online(eng, adapter, policy, tok, train_prompts, args.versions, 1, args.per_version)
         rec["adapt_seconds"] = time.perf_counter() - t0
         rec["adapted"] = measure(eng, sw, heldout, greedy_ref)
-        rec["push_bytes"] = sum(t.numel() * t.element_size() for t in draft_state_for_push(adapter.worker.draft).values())
+        state = draft_state_for_push(adapter.worker.draft)
+        rec["push_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
         records["eagle3"] = rec
     records["mtp"]["push_bytes"] = sum(t.numel() * t.element_size() for t in mtp_state_for_push(perturbed).values())
 

@@ -1,4 +1,5 @@
 """`DraftAdapter`: the callback any GRPO loop calls to keep an EAGLE-3 draft matched to its policy.
+(A native MTP head, `drafts/mtp.py`, is driven the same way: pass an `MTPDraft` as the draft.)
 
 Three calls, at points every RL loop already has (`policy_version` = the loop's global step):
 
@@ -240,7 +241,8 @@ class AdapterStats:
 class DraftAdapter:
     """Drop stale features, train the draft, push it at step boundaries; see the module docstring."""
 
-    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, config: AdapterConfig = AdapterConfig(),
+    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor,
+                 config: AdapterConfig = AdapterConfig(),
                  trainer_config: TrainerConfig = TrainerConfig(), cache_config: CacheConfig = CacheConfig(),
                  sink: DraftSink | None = None, target_head: nn.Module | None = None):
         """embed: the policy's live input embedding (vLLM's drafter shares it, so the draft trains

@@ -11,7 +11,7 @@ from conftest import tiny_config, tiny_model
 from draftadapt.adapter import AdapterConfig, DraftAdapter
 from draftadapt.capture import FeatureCapture
 from draftadapt.drafts.mtp import MTPDraft, load_mtp_state, mtp_state_for_push
-from draftadapt.trainer import DraftTrainer, TrainerConfig
+from draftadapt.trainer import TrainerConfig
 from draftadapt.ttt import unroll
 
 # The 16 tensors vLLM 0.32's MiMoMTP.load_weights reads per MTP layer (checked on the real engine too).
