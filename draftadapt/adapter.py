@@ -1,4 +1,5 @@
 """`DraftAdapter`: the callback any GRPO loop calls to keep an EAGLE-3 draft matched to its policy.
+(A native MTP head, `drafts/mtp.py`, is driven the same way: pass an `MTPDraft` as the draft.)
 
 Three calls, at points every RL loop already has (`policy_version` = the loop's global step):
 
@@ -38,6 +39,7 @@ from .cache import CacheConfig, HiddenStateCache, read_manifest
 from .capture import TEACHERS, FeatureCapture, RolloutBatch
 from .checkpoint import draft_state_for_push
 from .drafts.eagle3 import Eagle3Draft
+from .drafts.mtp import MTPDraft, mtp_state_for_push
 from .metrics import SpecCounters
 from .trainer import DraftTrainer, TrainerConfig
 
@@ -83,8 +85,9 @@ class FeatureSpec(NamedTuple):
 
     aux_layer_ids: tuple[int, ...]  # HF hidden_states indices of the aux layers
     draft_vocab_ids: torch.Tensor | None  # [Vd] int64 target id per draft id; None = full vocab
-    aux_width: int  # 3 * H_t
+    aux_width: int  # 3 * H_t (0 for a native MTP draft)
     draft_vocab_size: int  # Vd
+    final_hidden: str | None = None  # "prenorm": also capture the state entering the final norm (MTP)
 
 
 class CacheInfo(NamedTuple):
@@ -128,7 +131,7 @@ class DraftWorker(Protocol):
 class LocalDraftWorker:
     """The in-process DraftWorker: a HiddenStateCache and a DraftTrainer, run synchronously."""
 
-    def __init__(self, draft: Eagle3Draft, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
+    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
                  cache_config: CacheConfig, batch_tokens: int, seed: int = 0, target_head: nn.Module | None = None):
         self.draft, self.cache_config, self.batch_tokens, self.target_head = draft, cache_config, batch_tokens, target_head
         self.trainer = DraftTrainer(draft, embed, trainer_config)
@@ -139,7 +142,8 @@ class LocalDraftWorker:
     def feature_spec(self) -> FeatureSpec:
         c = self.draft.config
         return FeatureSpec(tuple(c.aux_layer_ids), None if c.full_vocab else self._target_ids,
-                           len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size)
+                           len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size,
+                           getattr(c, "final_hidden", None))
 
     def add(self, batch: RolloutBatch) -> int:
         return self.cache.add(batch)
@@ -164,6 +168,8 @@ class LocalDraftWorker:
 
     def state_for_push(self) -> dict[str, torch.Tensor]:
         """The live weights vLLM's drafter owns (no copy): consume them before the next train()."""
+        if isinstance(self.draft, MTPDraft):
+            return mtp_state_for_push(self.draft)
         return draft_state_for_push(self.draft)
 
     def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
@@ -235,7 +241,8 @@ class AdapterStats:
 class DraftAdapter:
     """Drop stale features, train the draft, push it at step boundaries; see the module docstring."""
 
-    def __init__(self, draft: Eagle3Draft, embed: nn.Embedding | torch.Tensor, config: AdapterConfig = AdapterConfig(),
+    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor,
+                 config: AdapterConfig = AdapterConfig(),
                  trainer_config: TrainerConfig = TrainerConfig(), cache_config: CacheConfig = CacheConfig(),
                  sink: DraftSink | None = None, target_head: nn.Module | None = None):
         """embed: the policy's live input embedding (vLLM's drafter shares it, so the draft trains
@@ -280,6 +287,8 @@ class DraftAdapter:
         if fixed:
             raise ValueError(f"capture() sets {sorted(fixed)} from the draft and AdapterConfig; do not pass them")
         kw = {"offload_to_cpu": True, **capture_kwargs}
+        if self.features.final_hidden == "prenorm":  # a native MTP draft reads the pre-norm last state
+            kw["final_prenorm"] = True
         return FeatureCapture(policy_model, aux_layer_ids=self.features.aux_layer_ids, teacher=self.config.teacher,
                               draft_vocab_ids=self.features.draft_vocab_ids, top_k=self.config.top_k, **kw)
 
@@ -310,6 +319,9 @@ class DraftAdapter:
         if width != self.features.aux_width:
             raise ValueError(f"RolloutBatch.aux_hidden has width {width}, the draft's fc takes {self.features.aux_width} "
                              f"(aux layers {self.features.aux_layer_ids}); capture with adapter.capture(policy)")
+        if self.features.final_hidden is not None and batch.final_hidden is None:
+            raise ValueError("RolloutBatch.final_hidden is missing: this draft (native MTP) reads the policy's last "
+                             "hidden state; capture with adapter.capture(policy)")
         lp = batch.teacher_logprobs
         if lp is not None and lp.shape[-1] != self.features.draft_vocab_size:
             raise ValueError(f"RolloutBatch.teacher_logprobs has {lp.shape[-1]} columns, the draft vocab has "

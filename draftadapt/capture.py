@@ -94,7 +94,8 @@ class RolloutBatch:
     teacher_logprobs: torch.Tensor | None = None  # [N, Vd] float: log p(draft id), not renormalised
     teacher_topk_ids: torch.Tensor | None = None  # [N, K] int64: target ids of the top-k tokens
     teacher_topk_logprobs: torch.Tensor | None = None  # [N, K] float: their full-vocab log-probs
-    final_hidden: torch.Tensor | None = None  # [N, H_t] float: post-norm last hidden state
+    final_hidden: torch.Tensor | None = None  # [N, H_t] float: last hidden state, post-norm (pre-norm when
+    #   captured with final_prenorm=True, what a native MTP draft reads); aux_hidden is [N, 0] without aux layers
 
     def __post_init__(self) -> None:
         _check(self.input_ids, "input_ids", (None,), torch.int64, "pack the sequences' ids into one [N] int64")
@@ -106,7 +107,7 @@ class RolloutBatch:
                  ("teacher_logprobs", (n, None), "float", "one row of draft-vocab log-probs per token"),
                  ("teacher_topk_ids", (n, None), torch.int64, "one row of K target ids per token"),
                  ("teacher_topk_logprobs", (n, k), "float", "one log-prob per top-k id"),
-                 ("final_hidden", (n, width // 3), "float", "capture the post-norm last hidden state"))
+                 ("final_hidden", (n, width // 3 or None), "float", "capture the last hidden state"))
         for i, (name, shape, dtype, fix) in enumerate(rules):
             if i < 3 or getattr(self, name) is not None:
                 _check(getattr(self, name), name, shape, dtype, fix)
@@ -214,7 +215,10 @@ class RolloutBatch:
 
 
 def resolve_aux_layer_ids(aux_layer_ids, num_layers: int) -> tuple[int, ...]:
-    """The draft's aux ids (vLLM's default when None), checked as the draft checks them."""
+    """The draft's aux ids (vLLM's default when None), checked as the draft checks them; ()
+    captures no aux layer (a native MTP draft reads only the last hidden state)."""
+    if aux_layer_ids is not None and len(tuple(aux_layer_ids)) == 0:
+        return ()
     ids = default_aux_layer_ids(num_layers) if aux_layer_ids is None else aux_layer_ids
     return check_aux_layer_ids(tuple(ids), num_layers)
 
@@ -247,12 +251,14 @@ class FeatureCapture:
     first. `teacher`: "draft_vocab" (log-probs at `draft_vocab_ids`, the full vocab when None),
     "topk" (`top_k` ids + log-probs), or "final_hidden" (no logits work during the forward; the
     teacher and the top-token check come later from the frozen target head, in to_draft_batch).
+    `final_prenorm=True` keeps the residual ENTERING the final norm as `final_hidden` (what vLLM
+    feeds a MiMo MTP draft); with `aux_layer_ids=()` no aux layer is captured.
     """
 
     def __init__(self, model: nn.Module, aux_layer_ids=None, draft_vocab_ids=None, teacher: str = "draft_vocab",
                  top_k: int = 0, capture_final_hidden: bool = False, store_dtype: torch.dtype | None = None,
                  offload_to_cpu: bool = False, layers: nn.ModuleList | None = None,
-                 final_norm: nn.Module | None = None):
+                 final_norm: nn.Module | None = None, final_prenorm: bool = False):
         if teacher not in TEACHERS:
             raise ValueError(f"teacher={teacher!r}; choose one of {TEACHERS}")
         if (teacher == "topk") != (top_k > 0):
@@ -273,7 +279,13 @@ class FeatureCapture:
             raise ValueError(f"{type(model).__name__} has no output embeddings to take logits from; "
                              "use teacher='final_hidden'")
         self.teacher, self.top_k = teacher, top_k
-        self.keep_final = capture_final_hidden or teacher == "final_hidden"
+        if final_prenorm and teacher == "final_hidden":
+            raise ValueError("teacher='final_hidden' needs the post-norm state; final_prenorm=True is for MTP drafts")
+        self.keep_final = capture_final_hidden or teacher == "final_hidden" or final_prenorm
+        self.final_prenorm = final_prenorm
+        if not self.aux_layer_ids and not self.keep_final:
+            raise ValueError("aux_layer_ids=() captures no hidden state; pass capture_final_hidden=True or "
+                             "final_prenorm=True (a native MTP draft)")
         self.store_dtype, self.offload_to_cpu = store_dtype, offload_to_cpu
         self._handles: list = []
         self._current: dict | None = None
@@ -288,7 +300,9 @@ class FeatureCapture:
         h.append(self.model.register_forward_hook(self._end))
         for i in self.aux_layer_ids:
             h.append(self.layers[i].register_forward_pre_hook(partial(self._grab_aux, i), with_kwargs=True))
-        if self.keep_final:
+        if self.keep_final and self.final_prenorm:
+            h.append(self.final_norm.register_forward_pre_hook(self._grab_final_input, with_kwargs=True))
+        elif self.keep_final:
             h.append(self.final_norm.register_forward_hook(self._grab_final))
         if self.teacher != "final_hidden":  # a final_hidden teacher is built later, by to_draft_batch
             h.append(self.lm_head.register_forward_hook(self._grab_logits))
@@ -321,7 +335,7 @@ class FeatureCapture:
         self._current = {"aux": {}}
 
     def _end(self, module, args, output) -> None:
-        if self._current is not None and self._current["aux"]:
+        if self._current is not None and (self._current["aux"] or "final" in self._current):
             self._pending.append(self._current)
         self._current = None
 
@@ -332,6 +346,10 @@ class FeatureCapture:
     def _grab_final(self, module, args, output) -> None:
         if self._current is not None and "final" not in self._current:
             self._current["final"] = self._keep(output, self.store_dtype)
+
+    def _grab_final_input(self, module, args, kwargs) -> None:
+        if self._current is not None and "final" not in self._current:
+            self._current["final"] = self._keep(args[0] if args else kwargs["hidden_states"], self.store_dtype)
 
     def _grab_logits(self, module, args, logits) -> None:
         if self._current is None or "teacher" in self._current:
@@ -356,9 +374,12 @@ class FeatureCapture:
             raise RuntimeError("no captured forward: run the policy forward inside "
                                "`with FeatureCapture(...)` first")
         p = self._pending.pop(0)
-        if len(p["aux"]) != 3 or (self.keep_final and "final" not in p):
+        if len(p["aux"]) != len(self.aux_layer_ids) or (self.keep_final and "final" not in p):
             raise RuntimeError("the captured forward did not pass the hooked layers; was it this model's forward?")
-        aux = torch.cat([p["aux"][i] for i in self.aux_layer_ids], -1)  # [B, T, 3*H_t]
+        if self.aux_layer_ids:
+            aux = torch.cat([p["aux"][i] for i in self.aux_layer_ids], -1)  # [B, T, 3*H_t]
+        else:
+            aux = p["final"].new_zeros(*p["final"].shape[:2], 0)  # [B, T, 0]: no aux layers
         b, t, dev = aux.shape[0], aux.shape[1], aux.device
         ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
         if tuple(ids.shape) != (b, t):

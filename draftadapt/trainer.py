@@ -14,6 +14,7 @@ from torch import nn
 
 from .batch import DraftBatch
 from .drafts.eagle3 import Eagle3Draft
+from .drafts.mtp import MTPDraft
 from .ttt import ttt_loss
 
 
@@ -58,7 +59,7 @@ class TrainStats:
 class DraftTrainer:
     """Owns the draft's optimizer; `step(batch)` is one update."""
 
-    def __init__(self, draft: Eagle3Draft, embed: nn.Embedding | torch.Tensor, config: TrainerConfig = TrainerConfig()):
+    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, config: TrainerConfig = TrainerConfig()):
         self.draft, self.embed, self.config = draft, embed, config
         params = [p for p in draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
@@ -71,7 +72,7 @@ class DraftTrainer:
         return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
 
     def step(self, batch: DraftBatch) -> TrainStats:
-        device = self.draft.fc.weight.device
+        device = next(self.draft.parameters()).device
         self.draft.train()
         lr = self.lr_at(self.steps_done)
         for group in self.optimizer.param_groups:

@@ -8,6 +8,10 @@ therefore sees the step-1 keys at 0..i of its sequence plus the keys of steps 2.
 base. `unroll` runs that for every base i at once with a block-diagonal mask over concatenated
 per-step keys (O(K T^2) memory: fine for T <= 512). Inputs at later steps are the ground-truth
 tokens. Gradients reach only the draft: the target embedding is read detached.
+
+The native MTP draft (`drafts/mtp.py`) runs the same way in vLLM (its layer 0 at every step, its
+own output fed back), so the same unroll trains it: step 1 reads the target's pre-norm last
+hidden state instead of fused aux states.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from torch import nn
 
 from .batch import DraftBatch
 from .drafts.eagle3 import Eagle3Draft, attend
+from .drafts.mtp import MTPDraft
 
 
 class TTTResult(NamedTuple):
@@ -33,7 +38,7 @@ def shift(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([x[:, k:], x.new_zeros((x.shape[0], min(k, x.shape[1]), *x.shape[2:]))], dim=1)
 
 
-def unroll(draft: Eagle3Draft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int) -> list[torch.Tensor]:
+def unroll(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int) -> list[torch.Tensor]:
     """Draft logits for steps 1..K at every base position: K tensors [B, T, Vd].
 
     Step k at base i reads token input_ids[i+k] at RoPE position i+k-1 and predicts token i+k+1.
@@ -46,7 +51,7 @@ def unroll(draft: Eagle3Draft, batch: DraftBatch, embed: nn.Embedding | torch.Te
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, T] position inside the sequence
     eye = torch.eye(t, dtype=torch.bool, device=valid.device).expand(b, t, t)
     causal = (torch.ones(t, t, dtype=torch.bool, device=valid.device).tril() & valid[:, None, :]) | eye
-    hidden = draft.fuse(batch.aux_hidden)  # [B, T, H]
+    hidden = draft.fuse(batch.final_hidden if isinstance(draft, MTPDraft) else batch.aux_hidden)  # [B, T, H]
     keys, values, logits = [], [], []
     for k in range(1, steps + 1):
         tok = F.embedding(shift(batch.input_ids, k), weight).to(hidden.dtype)  # [B, T, H]
@@ -59,7 +64,7 @@ def unroll(draft: Eagle3Draft, batch: DraftBatch, embed: nn.Embedding | torch.Te
     return logits
 
 
-def ttt_loss(draft: Eagle3Draft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
+def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
              decay: float = 0.8) -> TTTResult:
     """Forward KL to the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
 

@@ -89,3 +89,12 @@ def toy_draft_dir(toy_policy_dir):
     from draftadapt.toy.draft import toy_draft
 
     return toy_draft(toy_policy_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_mtp(toy_policy_dir):
+    """The toy policy as a MiMo checkpoint with a trained MTP layer (~1-2 min on first use, cached):
+    a ToyMTP(model_dir, tokenizer_dir)."""
+    from draftadapt.toy.mtp import toy_mtp_policy
+
+    return toy_mtp_policy(toy_policy_dir, progress=False)

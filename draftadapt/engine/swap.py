@@ -22,6 +22,13 @@ outputs are split back and padded vocab rows dropped (on other platforms the ker
 parameters, which are read directly). A digest of the received bytes alone would prove only the
 transport; this one proves what the drafter computes with.
 
+Native MTP drafters (`method="mtp"`): the MTP layers are part of the policy checkpoint
+(`model.mtp_layers.*`) but NOT of vLLM's target model - reloading the target leaves the drafter's
+copy untouched. So `refit_policy` splits them off and pushes them to the drafter as a draft push of
+the same version (verified like any draft push), and warns when an MTP engine's policy is
+refitted without them (the MTP weights then stay what they were: push adapted ones with
+`push_draft`).
+
 Rollback source: the worker keeps the last weights it loaded per kind (the start-up ones are
 read back on first push): one copy of the draft, and one of the policy once it is refitted.
 """
@@ -30,7 +37,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,6 +47,7 @@ import torch
 from ..metrics import SpecCounters
 
 KINDS = ("draft", "policy")
+MTP_PREFIX = "model.mtp_layers."  # checkpoint names of a policy's own MTP layers (MiMo)
 Spec = dict[str, tuple[tuple[int, ...], str]]  # checkpoint name -> (shape, dtype name)
 
 
@@ -124,6 +133,7 @@ class PushResult:
     verified: bool  # every engine's read-back digest equalled `checksum`
     engine_seconds: tuple[float, ...] = ()  # per engine pushed: RPC round trip incl. load + verify
     phases: dict[str, float] = field(default_factory=dict)  # driver phases + first engine's worker phases
+    mtp: "PushResult | None" = None  # policy refit of an MTP engine: the push of its MTP layers
 
 
 class EngineSwapper:
@@ -149,6 +159,7 @@ class EngineSwapper:
         self._spec: dict[str, Spec | None] = {k: _as_spec(infos[0][k]) for k in KINDS}
         self._forbidden = {"draft": dict(infos[0]["draft_forbidden"]), "policy": {}}
         self._vocab_size = infos[0]["vocab_size"]
+        self.draft_method = infos[0].get("draft_method")  # "eagle3", "mtp", ... or None
         self._versions = {k: [info["versions"][k] for info in infos] for k in KINDS}
         self.native_draft_update = tuple(bool(info["native_draft_update"]) for info in infos)
 
@@ -176,11 +187,25 @@ class EngineSwapper:
     def refit_policy(self, state_or_dir: Mapping[str, torch.Tensor] | str | os.PathLike, version: int, *,
                      verify: bool = True) -> PushResult:
         """Reload the policy (target) weights from a state dict (HF naming) or a checkpoint dir.
-        The drafter keeps sharing the target's embedding, so it sees the new one at once."""
+        The drafter keeps sharing the target's embedding, so it sees the new one at once. With an
+        MTP drafter, `model.mtp_layers.*` tensors are pushed to it as draft `version` (`.mtp`)."""
+        path = None
         if isinstance(state_or_dir, (str, os.PathLike)):
             path = str(Path(state_or_dir).resolve())
-            return self._push("policy", version, read_safetensors_dir(path), path, verify)
-        return self._push("policy", version, state_or_dir, None, verify)
+            state_or_dir = read_safetensors_dir(path)
+        mtp = {k: v for k, v in state_or_dir.items() if k.startswith(MTP_PREFIX)}
+        if not mtp:
+            if self.draft_method == "mtp":
+                warnings.warn("refit_policy: the engines serve an MTP drafter but the new policy weights carry no "
+                              f"{MTP_PREFIX}* tensors, so the MTP layers keep the weights of draft version "
+                              f"{self.draft_version}; push adapted ones with push_draft", stacklevel=2)
+            return self._push("policy", version, state_or_dir, path, verify)
+        # vLLM's target drops MTP tensors on load: send the trunk alone, then the MTP layers to the drafter
+        trunk = {k: v for k, v in state_or_dir.items() if not k.startswith(MTP_PREFIX)}
+        result = self._push("policy", version, trunk, None, verify)
+        if self.draft_method != "mtp":  # nothing serves them
+            return result
+        return replace(result, mtp=self._push("draft", version, mtp, None, verify))
 
     def spec_counters(self) -> SpecCounters:
         """Cumulative spec-decode counters summed over the engines."""

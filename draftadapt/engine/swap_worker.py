@@ -3,9 +3,16 @@
 `LLM(worker_extension_cls="draftadapt.engine.swap_worker.DraftSwapExtension")` puts these
 methods on every worker; `engine/swap.py` (the driver side) calls them with `collective_rpc`.
 See `engine/swap.py` for the design: in-place layerwise reload, read-back checksum, rollback.
+
+Drafters: EAGLE-3 (`Eagle3LlamaForCausalLM`) and the native MTP drafter of a MiMo target
+(`method="mtp"`, `MiMoMTP`). The MTP drafter's names are mapped back to the checkpoint's
+(`model.mtp_layers.{L+i}.mtp_block.X` -> `model.mtp_layers.{i}.X`); its fused qkv / gate_up are
+split with the target's `packed_modules_mapping` (its block is the target's decoder layer, and
+`MiMoMTP` declares none); it shares the target's `embed_tokens` and `lm_head`, never pushed.
 """
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -22,13 +29,15 @@ class _Slot(NamedTuple):
     probe: bool  # read through the layer's matmul (CPU keeps only a repacked copy)
 
 
-def _layout(model, rename, skip: Sequence[str] = ()) -> dict[str, _Slot]:
-    """Checkpoint name -> where the engine keeps it, for every parameter outside `skip`."""
+def _layout(model, rename, skip: Sequence[str] = (), packed: dict | None = None) -> dict[str, _Slot]:
+    """Checkpoint name -> where the engine keeps it, for every parameter outside `skip`.
+    `packed`: fused module -> its checkpoint parts, when `type(model)` declares none."""
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
     from vllm.platforms import current_platform
 
-    cpu, packed = current_platform.is_cpu(), getattr(type(model), "packed_modules_mapping", None) or {}
+    cpu = current_platform.is_cpu()
+    packed = getattr(type(model), "packed_modules_mapping", None) or packed or {}
     out, seen = {}, set()
     for mod_name, mod in model.named_modules():
         if any(mod_name == s or mod_name.startswith(s + ".") for s in skip):
@@ -62,6 +71,18 @@ def _draft_name(name: str) -> str:
     """vLLM's Eagle3LlamaForCausalLM names -> the checkpoint names its load_weights reads."""
     name = name.removeprefix("model.").replace("draft_id_to_target_id", "d2t")
     return "midlayer." + name.removeprefix("layers.0.") if name.startswith("layers.0.") else name
+
+
+_MTP_LAYER = re.compile(r"^model\.mtp_layers\.(\d+)\.(?:mtp_block\.)?")
+
+
+def _mtp_namer(start: int):
+    """vLLM's MiMoMTP names -> checkpoint names (`MiMoMTP.hf_to_vllm_mapper` inverted): layer
+    index `start + i` -> i, the `mtp_block.` wrapper dropped."""
+    def rename(name: str) -> str:
+        m = _MTP_LAYER.match(name)
+        return name if m is None else f"model.mtp_layers.{int(m.group(1)) - start}." + name[m.end():]
+    return rename
 
 
 @torch.no_grad()
@@ -145,6 +166,7 @@ class DraftSwapExtension:
                 "draft": _spec_of(self._draftadapt_layout("draft")[1]) if has_draft else None,
                 "policy": _spec_of(self._draftadapt_layout("policy")[1]),
                 "draft_forbidden": self._draftadapt_forbidden() if has_draft else {},
+                "draft_method": self._draftadapt_method(),
                 "vocab_size": self.model_config.get_vocab_size(),
                 "native_draft_update": bool(native()) if callable(native) else False}
 
@@ -206,12 +228,31 @@ class DraftSwapExtension:
             st["shared"] = found
         return st["shared"]
 
+    def _draftadapt_method(self) -> str | None:
+        """The spec-decode method of the drafter ("eagle3", "mtp", ...); None without one."""
+        spec = self.vllm_config.speculative_config
+        return None if spec is None or self.model_runner.get_draft_model() is None else spec.method
+
+    def _draftadapt_draft_names(self):
+        """(rename vLLM -> checkpoint names, packed-module mapping) of the drafter."""
+        if self._draftadapt_method() != "mtp":
+            return _draft_name, None
+        draft = self.model_runner.get_draft_model()
+        if type(draft).__name__ != "MiMoMTP":
+            raise RuntimeError(f"draft pushes into a {type(draft).__name__} MTP drafter are not supported; "
+                               "supported: MiMoMTP (MiMoForCausalLM targets)")
+        packed = getattr(type(self.model_runner.get_model()), "packed_modules_mapping", None)
+        return _mtp_namer(self.model_config.hf_config.num_hidden_layers), packed
+
     def _draftadapt_forbidden(self) -> dict[str, str]:
         out = {"embed_tokens.weight": "a draft push must never carry embed_tokens: the drafter uses the target's"}
+        if self._draftadapt_method() == "mtp":
+            out["model.embed_tokens.weight"] = out["embed_tokens.weight"]
         draft = self.model_runner.get_draft_model()
+        rename = self._draftadapt_draft_names()[0]
         for path in self._draftadapt_shared():
             for pname, _ in draft.get_submodule(path).named_parameters():
-                out[_draft_name(f"{path}.{pname}")] = (
+                out[rename(f"{path}.{pname}")] = (
                     f"shared with the target: vLLM gave the drafter the target's {path} (the draft checkpoint had "
                     "none, or an identical copy); a draft push must never carry it, it would overwrite the policy's")
         return out
@@ -226,7 +267,8 @@ class DraftSwapExtension:
         if model is None:
             raise RuntimeError("the engine has no drafter: start it with EngineConfig(spec=SpecConfig('eagle3', ...))")
         skip = sorted(set(self._draftadapt_shared()) | {"model.embed_tokens"})
-        return model, _layout(model, _draft_name, skip)
+        rename, packed = self._draftadapt_draft_names()
+        return model, _layout(model, rename, skip, packed)
 
     def _draftadapt_reload(self, kind: str, model, state: dict, fail_after: int | None) -> None:
         from vllm.config import set_current_vllm_config
