@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Any, Iterator
 
 import torch
@@ -147,7 +148,10 @@ def _first_pass(trainer) -> bool:
     return trainer._step % (per_gen * trainer.num_iterations) < per_gen
 
 
-def _capturing(trainer, adapter: DraftAdapter, compute_loss):
+def _capturing(trainer, adapter: DraftAdapter, compute_loss, tally: dict):
+    """`_compute_loss` run under capture; `tally` gets the tokens captured and the seconds spent
+    packing them (the hooks' copies inside the forward are not separable from it)."""
+
     def _compute_loss(model, inputs):
         if not (model.training and _first_pass(trainer)):
             return compute_loss(model, inputs)
@@ -157,6 +161,7 @@ def _capturing(trainer, adapter: DraftAdapter, compute_loss):
         if cap.num_pending != 1:
             raise RuntimeError(f"the GRPO loss ran {cap.num_pending} policy forwards, draftadapt expects 1 "
                                "(TRL 1.16's _compute_loss); pin trl==1.16.0 (pip install draftadapt[trl])")
+        t0 = time.perf_counter()
         ids, am, comp = rollout_tensors(inputs)
         batch = cap.rollout_batch(input_ids=ids, attention_mask=am, completion_mask=comp,
                                   policy_version=trainer.state.global_step)
@@ -167,6 +172,8 @@ def _capturing(trainer, adapter: DraftAdapter, compute_loss):
             else:
                 batch = dataclasses.replace(batch, final_hidden=None)
         adapter.on_rollouts(batch)
+        tally["tokens"] += batch.num_tokens
+        tally["seconds"] += time.perf_counter() - t0
         return loss
 
     return _compute_loss
@@ -181,6 +188,9 @@ class DraftAdaptCallback(TrainerCallback):
                  refit_policy: bool = False):
         self.adapter, self.trainer, self.swapper, self.refit_policy = adapter, trainer, swapper, refit_policy
         self.history: list[AdapterStats] = []
+        self.tally = {"tokens": 0, "seconds": 0.0}  # capture since the last step end (filled by attach's wrapper)
+        self.capture_tokens: list[int] = []  # [steps] tokens captured per optimizer step
+        self.capture_seconds: list[float] = []  # [steps] packing time of those captures
         self._counters = swapper.spec_counters() if swapper is not None else None
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -193,9 +203,14 @@ class DraftAdaptCallback(TrainerCallback):
             counters, self._counters = now - self._counters, now
         stats = self.adapter.on_step_end(version, counters=counters)
         self.history.append(stats)
+        self.capture_tokens.append(self.tally["tokens"])
+        self.capture_seconds.append(self.tally["seconds"])
+        self.tally.update(tokens=0, seconds=0.0)
         metrics = getattr(self.trainer, "_metrics", {}).get("train")  # TRL averages these into its next log
         if metrics is not None:
-            for k, v in stats.as_dict().items():
+            row = {**stats.as_dict(), "draft/capture_tokens": float(self.capture_tokens[-1]),
+                   "draft/capture_seconds": self.capture_seconds[-1]}
+            for k, v in row.items():
                 metrics[k].append(v)
         return control
 
@@ -210,7 +225,7 @@ def policy_state(trainer) -> dict[str, torch.Tensor]:
 
 
 def attach(trainer, adapter: DraftAdapter, swapper: EngineSwapper | None = None,
-           refit_policy: bool | None = None) -> DraftAdaptCallback:
+           refit_policy: bool | None = None, capture: bool = True) -> DraftAdaptCallback:
     """Install draftadapt on a TRL GRPOTrainer (see the module docstring); returns the callback.
 
     swapper: engines to push the draft into. None with `use_vllm=True, vllm_mode="colocate"`:
@@ -219,6 +234,8 @@ def attach(trainer, adapter: DraftAdapter, swapper: EngineSwapper | None = None,
     refit_policy: refit the trained policy into `swapper`'s engines at each step end (default: True
     for a swapper you pass, e.g. a draftadapt Engine serving the same policy; TRL's own colocated
     engine is refitted by its sync before each generation instead).
+    capture: False leaves the loss forward alone (a frozen-draft baseline that still gets the
+    refits and the acceptance metrics).
     """
     _require_trl()
     if not all(hasattr(trainer, a) for a in ("_compute_loss", "use_vllm", "add_callback", "accelerator")):
@@ -243,11 +260,12 @@ def attach(trainer, adapter: DraftAdapter, swapper: EngineSwapper | None = None,
         raise ValueError("the adapter already has a different sink; build it with sink=None and let attach() "
                          "connect it (or pass that sink as swapper=)")
     adapter.sink = swapper
-    trainer._compute_loss = _capturing(trainer, adapter, trainer._compute_loss)
     callback = DraftAdaptCallback(adapter, trainer, swapper, refit_policy=(not own and swapper is not None)
                                   if refit_policy is None else refit_policy)
     if callback.refit_policy and swapper is None:
         raise ValueError("refit_policy=True needs swapper=<engines serving the policy>")
+    if capture:
+        trainer._compute_loss = _capturing(trainer, adapter, trainer._compute_loss, callback.tally)
     trainer.add_callback(callback)
     trainer._draftadapt_attached = True
     return callback
