@@ -3,6 +3,7 @@ cache with the right versions, the draft trains, and pushes land in TRL's own (c
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
 from draftadapt.cache import CacheConfig  # noqa: E402
 from draftadapt.capture import FeatureCapture  # noqa: E402
 from draftadapt.drafts.eagle3 import Eagle3Draft  # noqa: E402
+from draftadapt.metrics import SpecCounters  # noqa: E402
 from draftadapt.integrations.trl import attach, trl_engine_options, with_head_teacher  # noqa: E402
 from draftadapt.toy.task import reward, sample_problem  # noqa: E402
 from draftadapt.toy.tokenizer import build_tokenizer  # noqa: E402
@@ -52,6 +54,25 @@ def draft_adapter(policy, seed: int = 1, **cfg) -> DraftAdapter:
                         CacheConfig(max_tokens=50_000))
 
 
+class FakeEngines:
+    """Stands in for an EngineSwapper over engines TRL does not generate with (unit test only)."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int]] = []
+        self.refit_names: list[str] = []
+
+    def refit_policy(self, state, version):
+        self.events.append(("refit", version))
+        self.refit_names = sorted(state)
+
+    def push_draft(self, state, version):
+        self.events.append(("push", version))
+        return SimpleNamespace(pushed=True, skipped_reason=None)
+
+    def spec_counters(self):
+        return SpecCounters()
+
+
 class GradRecorder:
     """Copies of every gradient just before each optimizer step."""
 
@@ -73,8 +94,9 @@ class GradRecorder:
 
 def test_trl_capture_leaves_policy_gradients_unchanged(tmp_path):
     """Two identical GRPO runs (HF generation, tiny random policy), one with draftadapt attached:
-    gradients are bit-identical at every step, and the attached run's features reach the cache
-    tagged with the global_step of the policy that produced them, and the draft trains."""
+    gradients are bit-identical at every step; the attached run's features reach the cache tagged
+    with the global_step of the policy that produced them, the draft trains, and at each step end
+    the policy is refitted into the (fake) engines before the draft is pushed, by version."""
     from trl import GRPOTrainer
 
     tok = build_tokenizer()
@@ -92,11 +114,12 @@ def test_trl_capture_leaves_policy_gradients_unchanged(tmp_path):
         rec = GradRecorder()
         rec(trainer)
         draft0 = {k: v.clone() for k, v in adapter.worker.draft.state_dict().items()}
-        callback = attach(trainer, adapter) if attached else None
+        engines = FakeEngines()
+        callback = attach(trainer, adapter, swapper=engines) if attached else None
         trainer.train()
-        runs[attached] = (rec.steps, policy, adapter, callback, draft0)
+        runs[attached] = (rec.steps, policy, adapter, callback, draft0, engines)
 
-    (plain, p0, *_), (hooked, p1, adapter, callback, draft0) = runs[False], runs[True]
+    (plain, p0, *_), (hooked, p1, adapter, callback, draft0, engines) = runs[False], runs[True]
     assert len(plain) == len(hooked) == 2
     for step, (a, b) in enumerate(zip(plain, hooked)):
         assert a.keys() == b.keys() and a
@@ -111,7 +134,10 @@ def test_trl_capture_leaves_policy_gradients_unchanged(tmp_path):
     assert (info.oldest_version, info.newest_version) == (0, 1) and info.sequences > 0
     for s in callback.history:
         assert s.train is not None and torch.isfinite(torch.tensor(s.train.loss)), s.train_skipped_reason
-        assert not s.pushed and s.push_reason == "no sink"
+        assert s.pushed and s.push_reason == "cadence"
+    assert engines.events == [("refit", 1), ("push", 1), ("refit", 2), ("push", 2)]
+    assert engines.refit_names == sorted(p1.state_dict()) and "lm_head.weight" in engines.refit_names
+    assert len(callback.capture_tokens) == 2 and sum(callback.capture_tokens) >= info.tokens > 0
     changed = [k for k, v in adapter.worker.draft.state_dict().items() if not torch.equal(v, draft0[k])]
     assert "fc.weight" in changed and "midlayer.self_attn.q_proj.weight" in changed
 
