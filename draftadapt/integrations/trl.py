@@ -133,12 +133,12 @@ def with_head_teacher(batch: RolloutBatch, head: torch.nn.Module, draft_vocab_id
     kw: dict[str, Any] = {}
     if t.logprobs is not None:
         kw["teacher_logprobs"] = t.logprobs.new_full((n, t.logprobs.shape[1]), MISSING_LOGPROB).index_copy_(
-            0, rows.to(t.logprobs.device), t.logprobs).cpu()
+            0, rows.to(t.logprobs.device), t.logprobs).to(mask.device)
     else:
         ids = t.topk_ids.new_zeros((n, top_k)).index_copy_(0, rows.to(t.topk_ids.device), t.topk_ids)
         lps = t.topk_logprobs.new_full((n, top_k), MISSING_LOGPROB).index_copy_(0, rows.to(ids.device),
                                                                                t.topk_logprobs)
-        kw.update(teacher_topk_ids=ids.cpu(), teacher_topk_logprobs=lps.cpu())
+        kw.update(teacher_topk_ids=ids.to(mask.device), teacher_topk_logprobs=lps.to(mask.device))
     return dataclasses.replace(batch, loss_mask=mask, final_hidden=None, **kw)
 
 
