@@ -209,3 +209,31 @@ def test_trl_grpo_colocate_trains_and_pushes_the_draft_into_trls_engine(tmp_path
         assert len(logged) == 3 and "spec_acceptance_length" in logged[0]
     finally:
         trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
+
+
+def test_missing_trl_names_the_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install draftadapt\[trl\]"):
+        attach(SimpleNamespace(), None)
+    with pytest.raises(ImportError, match=r"pip install draftadapt\[trl\]"):
+        with trl_engine_options():
+            pass
+
+
+def test_attach_refuses_engines_it_cannot_push_into():
+    """vLLM server mode (NCCL sync, CUDA only) and a colocated engine built without our worker
+    extension are refused with the fix in the message (fake trainers: nothing starts)."""
+    def trainer(mode, llm=None):
+        return SimpleNamespace(_compute_loss=None, use_vllm=True, vllm_mode=mode, add_callback=None, accelerator=None,
+                               vllm_generation=SimpleNamespace(llm=llm))
+
+    class PlainLLM:  # what TRL builds outside trl_engine_options: no draftadapt_info RPC
+        def collective_rpc(self, method, args=(), kwargs=None):
+            raise AttributeError(f"Worker has no attribute {method!r}")
+
+    with pytest.raises(ValueError, match="vllm_mode='colocate'"):
+        attach(trainer("server"), None)
+    with pytest.raises(RuntimeError, match="trl_engine_options"):
+        attach(trainer("colocate", PlainLLM()), None)
