@@ -238,7 +238,7 @@ def policy_state(trainer) -> dict[str, torch.Tensor]:
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "peft_config"):
         raise ValueError("draftadapt refits full policies; merge the PEFT adapter (model.merge_and_unload()) "
-                         "before GRPOTrainer, or keep TRL's own sync with attach(..., swapper=<your engines>)")
+                         "before GRPOTrainer, or keep TRL's own sync: attach(..., swapper=<your engines>, refit_policy=False)")
     return model.state_dict()
 
 
@@ -271,7 +271,11 @@ def attach(trainer, adapter: DraftAdapter, swapper: EngineSwapper | None = None,
         except Exception as e:  # the RPC fails when the engine has no draftadapt worker extension
             raise RuntimeError("TRL's vLLM engine has no draftadapt worker extension: build the GRPOTrainer inside "
                                "`with trl_engine_options(spec=SpecConfig('eagle3', k, model=draft_dir)):`") from e
-        swapper.expected("draft")  # raises when the engine runs no drafter
+        try:
+            swapper.expected("draft")
+        except RuntimeError as e:
+            raise RuntimeError("TRL's vLLM engine runs no drafter: pass spec=SpecConfig('eagle3', k, model=draft_dir) "
+                               "to trl_engine_options") from e
         trainer.vllm_generation.sync_weights = lambda: swapper.refit_policy(policy_state(trainer),
                                                                             trainer.state.global_step)
     if adapter.sink is not None and adapter.sink is not swapper:
