@@ -1,7 +1,6 @@
 """BackgroundDraftWorker: training in a thread, one step behind, equal to the inline worker bit for bit."""
 from __future__ import annotations
 
-import io
 import threading
 
 import pytest
@@ -89,19 +88,20 @@ def test_a_failure_in_the_thread_surfaces_at_the_next_call_and_stays(policy):
             call()
 
 
-def test_resume_reproduces_losses_and_pushes(policy, tmp_path):
+def test_a_run_checkpoint_resumes_losses_and_pushes(policy, tmp_path):
+    from draftadapt.grpo.state import load_run, save_run
+
     sink = FakeSink()
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     a = background(policy, sink, staleness_window=1)
     run(a, policy, range(3))
-    buf = io.BytesIO()
-    torch.save(a.state_dict(cache_dir=tmp_path / "ckpt-2"), buf)
+    save_run(tmp_path / "ckpt", 3, policy, optimizer, a)  # the recipe's checkpoint: features in ckpt/cache
     rest = run(a, policy, range(3, 6))
     a.worker.close()
     want = [(s.train.loss, s.pushed) for s in rest], sink.states[-3:]
 
     b = background(policy, FakeSink(), seed=2, staleness_window=1)
-    buf.seek(0)
-    b.load_state_dict(torch.load(buf, weights_only=False))
+    assert load_run(tmp_path / "ckpt", policy, optimizer, b).step == 3
     got = run(b, policy, range(3, 6))
     b.worker.close()
     assert [(s.train.loss, s.pushed) for s in got] == want[0]
