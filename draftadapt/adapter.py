@@ -128,6 +128,12 @@ class DraftWorker(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def cache_info_of(cache: HiddenStateCache) -> CacheInfo:
+    versions = [v for v, _ in cache.state_dict()["entries"]]
+    return CacheInfo(cache.num_tokens, cache.num_bytes, len(versions), max(versions, default=None),
+                     min(versions, default=None))
+
+
 class LocalDraftWorker:
     """The in-process DraftWorker: a HiddenStateCache and a DraftTrainer, run synchronously."""
 
@@ -152,9 +158,7 @@ class LocalDraftWorker:
         return self.cache.drop_stale(current_version, window)
 
     def cache_info(self) -> CacheInfo:
-        versions = [v for v, _ in self.cache.state_dict()["entries"]]
-        return CacheInfo(self.cache.num_tokens, self.cache.num_bytes, len(versions),
-                         max(versions, default=None), min(versions, default=None))
+        return cache_info_of(self.cache)
 
     def train(self, num_steps: int) -> TrainResult:
         start = time.perf_counter()
@@ -344,7 +348,10 @@ class DraftAdapter:
             skipped = f"the cache holds {tokens} tokens < AdapterConfig.min_tokens={cfg.min_tokens}"
         else:
             train = self.worker.train(cfg.train_steps)
-            self.trained_since_push = True
+            if train.steps == 0:  # a background worker whose first run has not finished yet
+                train, skipped = None, "no draft training has finished yet (background worker)"
+            else:
+                self.trained_since_push = True
         # 3) acceptance of this step's rollouts (served by the draft pushed before), then the push
         spec = self._measure(counters)
         al = spec.acceptance_length if spec is not None and spec.drafts > 0 else None

@@ -6,6 +6,10 @@ Reads top to bottom: 1) policy and first draft, 2) the engine, 3) resume, 4) the
 (rollouts -> rewards -> log-prob recompute with capture -> GRPO step -> policy refit -> draft
 adaptation), 5) the closing comparison: the adapted draft vs the same initial draft kept frozen,
 both on the final policy with the same prompts.
+
+Two switches, same recipe: `run.async_lag=1` samples step t+1's rollouts (with the weights of
+version t) in a thread while step t trains, one-step off-policy; `run.draft_worker=thread` trains
+the draft in a background thread, one step behind, instead of at the step boundary.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from draftadapt.checkpoint import load_eagle3, save_eagle3  # noqa: E402
 from draftadapt.config import apply_overrides, load_section  # noqa: E402
 from draftadapt.engine.swap import EngineSwapper  # noqa: E402
 from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig  # noqa: E402
+from draftadapt.grpo.async_loop import LAGS, Generated, RolloutSource  # noqa: E402
 from draftadapt.grpo.loop import UpdateConfig, collect_rollouts, policy_update  # noqa: E402
 from draftadapt.grpo.runlog import RunLogger, plot_run  # noqa: E402
 from draftadapt.grpo.state import has_checkpoint, load_run, save_run  # noqa: E402
@@ -43,6 +48,7 @@ from draftadapt.toy.policy import toy_policy  # noqa: E402
 from draftadapt.toy.task import (STYLES, RewardConfig, TaskConfig, parse_answer, reward, sample_problem,  # noqa: E402
                                  style_of)
 from draftadapt.trainer import TrainerConfig  # noqa: E402
+from draftadapt.workers import BackgroundDraftWorker  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,15 @@ class RunConfig:
     adapt: bool = True  # False = keep the initial draft frozen (the baseline arm)
     eval_prompts: int = 200  # held-out prompts for the before/after accuracy and the final AL table
     threads: int = 1  # torch threads of the policy/draft updates (vLLM pins this process to 1 anyway)
+    async_lag: int = 0  # 0 = sync; 1 = step t+1's rollouts are sampled (by version t) while step t trains
+    draft_worker: str = "inline"  # "inline": the draft trains at the step boundary; "thread": in a
+    #   background thread, one step behind (the engines get at boundary v what inline pushes at v-1)
+
+    def __post_init__(self) -> None:
+        if self.async_lag not in LAGS:
+            raise ValueError(f"run.async_lag={self.async_lag!r}; use one of {LAGS}")
+        if self.draft_worker not in ("inline", "thread"):
+            raise ValueError(f"run.draft_worker={self.draft_worker!r}; use 'inline' or 'thread'")
 
 
 @dataclass(frozen=True)
@@ -152,12 +167,14 @@ def main(argv=None) -> dict:
     if cfg.run.adapt and k > 0:
         adapter = DraftAdapter(load_eagle3(draft_dir), policy.get_input_embeddings(), cfg.adapter, cfg.trainer,
                                cfg.cache, sink=swapper)
+        if cfg.run.draft_worker == "thread":  # the same worker, its training moved off the step
+            adapter = DraftAdapter.with_worker(BackgroundDraftWorker(adapter.worker), cfg.adapter, sink=swapper)
     held_out = eval_problems(cfg.run.eval_prompts, seed=4321, cfg=cfg.task)
     # 3) resume: restore policy/optimizer/draft, then refit and push them into the fresh engine
-    start, logger = 0, RunLogger(out)
+    start, logger, ready = 0, RunLogger(out), None
     if args.resume and has_checkpoint(ckpt):
         st = load_run(ckpt, policy, optimizer, adapter)
-        start, before = st.step, st.extra["before"]
+        start, before, ready = st.step, st.extra["before"], st.extra.get("ready")
         swapper.refit_policy(policy.state_dict(), start)
         if adapter is not None:
             swapper.push_draft(adapter.worker.state_for_push(), start)
@@ -169,30 +186,42 @@ def main(argv=None) -> dict:
     # 4) the loop
     from tqdm import tqdm
 
-    bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="GRPO")
-    for step in bar:
-        t0 = time.perf_counter()
+    def generate(batch_step: int, version: int) -> Generated:  # async: runs in a thread, the engine is its own
         c0 = swapper.spec_counters()
-        problems = step_problems(cfg, step)
-        r = rollouts(engine, tok, problems, cfg, version=step, seed=cfg.run.seed * 7919 + step)
-        spec_delta = swapper.spec_counters() - c0
-        upd = policy_update(policy, optimizer, r, tok.pad_token_id, cfg.update, adapter)
-        version = step + 1
-        refit = swapper.refit_policy(policy.state_dict(), version)
-        t_draft = time.perf_counter()
-        astats = adapter.on_step_end(version, counters=spec_delta) if adapter is not None else None
-        t_draft = time.perf_counter() - t_draft
-        row = {"reward": float(r.rewards.mean()), "accuracy": accuracy(problems, r),
-               "loss": upd.loss, "kl": upd.kl, "clip_frac": upd.clip_frac, "grad_norm": upd.grad_norm,
-               "logprob_mismatch": upd.logprob_mismatch, "rollout_tokens_per_s": r.num_tokens / r.seconds,
-               "time/generation": r.seconds, "time/policy_train": upd.seconds, "time/refit": refit.seconds,
-               "time/draft": t_draft, "time/step": time.perf_counter() - t0, **spec_delta.as_dict(),
-               **{f"style/{s}": sum(style_of(t) == s for t in r.texts) / len(r.texts) for s in STYLES},
-               **({k: v for k, v in astats.as_dict().items() if not k.startswith("spec_")} if astats else {})}
-        logger.log(version, row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", AL=f"{spec_delta.acceptance_length:.2f}")
-        if cfg.run.checkpoint_every and version % cfg.run.checkpoint_every == 0 or version == cfg.run.steps:
-            save_run(ckpt, version, policy, optimizer, adapter, extra={"before": before})
+        r = rollouts(engine, tok, step_problems(cfg, batch_step), cfg, version=version,
+                     seed=cfg.run.seed * 7919 + batch_step)
+        return Generated(r, swapper.spec_counters() - c0)
+
+    source = RolloutSource(generate, cfg.run.async_lag, cfg.run.steps, ready)
+    bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="GRPO")
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            r = source.take(step).rollouts  # sampled by version step (sync) or step - 1 (async)
+            upd = policy_update(policy, optimizer, r, tok.pad_token_id, cfg.update, adapter, policy_version=step)
+            source.boundary()  # the engine is idle from here: refit, push, checkpoint
+            version, spec_delta = step + 1, source.spec  # counters of the generation that finished in this step
+            refit = swapper.refit_policy(policy.state_dict(), version)
+            t_draft = time.perf_counter()
+            astats = adapter.on_step_end(version, counters=spec_delta) if adapter is not None else None
+            t_draft = time.perf_counter() - t_draft
+            row = {"reward": float(r.rewards.mean()), "accuracy": accuracy(step_problems(cfg, step), r),
+                   "loss": upd.loss, "kl": upd.kl, "clip_frac": upd.clip_frac, "grad_norm": upd.grad_norm,
+                   "logprob_mismatch": upd.logprob_mismatch, "rollout_tokens_per_s": r.num_tokens / r.seconds,
+                   "time/generation": source.generation_seconds, "time/generation_exposed": source.exposed_seconds,
+                   "time/policy_train": upd.seconds, "time/refit": refit.seconds, "time/draft": t_draft,
+                   "time/step": time.perf_counter() - t0, "version/rollouts": r.policy_version,
+                   "version/rollout_lag": step - r.policy_version, **spec_delta.as_dict(),
+                   **{f"style/{s}": sum(style_of(t) == s for t in r.texts) / len(r.texts) for s in STYLES},
+                   **({k: v for k, v in astats.as_dict().items() if not k.startswith("spec_")} if astats else {})}
+            if adapter is not None:
+                row["version/features"] = adapter.newest_rollout_version
+            logger.log(version, row)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", AL=f"{spec_delta.acceptance_length:.2f}")
+            if cfg.run.checkpoint_every and version % cfg.run.checkpoint_every == 0 or version == cfg.run.steps:
+                save_run(ckpt, version, policy, optimizer, adapter, extra={"before": before, "ready": source.ready})
+    finally:
+        source.close()
     # 5) closing comparison on the final policy: accuracy, and frozen vs adapted draft
     after = measure(engine, tok, held_out, cfg)
     engine.shutdown()
@@ -203,6 +232,8 @@ def main(argv=None) -> dict:
     arms = {"frozen": draft_dir} if k > 0 else {}
     if adapter is not None:
         arms["adapted"] = save_eagle3(adapter.worker.draft, out / "draft-final", policy.config)
+        if isinstance(adapter.worker, BackgroundDraftWorker):
+            adapter.worker.close()
     for name, d in arms.items():
         with Engine(EngineConfig(model=str(final_policy), max_num_seqs=cfg.rollout.max_num_seqs, seed=cfg.run.seed,
                                  spec=SpecConfig("eagle3", cfg.rollout.num_speculative_tokens, model=str(d)))) as eng:

@@ -95,9 +95,15 @@ class UpdateStats(NamedTuple):
 
 
 def policy_update(policy, optimizer, r: Rollouts, pad_id: int, cfg: UpdateConfig, adapter=None,
-                  reference=None) -> UpdateStats:
-    """One GRPO step on `r`: recompute log-probs (captured for the draft), clipped loss, step."""
+                  reference=None, policy_version: int | None = None) -> UpdateStats:
+    """One GRPO step on `r`: recompute log-probs (captured for the draft), clipped loss, step.
+
+    The importance ratio is taken against `r.logprobs`, the policy that sampled `r` (one step
+    behind `policy` in async mode). policy_version: the version of `policy` itself, which makes
+    the captured features (its hidden states and log-probs); default `r.policy_version` (sync).
+    """
     t0 = time.perf_counter()
+    version = r.policy_version if policy_version is None else policy_version
     adv = group_advantages(r.rewards, r.group_size, scale=cfg.scale_advantages)
     batch = collate(r, pad_id)
     n_tok = batch.completion_mask.sum().clamp(min=1)
@@ -112,7 +118,7 @@ def policy_update(policy, optimizer, r: Rollouts, pad_id: int, cfg: UpdateConfig
             lp = token_logprobs(policy(input_ids=ids, attention_mask=am).logits, ids)  # [b, T]
         if adapter is not None:
             adapter.on_rollouts(cap.rollout_batch(input_ids=ids, attention_mask=am, completion_mask=cm,
-                                                  policy_version=r.policy_version))
+                                                  policy_version=version))
         ref = None
         if reference is not None and cfg.kl_coef > 0:
             with torch.no_grad():

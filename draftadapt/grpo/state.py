@@ -51,10 +51,17 @@ def load_run(ckpt_dir: str | Path, policy, optimizer, adapter=None) -> RunState:
     if adapter is not None:
         if state["adapter"] is None:
             raise ValueError(f"{ckpt_dir} was saved without a draft adapter; resume without one")
-        worker = state["adapter"]["worker"]
-        if worker.get("cache_dir"):  # written inside the temp dir that was renamed to ckpt_dir
-            worker["cache_dir"] = str((ckpt_dir / "cache").absolute())
+        _rebase_cache_dir(state["adapter"]["worker"], ckpt_dir)
         adapter.load_state_dict(state["adapter"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return RunState(state["step"], state["extra"])
+
+
+def _rebase_cache_dir(worker: dict | None, ckpt_dir: Path) -> None:
+    """The features were written inside the temp dir that was renamed to ckpt_dir; a wrapping
+    worker (BackgroundDraftWorker) keeps the local worker's state under "inner"."""
+    while worker is not None:
+        if worker.get("cache_dir"):
+            worker["cache_dir"] = str((ckpt_dir / "cache").absolute())
+        worker = worker.get("inner")

@@ -1,0 +1,159 @@
+"""`BackgroundDraftWorker`: the DraftWorker whose draft training runs in a thread, off the step.
+
+It wraps a `LocalDraftWorker` and pipelines its training one step behind the caller:
+
+    boundary v:  train(n)        wait for the run started at v-1 (it had a whole step), snapshot the
+                                 weights it left, start the run of v in the thread, return at once
+                                 with the stats of the run of v-1
+                 state_for_push  the snapshot: the weights after the runs started at 0 .. v-1
+
+So the draft the engines get at boundary v is exactly the one an inline worker pushed at v-1, and
+a step pays only the snapshot (plus a wait when one run outlasts a whole step). Each run trains on
+a frozen view of the cache and a copy of the policy's input embedding, both taken when it starts:
+`add`/`drop_stale` keep working on the live cache and the policy keeps training, without locks,
+and the weights a run produces do not depend on thread timing (a test checks them bit for bit
+against the inline worker's). A failure in the thread is raised by the next call, every call after
+it too; it is never swallowed. It knows nothing of engines or of the GRPO loop.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from .adapter import CacheInfo, FeatureSpec, LocalDraftWorker, TrainResult, cache_info_of
+from .capture import RolloutBatch
+
+FORMAT = "draftadapt.background_worker/1"
+NOTHING_YET = TrainResult(steps=0, loss=math.nan, step_acc=(), tokens=0, grad_norm=math.nan, seconds=0.0)
+
+
+class BackgroundDraftWorker:
+    """A DraftWorker that trains in a background thread; see the module docstring. Call it from
+    one thread (the loop's), like any DraftWorker.
+
+    >>> adapter = DraftAdapter(draft, policy.get_input_embeddings(), cfg, sink=swapper)
+    >>> adapter = DraftAdapter.with_worker(BackgroundDraftWorker(adapter.worker), cfg, sink=swapper)
+    """
+
+    def __init__(self, inner: LocalDraftWorker):
+        self.inner = inner
+        self.cache = inner.cache  # the live cache; a run sees a frozen view of it as inner.cache
+        self._live_embed = inner.trainer.embed  # the policy's live embedding; a run gets a copy
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftadapt-draft")
+        self._run: Future | None = None  # the run in flight (or finished and not yet collected)
+        self._failure: BaseException | None = None  # sticky: raised by every call once seen
+        self._push_state: dict[str, torch.Tensor] | None = None  # weights after the last collected run
+        self._last: TrainResult = NOTHING_YET  # stats of the last collected run
+        self.wait_seconds = 0.0  # how long the last train() waited for the previous run (exposed time)
+
+    # 1) features: the live cache, on the caller's thread ----------------------------------------
+    def feature_spec(self) -> FeatureSpec:
+        return self.inner.feature_spec()
+
+    def add(self, batch: RolloutBatch) -> int:
+        self._check()
+        return self.cache.add(batch)
+
+    def drop_stale(self, current_version: int, window: int) -> int:
+        self._check()
+        return self.cache.drop_stale(current_version, window)
+
+    def cache_info(self) -> CacheInfo:
+        return cache_info_of(self.cache)
+
+    # 2) training, one step behind ------------------------------------------------------------
+    def train(self, num_steps: int) -> TrainResult:
+        """Collect the previous run, start a run of `num_steps` in the thread, return the
+        previous run's stats (`steps == 0` before any run finished)."""
+        t0 = time.perf_counter()
+        self._collect()
+        self.wait_seconds = time.perf_counter() - t0
+        self._push_state = _snapshot(self.inner)
+        # the run's inputs, fixed now: the caller keeps adding features and training the policy
+        self.inner.cache = _frozen_view(self.cache)
+        self.inner.trainer.embed = _weight(self._live_embed).detach().clone()  # [V, H]
+        self._run = self._pool.submit(self.inner.train, num_steps)
+        return self._last
+
+    def _collect(self) -> None:
+        """Wait for the run in flight; keep its stats; raise its failure (and every later call)."""
+        self._check()
+        run, self._run = self._run, None
+        if run is None:
+            return
+        try:
+            self._last = run.result()
+        except BaseException as exc:  # noqa: B036 - re-raised below, and by every later call
+            self._failure = exc
+        finally:  # no run in flight: inner is the caller's again
+            self.inner.cache, self.inner.trainer.embed = self.cache, self._live_embed
+        self._check()
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"background draft training failed ({type(self._failure).__name__}: {self._failure}); "
+                               "the draft worker is unusable: fix the cause and resume from the last checkpoint"
+                               ) from self._failure
+
+    def state_for_push(self) -> dict[str, torch.Tensor]:
+        """Weights after the last collected run (a copy the thread never writes); before the first
+        train(): the current weights, once no run is in flight."""
+        self._check()
+        if self._push_state is None:
+            self._collect()
+            self._push_state = _snapshot(self.inner)
+        return self._push_state
+
+    @property
+    def draft(self):
+        """The draft module, once no run is in flight (e.g. to export it)."""
+        self._collect()
+        return self.inner.draft
+
+    # 3) resume and shutdown ------------------------------------------------------------------
+    def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
+        """The inner worker's state once the run in flight finished, plus the push snapshot and
+        the last stats, so a resumed run pushes and reports what the uninterrupted one would."""
+        self._collect()
+        return {"format": FORMAT, "inner": self.inner.state_dict(cache_dir), "push_state": self._push_state,
+                "last": self._last}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != FORMAT:
+            raise ValueError(f"worker state has format {state.get('format')!r}, expected {FORMAT!r} (a state "
+                             "saved by LocalDraftWorker resumes with run.draft_worker=inline)")
+        self._collect()
+        self.inner.load_state_dict(state["inner"])
+        self.cache = self.inner.cache
+        self._push_state, self._last = state["push_state"], state["last"]
+
+    def close(self) -> None:
+        """Wait for the run in flight and stop the thread; raises that run's failure, if any."""
+        try:
+            self._collect()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _weight(embed: nn.Embedding | torch.Tensor) -> torch.Tensor:
+    return embed.weight if isinstance(embed, nn.Module) else embed
+
+
+def _snapshot(inner: LocalDraftWorker) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in inner.state_for_push().items()}
+
+
+def _frozen_view(cache):
+    """A cache that shares the live one's entries but not its index: a run samples from the view
+    while the caller adds and drops on the live cache. Entries are owned copies, never mutated."""
+    view = copy.copy(cache)
+    view._entries, view._bytes = deque(cache._entries), deque(cache._bytes)
+    view.stats = dict(cache.stats)
+    return view
