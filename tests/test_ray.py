@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("ray")
+from test_swap import FAKE_SPEC, FakeEngine, _fake_state
+
 PROMPTS = [[1, 4, 50, 7, 48, 9], [1, 5, 6, 7], [1, 9, 30, 8], [1, 6, 7, 8, 9], [1, 5, 9]]
 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
+    ray = pytest.importorskip("ray")
 
     from draftadapt.ray_utils import RayConfig, init_ray
 
@@ -38,6 +39,48 @@ def ray_session():
     else:
         os.environ["RAY_AUTH_MODE"] = old
     assert had_token_dir or not token.exists(), "Ray wrote into ~/.ray"
+
+
+class FakeActor(FakeEngine):
+    """A FakeEngine that runs RPCs "in the background": dispatch and wait are separate events."""
+
+    def __init__(self, name, log):
+        super().__init__(FAKE_SPEC)
+        self.name, self.log = name, log
+
+    def collective_rpc_async(self, method, args=(), kwargs=None):
+        self.log.append(f"send {self.name}")
+        outer = self
+
+        class Pending:
+            def result(self):
+                outer.log.append(f"wait {outer.name}")
+                return outer.collective_rpc(method, args, kwargs)
+
+        return Pending()
+
+
+def test_swapper_dispatches_to_background_engines_before_waiting_and_names_a_failing_one():
+    from draftadapt.engine.swap import EngineSwapper
+
+    log = []
+    engines = [FakeActor("a", log), FakeActor("b", log)]
+    swapper = EngineSwapper(engines)
+    res = swapper.push_draft(_fake_state(), 1)
+    assert log == ["send a", "send b", "wait a", "wait b"], "a push must reach every actor before waiting on one"
+    assert res.verified and len(res.engine_seconds) == 2 and swapper.draft_version == 1
+    engines[0].fail_next = True
+    with pytest.raises(RuntimeError, match=r"failed on engine 0 \(engines \[\] already serve it \(later engines may"):
+        swapper.push_draft(_fake_state(), 2)
+    assert swapper.push_draft(_fake_state(), 2).pushed and swapper.draft_version == 2
+
+
+def test_make_engines_refuses_several_in_process_engines():
+    from draftadapt.engine.ray_pool import make_engines
+    from draftadapt.engine.vllm import EngineConfig
+
+    with pytest.raises(ValueError, match="use_ray=True"):
+        make_engines(EngineConfig(model="unused"), num_engines=2, use_ray=False)
 
 
 def _served(engine, kind):
