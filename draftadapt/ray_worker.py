@@ -34,52 +34,56 @@ from .trainer import TrainerConfig
 
 
 class _DraftServer:
-    """The actor body: a LocalDraftWorker behind a lock taken per optimizer step."""
+    """The actor body: a LocalDraftWorker whose cache and draft are locked separately, so features
+    are added (and weights read) between the optimizer steps of a running train."""
 
     def __init__(self, draft: Eagle3Draft, embed: torch.Tensor, trainer_config: TrainerConfig,
                  cache_config: CacheConfig, batch_tokens: int, seed: int, target_head: nn.Module | None, threads: int):
         torch.set_num_threads(threads)
         self.embed = embed.clone()  # [V, H]: refreshed in place, the trainer keeps this tensor
-        self.lock = threading.Lock()
+        self.cache_lock = threading.Lock()  # the feature cache and its sampling generator
+        self.draft_lock = threading.Lock()  # the draft, its optimizer, the policy parts
         self.worker = LocalDraftWorker(draft, self.embed, trainer_config, cache_config, batch_tokens, seed, target_head)
+        self.target_ids = draft.target_ids().cpu()  # [Vd] int64
 
-    def call(self, method: str, *args) -> Any:
-        with self.lock:
+    def cache_call(self, method: str, *args) -> Any:
+        with self.cache_lock:
+            return getattr(self.worker, method)(*args)
+
+    def whole_call(self, method: str, *args) -> Any:
+        with self.cache_lock, self.draft_lock:
             return getattr(self.worker, method)(*args)
 
     def train(self, num_steps: int, policy_parts: tuple[torch.Tensor, dict | None] | None) -> TrainResult:
-        """`num_steps` single-step runs, the lock released between them; `policy_parts` = the
-        policy's new (embedding [V, H], lm_head state) when its version changed, else None."""
+        """LocalDraftWorker.train, one lock per phase of each step; `policy_parts` = the policy's
+        new (embedding [V, H], lm_head state) when its version changed, else None."""
+        start, w, hist = time.perf_counter(), self.worker, []
         if policy_parts is not None:  # passed with the call: a threaded actor keeps no call order
-            with self.lock, torch.no_grad():
+            with self.cache_lock, self.draft_lock, torch.no_grad():
                 self.embed.copy_(policy_parts[0])
                 if policy_parts[1] is not None:
-                    self.worker.target_head.load_state_dict(policy_parts[1])
-        runs = []
+                    w.target_head.load_state_dict(policy_parts[1])
         for _ in range(num_steps):
-            with self.lock:
-                runs.append(self.worker.train(1))
-        return _merge(runs)
+            with self.cache_lock:
+                batch = w.cache.sample(num_tokens=w.batch_tokens, generator=w.generator,
+                                       draft_vocab_ids=self.target_ids, target_head=w.target_head)
+            with self.draft_lock:
+                hist.append(w.trainer.step(batch))
+        n = max(1, len(hist))
+        acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()
+        return TrainResult(len(hist), sum(s.loss for s in hist) / n, acc, sum(s.tokens for s in hist),
+                           sum(s.grad_norm for s in hist) / n, time.perf_counter() - start)
 
     def state_for_push(self) -> dict[str, torch.Tensor]:
-        with self.lock:  # a copy: the live tensors change with the next step
+        with self.draft_lock:  # a copy: the live tensors change with the next step
             return {k: v.clone() for k, v in self.worker.state_for_push().items()}
 
     def draft(self) -> Eagle3Draft:
-        with self.lock:
+        with self.draft_lock:
             return copy.deepcopy(self.worker.draft)
 
-    def pid(self) -> int:
-        return os.getpid()
 
-
-def _merge(runs: list[TrainResult]) -> TrainResult:
-    if not runs:
-        return TrainResult(0, float("nan"), (), 0, float("nan"), 0.0)
-    n = len(runs)
-    acc = tuple(sum(r.step_acc[k] for r in runs) / n for k in range(len(runs[0].step_acc)))
-    return TrainResult(n, sum(r.loss for r in runs) / n, acc, sum(r.tokens for r in runs),
-                       sum(r.grad_norm for r in runs) / n, sum(r.seconds for r in runs))
+_EMPTY = TrainResult(0, float("nan"), (), 0, float("nan"), 0.0)
 
 
 class RayDraftWorker:
@@ -107,20 +111,27 @@ class RayDraftWorker:
         return (self._embed.weight if isinstance(self._embed, nn.Module) else self._embed).detach().cpu()
 
     def _get(self, ref):
-        return import_ray().get(ref)
+        ray = import_ray()
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"the draft-trainer actor died ({type(exc).__name__}); its draft, optimizer and cache "
+                               "are gone. Start a new RayDraftWorker and restore the run's last adapter checkpoint "
+                               "with DraftAdapter.load_state_dict(...); the engines keep serving the last pushed "
+                               "draft meanwhile") from exc
 
     def feature_spec(self) -> FeatureSpec:
-        return self._get(self.actor.call.remote("feature_spec"))
+        return self._get(self.actor.whole_call.remote("feature_spec"))
 
     def add(self, batch: RolloutBatch) -> int:
-        return self._get(self.actor.call.remote("add", batch))
+        return self._get(self.actor.cache_call.remote("add", batch))
 
     def drop_stale(self, current_version: int, window: int) -> int:
         self._version = current_version
-        return self._get(self.actor.call.remote("drop_stale", current_version, window))
+        return self._get(self.actor.cache_call.remote("drop_stale", current_version, window))
 
     def cache_info(self) -> CacheInfo:
-        return self._get(self.actor.call.remote("cache_info"))
+        return self._get(self.actor.cache_call.remote("cache_info"))
 
     def train(self, num_steps: int) -> TrainResult:
         t0 = time.perf_counter()
@@ -133,7 +144,7 @@ class RayDraftWorker:
         if not self.asynchronous:
             finished = self._finish()
         self.exposed_seconds += time.perf_counter() - t0
-        return finished if finished is not None else _merge([])
+        return finished if finished is not None else _EMPTY
 
     def _finish(self) -> TrainResult | None:
         pending, self._pending = self._pending, None
@@ -155,11 +166,11 @@ class RayDraftWorker:
         """As LocalDraftWorker's, after the run in flight finishes; `cache_dir` is a path on the
         actor's node."""
         self._finish()
-        return self._get(self.actor.call.remote("state_dict", None if cache_dir is None else str(cache_dir)))
+        return self._get(self.actor.whole_call.remote("state_dict", None if cache_dir is None else str(cache_dir)))
 
     def load_state_dict(self, state: dict) -> None:
         self._finish()
-        self._get(self.actor.call.remote("load_state_dict", state))
+        self._get(self.actor.whole_call.remote("load_state_dict", state))
 
     def shutdown(self) -> None:
         import_ray().kill(self.actor)
