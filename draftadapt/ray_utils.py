@@ -23,12 +23,14 @@ class RayConfig:
     actor_cpus: float = 1.0  # Ray CPU resource each actor reserves (scheduling only; threads below)
     actor_gpus: float = 0.0  # Ray GPU resource each actor reserves (1 for a GPU engine)
     omp_threads: int = 1  # OMP_NUM_THREADS / torch threads inside each actor
+    start_timeout_s: float = 900.0  # an actor not up by then is reported (often: not enough free CPUs)
     restart_dead: bool = False  # a dead engine actor is restarted with the pool's latest policy and
     #   draft and the call retried; False = raise EngineDiedError and leave the choice to the caller
 
     def __post_init__(self) -> None:
-        if self.actor_cpus < 0 or self.actor_gpus < 0 or self.omp_threads < 1:
-            raise ValueError(f"RayConfig needs actor_cpus, actor_gpus >= 0 and omp_threads >= 1; got {self}")
+        if self.actor_cpus < 0 or self.actor_gpus < 0 or self.omp_threads < 1 or self.start_timeout_s <= 0:
+            raise ValueError(f"RayConfig needs actor_cpus, actor_gpus >= 0, omp_threads >= 1 and start_timeout_s > 0; "
+                             f"got {self}")
 
 
 def import_ray():
@@ -66,3 +68,14 @@ def is_actor_death(exc: BaseException) -> bool:
     """The actor process is gone (killed, crashed, its node lost), as opposed to a method raising."""
     ray = import_ray()
     return isinstance(exc, ray.exceptions.RayActorError)
+
+
+def wait_started(ref, what: str, cfg: RayConfig):
+    """ray.get of an actor's first call, with an error that says why it may never start."""
+    ray = import_ray()
+    try:
+        return ray.get(ref, timeout=cfg.start_timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise RuntimeError(f"{what} did not start within RayConfig.start_timeout_s={cfg.start_timeout_s}: each actor "
+                           f"reserves actor_cpus={cfg.actor_cpus}, actor_gpus={cfg.actor_gpus} and Ray has "
+                           f"{ray.available_resources()} free; lower RayConfig.actor_cpus or add resources") from exc

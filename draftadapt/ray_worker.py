@@ -29,7 +29,7 @@ from .adapter import CacheInfo, FeatureSpec, LocalDraftWorker, TrainResult
 from .cache import CacheConfig
 from .capture import RolloutBatch
 from .drafts.eagle3 import Eagle3Draft
-from .ray_utils import RayConfig, actor_options, import_ray, init_ray
+from .ray_utils import RayConfig, actor_options, import_ray, init_ray, wait_started
 from .trainer import TrainerConfig
 
 
@@ -82,6 +82,9 @@ class _DraftServer:
         with self.draft_lock:
             return copy.deepcopy(self.worker.draft)
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 _EMPTY = TrainResult(0, float("nan"), (), 0, float("nan"), 0.0)
 
@@ -106,6 +109,7 @@ class RayDraftWorker:
         self.actor = ray.remote(_DraftServer).options(max_concurrency=4, max_restarts=0, **actor_options(ray_cfg)).remote(
             draft, self._embed_weight(), trainer_config, cache_config, batch_tokens, seed, target_head,
             ray_cfg.omp_threads)
+        wait_started(self.actor.pid.remote(), "the draft-trainer actor", ray_cfg)
 
     def _embed_weight(self) -> torch.Tensor:
         return (self._embed.weight if isinstance(self._embed, nn.Module) else self._embed).detach().cpu()

@@ -131,28 +131,65 @@ def test_two_engine_actors_share_pushes_refits_counters_and_survive_a_dead_actor
         assert refit.verified and (pool.draft_version, pool.policy_version) == (1, 1)
         for e in pool.engines:
             assert _served(e, "draft") == (1, pushed.checksum) and _served(e, "policy") == (1, refit.checksum)
+        # 3) one GRPO step with the pool as engine and sink, the draft trained in an actor, unchanged loop parts
+        grpo_step(pool, toy_policy_dir, toy_draft_dir, version=2)
         before = pool.spec_counters()
-        # 3) a dead actor is named, with the way on; restart brings a replacement up to date
+        # 4) a dead actor is named, with the way on; restart brings a replacement up to date
         import ray
 
         ray.kill(e1.actor)
         with pytest.raises(EngineDiedError, match=r"engine actor 1 .*pool.restart\(1\)") as err:
             pool.generate(PROMPTS, **greedy)
-        assert "draft version 1 and policy version 1" in str(err.value)
+        assert "draft version 2 and policy version 2" in str(err.value)
+        served = [_served(pool.engines[0], kind) for kind in ("draft", "policy")]
         pool.restart(1)
         assert pool.engines[1].info["pid"] != e1.info["pid"]
-        assert _served(pool.engines[1], "draft") == (1, pushed.checksum)
-        assert _served(pool.engines[1], "policy") == (1, refit.checksum)
+        assert [_served(pool.engines[1], kind) for kind in ("draft", "policy")] == served
         after = pool.generate(PROMPTS, **greedy)
         assert [c[0].token_ids for c in after] == [c[0].token_ids for c in pool.engines[0].generate(PROMPTS, **greedy)]
         assert pool.spec_counters().drafts > before.drafts, "the summed counters went back after the restart"
-        # 4) with restart_dead, a push that meets a dead actor restarts it and completes
+        # 5) with restart_dead, a push that meets a dead actor restarts it and completes
         pool.ray_cfg = dataclasses.replace(pool.ray_cfg, restart_dead=True)
         ray.kill(pool.engines[0].actor)
-        again = pool.push_draft(_noisy(draft, 0.01, seed=3), 2)
-        assert again.verified and pool.restarts == 2 and (pool.draft_version, pool.policy_version) == (2, 1)
+        again = pool.push_draft(_noisy(draft, 0.01, seed=3), 3)
+        assert again.verified and pool.restarts == 2 and (pool.draft_version, pool.policy_version) == (3, 2)
         for e in pool.engines:
-            assert _served(e, "draft") == (2, again.checksum) and _served(e, "policy") == (1, refit.checksum)
+            assert _served(e, "draft") == (3, again.checksum) and _served(e, "policy") == served[1]
+
+
+def grpo_step(pool, policy_dir, draft_dir, version: int) -> None:
+    """Rollouts from the pool, the policy update with capture, refit, the adapter's push to both."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftadapt.adapter import AdapterConfig, DraftAdapter
+    from draftadapt.cache import CacheConfig
+    from draftadapt.checkpoint import load_eagle3
+    from draftadapt.grpo.loop import UpdateConfig, collect_rollouts, policy_update
+    from draftadapt.ray_utils import RayConfig
+    from draftadapt.ray_worker import RayDraftWorker
+    from draftadapt.toy.eval import encode_prompt
+    from draftadapt.toy.task import reward, sample_problem
+    from draftadapt.trainer import TrainerConfig
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    worker = RayDraftWorker(load_eagle3(draft_dir), policy.get_input_embeddings(), TrainerConfig(), CacheConfig(), 512,
+                            ray_cfg=RayConfig(actor_cpus=0.5))
+    adapter = DraftAdapter.with_worker(worker, AdapterConfig(train_steps=1, min_tokens=0, batch_tokens=512), sink=pool)
+    problems = [sample_problem(random.Random(i)) for i in range(4)]
+    r = collect_rollouts(pool, [encode_prompt(tok, p.prompt) for p in problems],
+                         lambda i, text: reward(problems[i], text), lambda ids: tok.decode(ids, skip_special_tokens=True),
+                         group_size=2, temperature=1.0, max_tokens=48, stop_token_ids=[tok.eos_token_id],
+                         policy_version=version - 1, seed=0)
+    assert len(r.completions) == 8 and all(len(lp) == len(c) for lp, c in zip(r.logprobs, r.completions))
+    policy_update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-4), r, tok.pad_token_id, UpdateConfig(), adapter)
+    assert pool.refit_policy(policy.state_dict(), version).verified
+    stats = adapter.on_step_end(version)
+    assert stats.pushed and stats.push_result.verified and stats.spec.drafts > 0, stats.push_reason
+    assert (pool.draft_version, pool.policy_version) == (version, version)
+    worker.shutdown()
 
 
 def _features(policy, adapter, version, seed):

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 
 from ..metrics import SpecCounters
-from ..ray_utils import RayConfig, actor_options, import_ray, init_ray, is_actor_death
+from ..ray_utils import RayConfig, actor_options, import_ray, init_ray, is_actor_death, wait_started
 from .swap import EngineSwapper, PushResult, read_safetensors_dir
 from .vllm import Completion, Engine, EngineConfig
 
@@ -98,6 +98,7 @@ class EngineActor:
     def __init__(self, index: int, cfg: EngineConfig, ray_cfg: RayConfig, shipper: _Shipper):
         ray = import_ray()
         self.index, self.name, self._shipper = index, f"draftadapt-engine-{index}-{os.urandom(3).hex()}", shipper
+        self._ray_cfg = ray_cfg
         opts = actor_options(ray_cfg, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if cfg.multiprocessing else "0"})
         self.actor = ray.remote(_EngineServer).options(name=self.name, max_restarts=0, **opts).remote(
             cfg, ray_cfg.omp_threads)
@@ -107,7 +108,7 @@ class EngineActor:
     def wait_ready(self) -> dict:
         """Block until the engine is up; returns its pid and start seconds."""
         if self.info is None:
-            self.info = self._get(self._ready, "start")
+            self.info = self._get(self._ready, "start", started=False)
         return self.info
 
     def generate_async(self, prompts: Sequence[Sequence[int]], **kw) -> _Pending:
@@ -140,10 +141,11 @@ class EngineActor:
             pass
         ray.kill(self.actor)
 
-    def _get(self, ref, what: str):
+    def _get(self, ref, what: str, started: bool = True):
         ray = import_ray()
         try:
-            return ray.get(ref)
+            return ray.get(ref) if started else wait_started(ref, f"engine actor {self.index} ({self.name})",
+                                                             self._ray_cfg)
         except ray.exceptions.RayActorError as exc:
             raise EngineDiedError(self.index, self.name, exc) from exc
 
@@ -201,7 +203,8 @@ class RayEnginePool:
         return out
 
     def spec_counters(self) -> SpecCounters:
-        """Cumulative spec-decode counters summed over the engines (replaced engines included)."""
+        """Cumulative spec-decode counters summed over the engines; a replaced engine counts with
+        its counters as last read, so the sum never goes back."""
         pending = [e.actor.spec_counters.remote() for e in self.engines]
         for i, ref in enumerate(pending):
             self._seen[i] = self._run(lambda: self.engines[i]._get(ref, "spec_counters"),
