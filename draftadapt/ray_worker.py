@@ -16,7 +16,6 @@ before `train`), with the policy's lm_head for teacher="final_hidden". It does n
 from __future__ import annotations
 
 import copy
-import math
 import os
 import threading
 import time
