@@ -105,7 +105,8 @@ class RayDraftWorker:
         self._sent_version: int | None = None  # policy version whose embedding the actor holds
         self._pending = None  # the train call in flight (asynchronous mode)
         self.exposed_seconds = 0.0  # driver time spent waiting in train() and state_for_push()
-        self.actor = ray.remote(_DraftServer).options(max_concurrency=4, max_restarts=0, **actor_options(ray_cfg)).remote(
+        server = ray.remote(_DraftServer).options(max_concurrency=4, max_restarts=0, **actor_options(ray_cfg))
+        self.actor = server.remote(
             draft, self._embed_weight(), trainer_config, cache_config, batch_tokens, seed, target_head,
             ray_cfg.omp_threads)
         wait_started(self.actor.pid.remote(), "the draft-trainer actor", ray_cfg)

@@ -179,7 +179,8 @@ def grpo_step(pool, policy_dir, draft_dir, version: int) -> None:
     adapter = DraftAdapter.with_worker(worker, AdapterConfig(train_steps=1, min_tokens=0, batch_tokens=512), sink=pool)
     problems = [sample_problem(random.Random(i)) for i in range(4)]
     r = collect_rollouts(pool, [encode_prompt(tok, p.prompt) for p in problems],
-                         lambda i, text: reward(problems[i], text), lambda ids: tok.decode(ids, skip_special_tokens=True),
+                         lambda i, text: reward(problems[i], text),
+                         lambda ids: tok.decode(ids, skip_special_tokens=True),
                          group_size=2, temperature=1.0, max_tokens=48, stop_token_ids=[tok.eos_token_id],
                          policy_version=version - 1, seed=0)
     assert len(r.completions) == 8 and all(len(lp) == len(c) for lp, c in zip(r.logprobs, r.completions))
@@ -216,7 +217,8 @@ def test_draft_trainer_actor_trains_like_the_local_worker_and_follows_the_policy
     from draftadapt.trainer import TrainerConfig
 
     policy = AutoModelForCausalLM.from_pretrained(toy_policy_dir, dtype=torch.float32).eval()
-    acfg, tcfg, ccfg = AdapterConfig(train_steps=2, min_tokens=0, batch_tokens=96), TrainerConfig(lr=1e-3), CacheConfig()
+    acfg = AdapterConfig(train_steps=2, min_tokens=0, batch_tokens=96)
+    tcfg, ccfg = TrainerConfig(lr=1e-3), CacheConfig()
     local = DraftAdapter(load_eagle3(toy_draft_dir), policy.get_input_embeddings(), acfg, tcfg, ccfg)
     worker = RayDraftWorker(load_eagle3(toy_draft_dir), policy.get_input_embeddings(), tcfg, ccfg, acfg.batch_tokens,
                             acfg.seed, ray_cfg=RayConfig(actor_cpus=0.5))

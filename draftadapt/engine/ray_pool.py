@@ -192,7 +192,8 @@ class RayEnginePool:
         for j in range(n):  # start every share before waiting on any
             lo, hi = bounds[j], bounds[j + 1]
             if hi > lo:
-                parts[j] = self.engines[j].generate_async(prompts[lo:hi], seed=None if seed is None else seed + lo, **kw)
+                parts[j] = self.engines[j].generate_async(prompts[lo:hi], seed=None if seed is None else seed + lo,
+                                                          **kw)
         out: list[list[Completion]] = []
         for j, part in enumerate(parts):
             if part is None:

@@ -131,10 +131,11 @@ class EngineSwapper:
 
     An engine is anything with `collective_rpc(method, args, kwargs) -> list`,
     `reset_prefix_cache() -> bool` and `spec_counters()`: `engine.vllm.Engine`, or a Ray actor
-    handle exposing the same (`engine.ray_pool.EngineActor`). Engines are pushed one after another,
-    except engines that also have `collective_rpc_async(...) -> .result()`, which all receive a
-    push at once; each push is atomic per engine. If engine i fails, engines before it already serve the new version: the error says
-    so, and pushing the same version again completes the lagging ones only.
+    handle exposing the same (`engine.ray_pool.EngineActor`). Engines are pushed one after
+    another, except engines that also have `collective_rpc_async(...) -> .result()`, which all
+    receive a push at once; each push is atomic per engine. If engine i fails, engines before it
+    already serve the new version: the error says so, and pushing the same version again
+    completes the lagging ones only.
     """
 
     def __init__(self, engines: Any | Sequence[Any]):
@@ -210,7 +211,8 @@ class EngineSwapper:
         #    all receive it at once and are then checked in order
         kw = dict(kind=kind, version=version, expected_checksum=digest, payload=payload, path=path)
         concurrent = all(hasattr(self.engines[i], "collective_rpc_async") for i in todo)
-        pending = {i: self.engines[i].collective_rpc_async("draftadapt_push", kwargs=kw) for i in todo} if concurrent else {}
+        pending = {i: self.engines[i].collective_rpc_async("draftadapt_push", kwargs=kw)
+                   for i in todo} if concurrent else {}
         engine_seconds, worker_phases = [], {}
         for i in todo:
             te = t2 if concurrent else time.perf_counter()
