@@ -141,9 +141,11 @@ class EngineSwapper:
 
     An engine is anything with `collective_rpc(method, args, kwargs) -> list`,
     `reset_prefix_cache() -> bool` and `spec_counters()`: `engine.vllm.Engine`, or a Ray actor
-    wrapper exposing the same. Engines are pushed one after another; each push is atomic per
-    engine. If engine i fails, engines before it already serve the new version: the error says
-    so, and pushing the same version again completes the lagging ones only.
+    handle exposing the same (`engine.ray_pool.EngineActor`). Engines are pushed one after
+    another, except engines that also have `collective_rpc_async(...) -> .result()`, which all
+    receive a push at once; each push is atomic per engine. If engine i fails, engines before it
+    already serve the new version: the error says so, and pushing the same version again
+    completes the lagging ones only.
     """
 
     def __init__(self, engines: Any | Sequence[Any]):
@@ -230,17 +232,23 @@ class EngineSwapper:
         # 2) serialize once (a checkpoint dir travels as its path)
         payload = None if path is not None else tensors_to_bytes(state)
         t2 = time.perf_counter()
-        # 3) apply + verify engine by engine
+        # 3) apply + verify engine by engine; engines that run RPCs in the background (Ray actors)
+        #    all receive it at once and are then checked in order
+        kw = dict(kind=kind, version=version, expected_checksum=digest, payload=payload, path=path)
+        concurrent = all(hasattr(self.engines[i], "collective_rpc_async") for i in todo)
+        pending = {i: self.engines[i].collective_rpc_async("draftadapt_push", kwargs=kw)
+                   for i in todo} if concurrent else {}
         engine_seconds, worker_phases = [], {}
         for i in todo:
-            te = time.perf_counter()
+            te = t2 if concurrent else time.perf_counter()
             try:
-                out = _one(self.engines[i].collective_rpc("draftadapt_push", kwargs=dict(
-                    kind=kind, version=version, expected_checksum=digest, payload=payload, path=path)))
+                out = _one(pending[i].result() if concurrent else self.engines[i].collective_rpc("draftadapt_push",
+                                                                                                 kwargs=kw))
             except Exception as exc:
                 done = [j for j in todo if j < i]
+                later = " (later engines may too)" if concurrent and i != todo[-1] else ""
                 raise RuntimeError(f"{kind} push of version {version} failed on engine {i} (engines {done} already "
-                                   f"serve it; push the same version again to finish): {exc}") from exc
+                                   f"serve it{later}; push the same version again to finish): {exc}") from exc
             if out["pushed"] and verify and out["checksum"] != digest:
                 raise RuntimeError(f"engine {i} reports checksum {out['checksum']} for {kind} version {version}, "
                                    f"the trainer's is {digest}")
