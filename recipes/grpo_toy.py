@@ -29,6 +29,7 @@ import torch
 # vLLM's INFO lines (throughput every few seconds, per-layer reload notes) drown the progress
 # bar; set VLLM_LOGGING_LEVEL=INFO to see them again.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes an auth token under the home directory
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -36,7 +37,7 @@ from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
 from draftadapt.cache import CacheConfig  # noqa: E402
 from draftadapt.checkpoint import load_eagle3, save_eagle3  # noqa: E402
 from draftadapt.config import apply_overrides, load_section  # noqa: E402
-from draftadapt.engine.swap import EngineSwapper  # noqa: E402
+from draftadapt.engine.ray_pool import make_engines  # noqa: E402
 from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig  # noqa: E402
 from draftadapt.grpo.async_loop import LAGS, Generated, RolloutSource  # noqa: E402
 from draftadapt.grpo.loop import UpdateConfig, collect_rollouts, policy_update  # noqa: E402
@@ -48,6 +49,8 @@ from draftadapt.toy.policy import toy_policy  # noqa: E402
 from draftadapt.toy.task import (STYLES, RewardConfig, TaskConfig, parse_answer, reward, sample_problem,  # noqa: E402
                                  style_of)
 from draftadapt.trainer import TrainerConfig  # noqa: E402
+from draftadapt.ray_utils import RayConfig  # noqa: E402
+from draftadapt.ray_worker import RayDraftWorker  # noqa: E402
 from draftadapt.workers import BackgroundDraftWorker  # noqa: E402
 
 
@@ -62,13 +65,16 @@ class RunConfig:
     threads: int = 1  # torch threads of the policy/draft updates (vLLM pins this process to 1 anyway)
     async_lag: int = 0  # 0 = sync; 1 = step t+1's rollouts are sampled (by version t) while step t trains
     draft_worker: str = "inline"  # "inline": the draft trains at the step boundary; "thread": in a
-    #   background thread, one step behind (the engines get at boundary v what inline pushes at v-1)
+    #   background thread, one step behind (the engines get at boundary v what inline pushes at v-1);
+    #   "ray": in a Ray actor (synchronous: the same pushes as inline)
+    engines: int = 1  # vLLM engines; more than one needs ray: true (one engine per process)
+    ray: bool = False  # engines as Ray actors (section `ray` sets their resources); else in-process
 
     def __post_init__(self) -> None:
         if self.async_lag not in LAGS:
             raise ValueError(f"run.async_lag={self.async_lag!r}; use one of {LAGS}")
-        if self.draft_worker not in ("inline", "thread"):
-            raise ValueError(f"run.draft_worker={self.draft_worker!r}; use 'inline' or 'thread'")
+        if self.draft_worker not in ("inline", "thread", "ray"):
+            raise ValueError(f"run.draft_worker={self.draft_worker!r}; use 'inline', 'thread' or 'ray'")
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class RecipeConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=5e-4, ttt_steps=3))
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(max_tokens=200_000))
+    ray: RayConfig = field(default_factory=lambda: RayConfig(actor_cpus=0.5))  # used when run.ray or draft_worker=ray
 
 
 def load_config(path: str | None, overrides: list[str]) -> RecipeConfig:
@@ -159,16 +166,19 @@ def main(argv=None) -> dict:
     # 2) one engine serving the policy with the EAGLE-3 draft; the swapper pushes into it
     k = cfg.rollout.num_speculative_tokens  # 0 = plain decoding (the no-spec baseline arm)
     spec = SpecConfig("eagle3", k, model=str(draft_dir)) if k > 0 else None
-    engine = Engine(EngineConfig(model=str(policy_dir), spec=spec, max_num_seqs=cfg.rollout.max_num_seqs,
-                                 max_model_len=512, seed=cfg.run.seed))
+    engine, swapper = make_engines(EngineConfig(model=str(policy_dir), spec=spec, max_num_seqs=cfg.rollout.max_num_seqs,
+                                                max_model_len=512, seed=cfg.run.seed), cfg.run.engines, cfg.run.ray, cfg.ray)
     torch.set_num_threads(cfg.run.threads)
-    swapper = EngineSwapper([engine])
     adapter = None
     if cfg.run.adapt and k > 0:
         adapter = DraftAdapter(load_eagle3(draft_dir), policy.get_input_embeddings(), cfg.adapter, cfg.trainer,
                                cfg.cache, sink=swapper)
         if cfg.run.draft_worker == "thread":  # the same worker, its training moved off the step
             adapter = DraftAdapter.with_worker(BackgroundDraftWorker(adapter.worker), cfg.adapter, sink=swapper)
+        elif cfg.run.draft_worker == "ray":  # the draft and its cache live in a Ray actor
+            worker = RayDraftWorker(load_eagle3(draft_dir), policy.get_input_embeddings(), cfg.trainer, cfg.cache,
+                                    cfg.adapter.batch_tokens, cfg.adapter.seed, ray_cfg=cfg.ray)
+            adapter = DraftAdapter.with_worker(worker, cfg.adapter, sink=swapper)
     held_out = eval_problems(cfg.run.eval_prompts, seed=4321, cfg=cfg.task)
     # 3) resume: restore policy/optimizer/draft, then refit and push them into the fresh engine
     start, logger, ready = 0, RunLogger(out), None
