@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .eagle3 import Eagle3MLP as MTPMLP  # the same SwiGLU block and names; reads hidden/intermediate size
 from .eagle3 import Projected, RMSNorm, SUPPORTED_ROPE_TYPES, apply_rope, attend, rope_inv_freq, target_rope_parameters
 
 ARCHITECTURES = ("MiMoForCausalLM",)  # target architectures whose MTP layers this module matches
@@ -100,17 +101,6 @@ class MTPAttention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=True)
         self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=True)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
-
-
-class MTPMLP(nn.Module):
-    def __init__(self, cfg: MTPConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MTPLayer(nn.Module):
