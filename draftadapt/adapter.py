@@ -30,18 +30,18 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from .cache import CacheConfig, HiddenStateCache, read_manifest
+from .cache import CacheConfig
 from .capture import TEACHERS, FeatureCapture, RolloutBatch
-from .checkpoint import draft_state_for_push
 from .drafts.eagle3 import Eagle3Draft
-from .drafts.mtp import MTPDraft, mtp_state_for_push
+from .drafts.mtp import MTPDraft
 from .metrics import SpecCounters
-from .trainer import DraftTrainer, TrainerConfig
+from .trainer import TrainerConfig
+from .workers import CacheInfo, DraftWorker, FeatureSpec, LocalDraftWorker, TrainResult  # noqa: F401 (re-exported)
 
 FORMAT = "draftadapt.adapter/1"
 REFERENCES = ("ema", "last_push")
@@ -80,123 +80,11 @@ class AdapterConfig:
                              " and top_k > 0 exactly when teacher='topk'")
 
 
-class FeatureSpec(NamedTuple):
-    """What capture must produce for this draft."""
-
-    aux_layer_ids: tuple[int, ...]  # HF hidden_states indices of the aux layers
-    draft_vocab_ids: torch.Tensor | None  # [Vd] int64 target id per draft id; None = full vocab
-    aux_width: int  # 3 * H_t (0 for a native MTP draft)
-    draft_vocab_size: int  # Vd
-    final_hidden: str | None = None  # "prenorm": also capture the state entering the final norm (MTP)
-
-
-class CacheInfo(NamedTuple):
-    tokens: int
-    bytes: int
-    sequences: int
-    newest_version: int | None  # newest policy_version among cached features (None = empty)
-    oldest_version: int | None
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    steps: int  # optimizer steps run
-    loss: float  # mean weighted TTT loss over those steps
-    step_acc: tuple[float, ...]  # [K] mean top-1 agreement with the teacher per TTT step
-    tokens: int  # positions scored at TTT step 1, summed over the steps
-    grad_norm: float  # mean pre-clip grad norm
-    seconds: float  # wall time of the whole train call
-
-
 class DraftSink(Protocol):
     """Where drafts go and counters come from: the engine swapper, or a fake in tests."""
 
     def push_draft(self, state: dict[str, torch.Tensor], version: int) -> Any: ...  # has .pushed, .skipped_reason
     def spec_counters(self) -> SpecCounters: ...  # cumulative, summed over engines
-
-
-class DraftWorker(Protocol):
-    """The train-work seam: everything that touches the draft, its optimizer or the cache."""
-
-    def feature_spec(self) -> FeatureSpec: ...
-    def add(self, batch: RolloutBatch) -> int: ...
-    def drop_stale(self, current_version: int, window: int) -> int: ...
-    def cache_info(self) -> CacheInfo: ...
-    def train(self, num_steps: int) -> TrainResult: ...
-    def state_for_push(self) -> dict[str, torch.Tensor]: ...
-    def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-def cache_info_of(cache: HiddenStateCache) -> CacheInfo:
-    versions = [v for v, _ in cache.state_dict()["entries"]]
-    return CacheInfo(cache.num_tokens, cache.num_bytes, len(versions), max(versions, default=None),
-                     min(versions, default=None))
-
-
-class LocalDraftWorker:
-    """The in-process DraftWorker: a HiddenStateCache and a DraftTrainer, run synchronously."""
-
-    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
-                 cache_config: CacheConfig, batch_tokens: int, seed: int = 0, target_head: nn.Module | None = None):
-        self.draft, self.cache_config, self.batch_tokens, self.target_head = draft, cache_config, batch_tokens, target_head
-        self.trainer = DraftTrainer(draft, embed, trainer_config)
-        self.cache = HiddenStateCache(cache_config)
-        self.generator = torch.Generator().manual_seed(seed)
-        self._target_ids = draft.target_ids().cpu()  # [Vd] int64
-
-    def feature_spec(self) -> FeatureSpec:
-        c = self.draft.config
-        return FeatureSpec(tuple(c.aux_layer_ids), None if c.full_vocab else self._target_ids,
-                           len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size,
-                           getattr(c, "final_hidden", None))
-
-    def add(self, batch: RolloutBatch) -> int:
-        return self.cache.add(batch)
-
-    def drop_stale(self, current_version: int, window: int) -> int:
-        return self.cache.drop_stale(current_version, window)
-
-    def cache_info(self) -> CacheInfo:
-        return cache_info_of(self.cache)
-
-    def train(self, num_steps: int) -> TrainResult:
-        start = time.perf_counter()
-        hist = [self.trainer.step(self.cache.sample(num_tokens=self.batch_tokens, generator=self.generator,
-                                                    draft_vocab_ids=self._target_ids, target_head=self.target_head))
-                for _ in range(num_steps)]
-        n = max(1, len(hist))
-        acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()
-        return TrainResult(len(hist), sum(s.loss for s in hist) / n, acc, sum(s.tokens for s in hist),
-                           sum(s.grad_norm for s in hist) / n, time.perf_counter() - start)
-
-    def state_for_push(self) -> dict[str, torch.Tensor]:
-        """The live weights vLLM's drafter owns (no copy): consume them before the next train()."""
-        if isinstance(self.draft, MTPDraft):
-            return mtp_state_for_push(self.draft)
-        return draft_state_for_push(self.draft)
-
-    def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
-        """Trainer (draft + optimizer), sampling generator, cache index; the cache's features are
-        written to `cache_dir` when given (safetensors shards), and are otherwise not saved."""
-        if cache_dir is not None:
-            cache_dir = str(self.cache.save(cache_dir).absolute())
-        return {"trainer": self.trainer.state_dict(), "generator": self.generator.get_state(),
-                "cache": self.cache.state_dict(), "cache_dir": cache_dir}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.trainer.load_state_dict(state["trainer"])
-        self.generator.set_state(state["generator"])
-        cache_dir = state["cache_dir"]
-        if cache_dir is None:
-            warnings.warn("the adapter state holds no features (state_dict(cache_dir=None) was used): the cache starts "
-                          "empty and refills from new rollouts; pass cache_dir= for an exact resume", stacklevel=3)
-            self.cache = HiddenStateCache(self.cache_config)
-            return
-        if read_manifest(cache_dir)["entries"] != state["cache"]["entries"]:
-            raise ValueError(f"the features in {cache_dir} are not the ones this state saved (a later save "
-                             "overwrote them); give every checkpoint its own cache_dir")
-        self.cache = HiddenStateCache.load(cache_dir, **asdict(self.cache_config))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 `FeatureCapture` puts forward hooks on an HF causal LM for the forward the RL loop runs anyway
 (with gradients on: the policy loss comes from it) and keeps detached copies of the aux hidden
 states, the final hidden state and a teacher built from the logits. `RolloutBatch` is the packed,
-validated result; `RolloutBatch.to_draft_batch` pads it into the trainer's `DraftBatch`.
+validated result (`draftadapt/batch.py`); `to_draft_batch` pads it into the trainer's `DraftBatch`.
 It does not train, cache or know about engines, and it never changes the policy's forward or its
 gradients: hooks only copy, and never ask for `output_hidden_states`.
 """
@@ -11,207 +11,16 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .batch import DraftBatch
+from .batch import MISSING_LOGPROB, TEACHERS, RolloutBatch, Teacher, teacher_from_logits  # noqa: F401  (re-exported)
 from .drafts.eagle3 import check_aux_layer_ids, default_aux_layer_ids
 
-TEACHERS = ("draft_vocab", "topk", "final_hidden")
-# Log-prob of a draft id a top-k teacher did not keep (and of padding): exp() is exactly 0 in
-# fp32, yet finite, so KL terms p * (log p - log q) give 0 and never 0 * inf = nan.
-MISSING_LOGPROB = -1e4
-_CHUNK_ELEMENTS = 1 << 26  # logits upcast to fp32 at most this many elements at a time (256 MiB)
 # (layer list, final norm) attribute names of the decoder bodies we know (Llama/Qwen, GPT-2, OPT).
 _STACKS = (("layers", "norm"), ("h", "ln_f"), ("layers", "final_layer_norm"))
-
-
-def _check(t, name: str, shape: tuple, dtype, fix: str) -> None:
-    """Raise ValueError naming `name` unless `t` has `shape` (None = any size) and `dtype`."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"RolloutBatch.{name} must be a tensor, got {type(t).__name__}; {fix}")
-    ok_shape = t.dim() == len(shape) and all(s is None or s == g for s, g in zip(shape, t.shape))
-    ok_dtype = t.is_floating_point() if dtype == "float" else t.dtype == dtype
-    if not (ok_shape and ok_dtype):
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + f"] {dtype}"
-        raise ValueError(f"RolloutBatch.{name} is {list(t.shape)} {t.dtype}, expected {want}; {fix}")
-
-
-class Teacher(NamedTuple):
-    """The target's next-token distribution in the form the draft trains on (M rows)."""
-
-    logprobs: torch.Tensor | None  # [M, Vd] fp32: full-vocab log-probs at the draft vocab ids
-    topk_ids: torch.Tensor | None  # [M, K] int64: target ids of the K most likely tokens
-    topk_logprobs: torch.Tensor | None  # [M, K] fp32: their full-vocab log-probs
-    top_in_draft: torch.Tensor  # [M] bool: the target's top token is in the draft vocab
-
-
-@torch.no_grad()
-def teacher_from_logits(logits: torch.Tensor, draft_vocab_ids: torch.Tensor | None = None,
-                        top_k: int = 0) -> Teacher:
-    """Teacher from logits [M, V]: log-probs at `draft_vocab_ids` (all V ids when None) or top-k.
-
-    Rows are upcast to fp32 in chunks, so memory stays bounded for large vocabularies.
-    """
-    v = logits.shape[-1]
-    ids = None if draft_vocab_ids is None else draft_vocab_ids.to(logits.device)
-    in_draft = torch.ones(v, dtype=torch.bool, device=logits.device)
-    if ids is not None:
-        in_draft = torch.zeros_like(in_draft).index_fill_(0, ids, True)
-    parts = []
-    for x in logits.detach().split(max(1, _CHUNK_ELEMENTS // v)):
-        x = x.float()
-        lse = x.logsumexp(-1, keepdim=True)
-        top_ok = in_draft[x.argmax(-1)]
-        if top_k:
-            val, idx = x.topk(top_k, dim=-1)  # sorted: column 0 is the top token
-            parts.append((None, idx, val - lse, top_ok))
-        else:
-            parts.append(((x if ids is None else x.index_select(-1, ids)) - lse, None, None, top_ok))
-    return Teacher(*(None if col[0] is None else torch.cat(col) for col in zip(*parts)))
-
-
-@dataclass
-class RolloutBatch:
-    """Target features of B sequences packed back to back (N tokens in all).
-
-    Position n describes the target after reading its sequence up to token n: the aux hidden
-    states there and a teacher for token n+1 (draft-vocab log-probs, top-k, or the final hidden
-    state for the frozen target head). `loss_mask[n]` is the EAGLE-3 training mask: token n+1 is
-    a completion token and the target's top token at n is in the draft vocab (for a final_hidden
-    teacher that check is applied by `to_draft_batch`, when the head gives the logits).
-    """
-
-    input_ids: torch.Tensor  # [N] int64: target token ids, sequences back to back
-    cu_seqlens: torch.Tensor  # [B+1] int64: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]
-    aux_hidden: torch.Tensor  # [N, 3*H_t] bf16/fp16/fp32: residual entering the 3 aux layers
-    loss_mask: torch.Tensor  # [N] bool: the teacher at n is a training target
-    policy_version: int = 0  # version of the policy that produced these features
-    teacher_logprobs: torch.Tensor | None = None  # [N, Vd] float: log p(draft id), not renormalised
-    teacher_topk_ids: torch.Tensor | None = None  # [N, K] int64: target ids of the top-k tokens
-    teacher_topk_logprobs: torch.Tensor | None = None  # [N, K] float: their full-vocab log-probs
-    final_hidden: torch.Tensor | None = None  # [N, H_t] float: last hidden state, post-norm (pre-norm when
-    #   captured with final_prenorm=True, what a native MTP draft reads); aux_hidden is [N, 0] without aux layers
-
-    def __post_init__(self) -> None:
-        _check(self.input_ids, "input_ids", (None,), torch.int64, "pack the sequences' ids into one [N] int64")
-        n, width = self.input_ids.shape[0], getattr(self.aux_hidden, "shape", (0, 0))[-1]
-        k = getattr(self.teacher_topk_ids, "shape", (0, None))[-1]
-        rules = (("cu_seqlens", (None,), torch.int64, "pass [0, len_0, len_0+len_1, ..., N] as int64"),
-                 ("aux_hidden", (n, None), "float", "concatenate the 3 aux states of each token"),
-                 ("loss_mask", (n,), torch.bool, "pass one bool per token"),
-                 ("teacher_logprobs", (n, None), "float", "one row of draft-vocab log-probs per token"),
-                 ("teacher_topk_ids", (n, None), torch.int64, "one row of K target ids per token"),
-                 ("teacher_topk_logprobs", (n, k), "float", "one log-prob per top-k id"),
-                 ("final_hidden", (n, width // 3 or None), "float", "capture the last hidden state"))
-        for i, (name, shape, dtype, fix) in enumerate(rules):
-            if i < 3 or getattr(self, name) is not None:
-                _check(getattr(self, name), name, shape, dtype, fix)
-        cu = self.cu_seqlens
-        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu.diff() <= 0).any()):
-            raise ValueError(f"RolloutBatch.cu_seqlens must rise strictly from 0 to N={n}, got {cu.tolist()[:8]}"
-                             "...; drop empty sequences and recompute it")
-        if width % 3:
-            raise ValueError(f"RolloutBatch.aux_hidden width {width} is not 3*H_t; capture exactly three aux layers")
-        if (self.teacher_topk_ids is None) != (self.teacher_topk_logprobs is None):
-            raise ValueError("RolloutBatch.teacher_topk_ids and teacher_topk_logprobs come together; pass both")
-        if self.teacher_logprobs is None and self.teacher_topk_ids is None and self.final_hidden is None:
-            raise ValueError("RolloutBatch has no teacher; pass teacher_logprobs, teacher_topk_* or final_hidden")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def seq_lens(self) -> torch.Tensor:  # [B] int64
-        return self.cu_seqlens.diff()
-
-    def _tensors(self) -> dict:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k != "cu_seqlens"}
-
-    def sequences(self) -> list["RolloutBatch"]:
-        """One RolloutBatch per sequence (views into this batch's tensors)."""
-        cu = self.cu_seqlens.tolist()
-        return [RolloutBatch(**{k: v[a:b] for k, v in self._tensors().items()},
-                             cu_seqlens=torch.tensor([0, b - a], device=self.input_ids.device),
-                             policy_version=self.policy_version)
-                for a, b in zip(cu[:-1], cu[1:])]
-
-    @classmethod
-    def concat(cls, batches: list["RolloutBatch"]) -> "RolloutBatch":
-        """Pack batches back to back; the result carries the OLDEST policy_version among them."""
-        if not batches:
-            raise ValueError("RolloutBatch.concat needs at least one batch")
-        keys = set(batches[0]._tensors())
-        if any(set(b._tensors()) != keys for b in batches):
-            raise ValueError("RolloutBatch.concat: batches carry different teacher fields; capture them alike")
-        lens = torch.cat([b.seq_lens.cpu() for b in batches])
-        return cls(**{k: torch.cat([getattr(b, k) for b in batches]) for k in keys},
-                   cu_seqlens=torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(batches[0].input_ids.device),
-                   policy_version=min(b.policy_version for b in batches))
-
-    def draft_teacher(self, draft_vocab_ids: torch.Tensor | None = None,
-                      target_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher [N, Vd] fp32 log-probs over the draft vocab, top_in_draft [N] bool).
-
-        Uses teacher_logprobs as stored; maps a top-k teacher through `draft_vocab_ids` (ids it
-        did not keep get MISSING_LOGPROB); recomputes from final_hidden with `target_head`.
-        """
-        n = self.num_tokens
-        if self.teacher_logprobs is not None:
-            return self.teacher_logprobs.float(), torch.ones(n, dtype=torch.bool, device=self.loss_mask.device)
-        if self.teacher_topk_ids is not None:
-            if draft_vocab_ids is None:
-                raise ValueError("a top-k teacher needs draft_vocab_ids (target id of each draft id; "
-                                 "torch.arange(V) for the full vocab)")
-            ids = draft_vocab_ids.to(self.teacher_topk_ids.device)
-            size = int(max(ids.max(), self.teacher_topk_ids.max())) + 1
-            t2d = torch.full((size,), -1, dtype=torch.long, device=ids.device)  # target id -> draft id or -1
-            t2d[ids] = torch.arange(ids.numel(), device=ids.device)
-            d = t2d[self.teacher_topk_ids]  # [N, K] draft id or -1
-            keep = d >= 0
-            rows = torch.arange(n, device=d.device)[:, None].expand_as(d)
-            out = torch.full((n, ids.numel()), MISSING_LOGPROB, device=d.device)
-            out[rows[keep], d[keep]] = self.teacher_topk_logprobs.float()[keep]
-            return out, keep[:, 0]
-        if target_head is None:
-            raise ValueError("a final_hidden teacher needs target_head (the frozen target lm_head)")
-        w = next(target_head.parameters(), None)  # [V, H_t] for a Linear head
-        rows = max(1, _CHUNK_ELEMENTS // w.shape[0]) if w is not None and w.dim() == 2 else 1024
-        parts = []
-        with torch.no_grad():
-            for h in self.final_hidden.split(rows):
-                logits = target_head(h if w is None else h.to(w.dtype))
-                parts.append(teacher_from_logits(logits, draft_vocab_ids))
-        return torch.cat([p.logprobs for p in parts]), torch.cat([p.top_in_draft for p in parts])
-
-    def pad(self, x: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
-        """[N, ...] packed -> [B, T, ...] right-padded with `fill`."""
-        lens = self.seq_lens
-        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
-        pos = torch.arange(self.num_tokens, device=lens.device) - self.cu_seqlens[seq]
-        out = x.new_full((lens.numel(), int(lens.max()), *x.shape[1:]), fill)
-        out[seq.to(x.device), pos.to(x.device)] = x
-        return out
-
-    def to_draft_batch(self, draft_vocab_ids: torch.Tensor | None = None, target_head: nn.Module | None = None,
-                       dtype: torch.dtype = torch.float32) -> DraftBatch:
-        """Pad into the trainer's DraftBatch; floating fields cast to `dtype`."""
-        teacher, top_ok = self.draft_teacher(draft_vocab_ids, target_head)
-        fh = self.final_hidden
-        return DraftBatch(
-            input_ids=self.pad(self.input_ids, 0),
-            aux_hidden=self.pad(self.aux_hidden.to(dtype), 0.0),
-            teacher_logprobs=self.pad(teacher.to(dtype), MISSING_LOGPROB),
-            loss_mask=self.pad(self.loss_mask & top_ok.to(self.loss_mask.device), False),
-            valid=self.pad(torch.ones_like(self.loss_mask), False),
-            final_hidden=None if fh is None else self.pad(fh.to(dtype), 0.0),
-            policy_version=self.policy_version,
-        )
 
 
 def resolve_aux_layer_ids(aux_layer_ids, num_layers: int) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import CacheInfo, FeatureSpec, LocalDraftWorker, TrainResult
+from .workers import CacheInfo, FeatureSpec, LocalDraftWorker, TrainResult
 from .cache import CacheConfig
 from .capture import RolloutBatch
 from .drafts.eagle3 import Eagle3Draft

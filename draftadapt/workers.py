@@ -1,6 +1,9 @@
-"""`BackgroundDraftWorker`: the DraftWorker whose draft training runs in a thread, off the step.
+"""The train-work seam of `DraftAdapter`: the `DraftWorker` protocol and two workers.
 
-It wraps a `LocalDraftWorker` and pipelines its training one step behind the caller:
+`LocalDraftWorker` runs the cache and the trainer in this process, synchronously.
+`BackgroundDraftWorker` trains in a thread, off the step (a Ray actor, `ray_worker.py`, is a third).
+
+`BackgroundDraftWorker` wraps a `LocalDraftWorker` and pipelines its training one step behind the caller:
 
     boundary v:  train(n)        wait for the run started at v-1 (it had a whole step), snapshot the
                                  weights it left, start the run of v in the thread, return at once
@@ -21,14 +24,134 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-from .adapter import CacheInfo, FeatureSpec, LocalDraftWorker, TrainResult, cache_info_of
-from .capture import RolloutBatch
+from .batch import RolloutBatch
+from .cache import CacheConfig, HiddenStateCache, read_manifest
+from .checkpoint import draft_state_for_push
+from .drafts.eagle3 import Eagle3Draft
+from .drafts.mtp import MTPDraft, mtp_state_for_push
+from .trainer import DraftTrainer, TrainerConfig
+
+
+class FeatureSpec(NamedTuple):
+    """What capture must produce for this draft."""
+
+    aux_layer_ids: tuple[int, ...]  # HF hidden_states indices of the aux layers
+    draft_vocab_ids: torch.Tensor | None  # [Vd] int64 target id per draft id; None = full vocab
+    aux_width: int  # 3 * H_t (0 for a native MTP draft)
+    draft_vocab_size: int  # Vd
+    final_hidden: str | None = None  # "prenorm": also capture the state entering the final norm (MTP)
+
+
+class CacheInfo(NamedTuple):
+    tokens: int
+    bytes: int
+    sequences: int
+    newest_version: int | None  # newest policy_version among cached features (None = empty)
+    oldest_version: int | None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int  # optimizer steps run
+    loss: float  # mean weighted TTT loss over those steps
+    step_acc: tuple[float, ...]  # [K] mean top-1 agreement with the teacher per TTT step
+    tokens: int  # positions scored at TTT step 1, summed over the steps
+    grad_norm: float  # mean pre-clip grad norm
+    seconds: float  # wall time of the whole train call
+
+
+class DraftWorker(Protocol):
+    """The train-work seam: everything that touches the draft, its optimizer or the cache."""
+
+    def feature_spec(self) -> FeatureSpec: ...
+    def add(self, batch: RolloutBatch) -> int: ...
+    def drop_stale(self, current_version: int, window: int) -> int: ...
+    def cache_info(self) -> CacheInfo: ...
+    def train(self, num_steps: int) -> TrainResult: ...
+    def state_for_push(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def cache_info_of(cache: HiddenStateCache) -> CacheInfo:
+    versions = [v for v, _ in cache.state_dict()["entries"]]
+    return CacheInfo(cache.num_tokens, cache.num_bytes, len(versions), max(versions, default=None),
+                     min(versions, default=None))
+
+
+class LocalDraftWorker:
+    """The in-process DraftWorker: a HiddenStateCache and a DraftTrainer, run synchronously."""
+
+    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
+                 cache_config: CacheConfig, batch_tokens: int, seed: int = 0, target_head: nn.Module | None = None):
+        self.draft, self.cache_config, self.batch_tokens, self.target_head = draft, cache_config, batch_tokens, target_head
+        self.trainer = DraftTrainer(draft, embed, trainer_config)
+        self.cache = HiddenStateCache(cache_config)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._target_ids = draft.target_ids().cpu()  # [Vd] int64
+
+    def feature_spec(self) -> FeatureSpec:
+        c = self.draft.config
+        return FeatureSpec(tuple(c.aux_layer_ids), None if c.full_vocab else self._target_ids,
+                           len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size,
+                           getattr(c, "final_hidden", None))
+
+    def add(self, batch: RolloutBatch) -> int:
+        return self.cache.add(batch)
+
+    def drop_stale(self, current_version: int, window: int) -> int:
+        return self.cache.drop_stale(current_version, window)
+
+    def cache_info(self) -> CacheInfo:
+        return cache_info_of(self.cache)
+
+    def train(self, num_steps: int) -> TrainResult:
+        start = time.perf_counter()
+        hist = [self.trainer.step(self.cache.sample(num_tokens=self.batch_tokens, generator=self.generator,
+                                                    draft_vocab_ids=self._target_ids, target_head=self.target_head))
+                for _ in range(num_steps)]
+        n = max(1, len(hist))
+        acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()
+        return TrainResult(len(hist), sum(s.loss for s in hist) / n, acc, sum(s.tokens for s in hist),
+                           sum(s.grad_norm for s in hist) / n, time.perf_counter() - start)
+
+    def state_for_push(self) -> dict[str, torch.Tensor]:
+        """The live weights vLLM's drafter owns (no copy): consume them before the next train()."""
+        if isinstance(self.draft, MTPDraft):
+            return mtp_state_for_push(self.draft)
+        return draft_state_for_push(self.draft)
+
+    def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
+        """Trainer (draft + optimizer), sampling generator, cache index; the cache's features are
+        written to `cache_dir` when given (safetensors shards), and are otherwise not saved."""
+        if cache_dir is not None:
+            cache_dir = str(self.cache.save(cache_dir).absolute())
+        return {"trainer": self.trainer.state_dict(), "generator": self.generator.get_state(),
+                "cache": self.cache.state_dict(), "cache_dir": cache_dir}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.generator.set_state(state["generator"])
+        cache_dir = state["cache_dir"]
+        if cache_dir is None:
+            warnings.warn("the adapter state holds no features (state_dict(cache_dir=None) was used): the cache starts "
+                          "empty and refills from new rollouts; pass cache_dir= for an exact resume", stacklevel=3)
+            self.cache = HiddenStateCache(self.cache_config)
+            return
+        if read_manifest(cache_dir)["entries"] != state["cache"]["entries"]:
+            raise ValueError(f"the features in {cache_dir} are not the ones this state saved (a later save "
+                             "overwrote them); give every checkpoint its own cache_dir")
+        self.cache = HiddenStateCache.load(cache_dir, **asdict(self.cache_config))
+
 
 FORMAT = "draftadapt.background_worker/1"
 NOTHING_YET = TrainResult(steps=0, loss=math.nan, step_acc=(), tokens=0, grad_norm=math.nan, seconds=0.0)
