@@ -187,3 +187,20 @@ def _completion(out, c) -> Completion:
     if c.logprobs is not None:
         lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs)]
     return Completion(list(out.prompt_token_ids), list(c.token_ids), lps, c.finish_reason, c.text)
+
+
+class ExternalLLM:
+    """A `vllm.LLM` someone else started (e.g. TRL's colocated engine) seen as an engine by
+    `EngineSwapper`: public LLM calls only. It needs our worker extension for pushes."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
+        return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})
+
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.llm.reset_prefix_cache())
+
+    def spec_counters(self) -> SpecCounters:
+        return SpecCounters.from_vllm_metrics(self.llm.get_metrics())

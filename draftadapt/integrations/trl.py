@@ -43,7 +43,7 @@ from transformers import TrainerCallback
 from ..adapter import AdapterStats, DraftAdapter
 from ..capture import MISSING_LOGPROB, RolloutBatch, teacher_from_logits
 from ..engine.swap import EngineSwapper
-from ..metrics import SpecCounters
+from ..engine.vllm import ExternalLLM
 
 WORKER_EXTENSION = "draftadapt.engine.swap_worker.DraftSwapExtension"
 
@@ -108,20 +108,7 @@ def _checkpoint_dtype(model: str) -> str:
     return "auto" if found is None else str(found).removeprefix("torch.")
 
 
-class TRLEngine:
-    """TRL's `vllm.LLM` seen as an engine by `EngineSwapper` (public LLM calls only)."""
-
-    def __init__(self, llm):
-        self.llm = llm
-
-    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
-        return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})
-
-    def reset_prefix_cache(self) -> bool:
-        return bool(self.llm.reset_prefix_cache())
-
-    def spec_counters(self) -> SpecCounters:
-        return SpecCounters.from_vllm_metrics(self.llm.get_metrics())
+TRLEngine = ExternalLLM  # TRL's `vllm.LLM` seen as an engine by `EngineSwapper`
 
 
 # 2) capture around the loss forward -----------------------------------------------------------
