@@ -73,6 +73,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.async_lag not in LAGS:
             raise ValueError(f"run.async_lag={self.async_lag!r}; use one of {LAGS}")
+        if self.engines < 1 or (self.engines > 1 and not self.ray):
+            raise ValueError(f"run.engines={self.engines}: use 1, or more with run.ray=true (one vLLM engine per "
+                             "process, so several engines run as Ray actors)")
         if self.draft_worker not in ("inline", "thread", "ray"):
             raise ValueError(f"run.draft_worker={self.draft_worker!r}; use 'inline', 'thread' or 'ray'")
 

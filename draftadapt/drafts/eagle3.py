@@ -150,6 +150,14 @@ class Projected(NamedTuple):
     residual: torch.Tensor  # [B, T, H]
 
 
+def project_qkv(attn: nn.Module, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, head_dim: int,
+            residual: torch.Tensor) -> Projected:
+    """q/k/v of `attn` (q_proj, k_proj, v_proj) on x [B, T, In], RoPE on q and k at positions [B, T]."""
+    b, t = x.shape[0], x.shape[1]
+    q, k, v = (proj(x).view(b, t, -1, head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return Projected(apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v, residual)
+
+
 class Eagle3Attention(nn.Module):
     def __init__(self, cfg: Eagle3Config) -> None:
         super().__init__()
@@ -195,11 +203,7 @@ class Eagle3Layer(nn.Module):
         normed = self.hidden_norm(hidden)
         residual = normed if self.cfg.norm_before_residual else hidden
         x = torch.cat([self.input_layernorm(tok_embeds), normed], dim=-1)  # [B, T, 2H]
-        b, t, d = x.shape[0], x.shape[1], self.cfg.head_dim
-        q = self.self_attn.q_proj(x).view(b, t, -1, d).transpose(1, 2)
-        k = self.self_attn.k_proj(x).view(b, t, -1, d).transpose(1, 2)
-        v = self.self_attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
-        return Projected(apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v, residual)
+        return project_qkv(self.self_attn, x, positions, self.inv_freq, self.cfg.head_dim, residual)
 
     def finish(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """attn_out: [B, T, Hq*D]; residual: [B, T, H] -> pre-norm output [B, T, H] (the state

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .eagle3 import Eagle3MLP as MTPMLP  # the same SwiGLU block and names; reads hidden/intermediate size
-from .eagle3 import Projected, RMSNorm, SUPPORTED_ROPE_TYPES, apply_rope, attend, rope_inv_freq, target_rope_parameters
+from .eagle3 import (SUPPORTED_ROPE_TYPES, Projected, RMSNorm, attend, project_qkv, rope_inv_freq,
+                     target_rope_parameters)
 
 ARCHITECTURES = ("MiMoForCausalLM",)  # target architectures whose MTP layers this module matches
 
@@ -127,11 +128,7 @@ class MTPLayer(nn.Module):
         tok_embeds = torch.where(positions[..., None] == 0, torch.zeros_like(tok_embeds), tok_embeds)  # as vLLM
         x = self.input_proj(torch.cat([self.hidden_layernorm(hidden), self.token_layernorm(tok_embeds)], dim=-1))
         normed = self.input_layernorm(x)
-        b, t, d = x.shape[0], x.shape[1], self.cfg.head_dim
-        q = self.self_attn.q_proj(normed).view(b, t, -1, d).transpose(1, 2)
-        k = self.self_attn.k_proj(normed).view(b, t, -1, d).transpose(1, 2)
-        v = self.self_attn.v_proj(normed).view(b, t, -1, d).transpose(1, 2)
-        return Projected(apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq), v, x)
+        return project_qkv(self.self_attn, normed, positions, self.inv_freq, self.cfg.head_dim, residual=x)
 
     def finish(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """attn_out: [B, T, Hq*D]; residual: [B, T, H] -> output [B, T, H] (post final_layernorm:
