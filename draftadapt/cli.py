@@ -80,7 +80,9 @@ def train_draft(args) -> None:
 
     seqs, masks = _read_sequences(args.data)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    cfg = TrainerConfig(lr=args.lr, ttt_steps=args.ttt_steps, warmup_steps=min(30, args.steps // 10))
+    warm = min(30, args.steps // 10)
+    cfg = TrainerConfig(lr=args.lr, ttt_steps=args.ttt_steps, warmup_steps=warm, lr_schedule=args.lr_schedule,
+                        lr_decay_steps=0 if args.lr_schedule == "constant" else max(1, args.steps - warm))
     aux = tuple(int(x) for x in args.aux_layer_ids.split(",")) if args.aux_layer_ids else None
     t0 = time.perf_counter()
     train_offline(target, seqs, args.steps, draft_vocab_size=args.draft_vocab_size, aux_layer_ids=aux, config=cfg,
@@ -140,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--draft-vocab-size", type=int, default=None, help="most frequent tokens kept (default: full)")
     t.add_argument("--ttt-steps", type=int, default=3, help="training-time-test unroll K")
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default="constant",
+                   help="after the warm-up: constant, or decay to lr/10 by the last step")
     t.add_argument("--aux-layer-ids", default=None, help="comma-separated HF hidden_states indices (default 2,L/2,L-3)")
     t.set_defaults(fn=train_draft)
     p = sub.add_parser("preinit", help="offline draft pre-init: data -> regeneration -> features -> TTT -> export")

@@ -3,12 +3,15 @@
 `extract_features` is the reference feature path (aux states = HF `hidden_states[i]` for the aux
 ids, teacher = the target's full-vocab log-probs gathered at the draft vocab); the online capture
 hooks must agree with it. `train_offline` chains vocab -> draft -> features -> trainer -> export
-for pre-initialising a draft; recipes with datasets and shards build on it.
+for pre-initialising a draft; `train_from_own_samples` first samples the training sequences from a
+running engine (the policy's own completions). Recipes with datasets and shards build on them.
+It does not start engines: callers pass one.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -16,7 +19,7 @@ from .batch import DraftBatch
 from .checkpoint import save_eagle3
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.vocab import build_draft_vocab
-from .trainer import DraftTrainer, TrainerConfig
+from .trainer import DraftTrainer, TrainerConfig, TrainStats
 
 
 @torch.no_grad()
@@ -62,9 +65,55 @@ def train_offline(target, sequences: Sequence[Sequence[int]], steps: int, draft:
 
     1) draft vocab: the `draft_vocab_size` most frequent tokens of `sequences` (None = full)
     2) draft: from the target config, lm_head initialised from the target head's rows
-    3) features: one no-grad target forward per batch, kept in memory
-    4) `steps` TTT updates cycling over the batches; 5) export to out_dir when given.
+    3) features: one no-grad target forward per batch, kept in memory (O(N T n_aux H) floats:
+       for large sets use the sharded pre-init, `draftadapt.preinit`)
+    4) `steps` TTT updates cycling over the batches (lr schedule: `config`); 5) export to out_dir when given.
     """
+    return _train(target, sequences, steps, draft, draft_vocab_size, aux_layer_ids, config, loss_masks, batch_size,
+                  out_dir, progress)[0]
+
+
+class OfflineResult(NamedTuple):
+    draft: Eagle3Draft  # trained, in eval mode
+    history: list[TrainStats]  # one entry per optimizer step (loss, per-step accuracy, lr)
+    sequences: list[list[int]]  # prompt + sampled completion, the training data
+    completion_tokens: int  # tokens the engine sampled
+
+
+def train_from_own_samples(engine, target, prompts: Sequence[Sequence[int]], steps: int, *, n: int = 2,
+                           max_tokens: int = 128, temperature: float = 1.0, stop_token_ids: Sequence[int] | None = None,
+                           seed: int | None = 0, draft_vocab_size: int | None = None,
+                           aux_layer_ids: Sequence[int] | None = None, config: TrainerConfig = TrainerConfig(),
+                           batch_size: int = 8, out_dir: str | os.PathLike | None = None,
+                           progress: bool = True) -> OfflineResult:
+    """A first EAGLE-3 draft for a policy, in one call: sample `n` completions per prompt from
+    `engine` (anything with `Engine.generate`'s signature, serving the policy), then `train_offline`
+    on prompt + completion with the loss on completion positions only, and export to out_dir.
+
+    The draft learns what the policy itself writes (its temperature-1 samples), which is what it
+    must predict in RL rollouts. `target` is the same policy as a transformers model (features).
+    Shut an in-process engine down before starting one that serves the exported draft."""
+    # 1) the policy's own samples
+    outs = engine.generate(prompts, n=n, temperature=temperature, max_tokens=max_tokens, logprobs=False, seed=seed,
+                           stop_token_ids=stop_token_ids)
+    seqs, masks, tokens = [], [], 0
+    for prompt, group in zip(prompts, outs):
+        for c in group:
+            seqs.append([*prompt, *c.token_ids])
+            masks.append([i + 1 >= len(prompt) for i in range(len(seqs[-1]))])  # next token is a completion token
+            tokens += len(c.token_ids)
+    seqs_masks = [(s, m) for s, m in zip(seqs, masks) if len(s) >= 2]
+    if not seqs_masks:
+        raise ValueError("the engine returned no completion to train on; raise max_tokens or check stop_token_ids")
+    seqs, masks = map(list, zip(*seqs_masks))
+    # 2) features + TTT + export
+    draft, history = _train(target, seqs, steps, None, draft_vocab_size, aux_layer_ids, config, masks, batch_size,
+                            out_dir, progress)
+    return OfflineResult(draft, history, seqs, tokens)
+
+
+def _train(target, sequences, steps, draft, draft_vocab_size, aux_layer_ids, config, loss_masks, batch_size, out_dir,
+           progress) -> tuple[Eagle3Draft, list[TrainStats]]:
     tc = target.config.get_text_config()
     if draft is None:
         vocab = None
@@ -76,8 +125,8 @@ def train_offline(target, sequences: Sequence[Sequence[int]], steps: int, draft:
     batches = list(extract_features(target, sequences, draft.config.aux_layer_ids, draft.target_ids(),
                                     loss_masks=loss_masks, batch_size=batch_size))
     trainer = DraftTrainer(draft, target.get_input_embeddings(), config)
-    trainer.fit(batches, steps, progress=progress)
+    history = trainer.fit(batches, steps, progress=progress)
     draft.eval()
     if out_dir is not None:
         save_eagle3(draft, out_dir, tc)
-    return draft
+    return draft, history

@@ -6,6 +6,7 @@ does not fetch features, schedule itself or push weights; callers (the adapter, 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -18,6 +19,9 @@ from .drafts.mtp import MTPDraft
 from .ttt import ttt_loss
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     lr: float = 3e-4  # peak AdamW learning rate
@@ -28,10 +32,20 @@ class TrainerConfig:
     ttt_steps: int = 3  # K: draft steps unrolled per position (match the engine's k)
     decay: float = 0.8  # weight of step k is decay^(k-1)
     warmup_steps: int = 0  # linear lr warm-up from lr/warmup_steps to lr
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" / "linear" decay to lr * lr_min_ratio
+    lr_decay_steps: int = 0  # steps of the decay after warm-up (then lr stays at lr * lr_min_ratio); > 0 to decay
+    lr_min_ratio: float = 0.1  # final lr of a decaying schedule, as a fraction of lr
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError(f"TrainerConfig needs lr > 0 and weight_decay, grad_clip, warmup_steps >= 0; got {self}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainerConfig.lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.lr_schedule != "constant" and self.lr_decay_steps < 1:
+            raise ValueError(f"TrainerConfig.lr_schedule={self.lr_schedule!r} needs lr_decay_steps >= 1 (the steps "
+                             "over which lr decays, e.g. RL steps x AdapterConfig.train_steps)")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(f"TrainerConfig.lr_min_ratio={self.lr_min_ratio!r}; use a value in [0, 1]")
         if self.ttt_steps < 1 or not 0 < self.decay <= 1:
             raise ValueError(f"TrainerConfig needs ttt_steps >= 1 and 0 < decay <= 1; got {self}")
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -67,9 +81,16 @@ class DraftTrainer:
         self.steps_done = 0
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of the optimizer step with 0-based index `step`."""
-        warm = self.config.warmup_steps
-        return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
+        """Learning rate of the optimizer step with 0-based index `step`: linear warm-up over
+        `warmup_steps`, then constant or a cosine / linear decay to lr * lr_min_ratio."""
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        done = min(1.0, (step - cfg.warmup_steps) / cfg.lr_decay_steps)  # 0 at the peak, 1 at the end
+        left = 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1 - done
+        return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * left)
 
     def step(self, batch: DraftBatch) -> TrainStats:
         device = next(self.draft.parameters()).device
@@ -115,7 +136,8 @@ class DraftTrainer:
                 "steps_done": self.steps_done, "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != asdict(self.config):
+        saved = {**asdict(TrainerConfig()), **state["config"]}  # a field added later: its default then
+        if saved != asdict(self.config):
             raise ValueError(f"trainer state was saved with config {state['config']},"
                              f" this trainer has {asdict(self.config)}")
         self.draft.load_state_dict(state["draft"])
