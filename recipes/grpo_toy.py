@@ -201,8 +201,9 @@ def main(argv=None) -> dict:
 
     def generate(batch_step: int, version: int) -> Generated:  # async: runs in a thread, the engine is its own
         c0 = swapper.spec_counters()
+        per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size  # seeds one step's samples use
         r = rollouts(engine, tok, step_problems(cfg, batch_step), cfg, version=version,
-                     seed=cfg.run.seed * 7919 + batch_step)
+                     seed=(cfg.run.seed * 7919 + batch_step) * per_step)
         return Generated(r, swapper.spec_counters() - c0)
 
     source = RolloutSource(generate, cfg.run.async_lag, cfg.run.steps, ready)

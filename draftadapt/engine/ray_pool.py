@@ -24,7 +24,7 @@ import torch
 from ..metrics import SpecCounters
 from ..ray_utils import RayConfig, actor_options, import_ray, init_ray, is_actor_death, wait_started
 from .swap import EngineSwapper, PushResult, read_safetensors_dir
-from .vllm import Completion, Engine, EngineConfig
+from .vllm import Completion, Engine, EngineConfig, request_seed
 
 
 class EngineDiedError(RuntimeError):
@@ -184,23 +184,22 @@ class RayEnginePool:
     # 1) serving --------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None, **kw) -> list[list[Completion]]:
         """`Engine.generate` over the pool: contiguous shares of the prompts, one per engine, all at
-        once; prompt i still gets seed + i. A dead engine's share is re-run on its replacement
-        when RayConfig.restart_dead is set."""
-        n = len(self.engines)
+        once; prompt i still gets `request_seed(seed, i, n)` (seed + i*n), as in one engine. A dead
+        engine's share is re-run on its replacement when RayConfig.restart_dead is set."""
+        n, samples = len(self.engines), kw.get("n", 1)
         bounds = [len(prompts) * j // n for j in range(n + 1)]
         parts: list[Any] = [None] * n
         for j in range(n):  # start every share before waiting on any
             lo, hi = bounds[j], bounds[j + 1]
             if hi > lo:
-                parts[j] = self.engines[j].generate_async(prompts[lo:hi], seed=None if seed is None else seed + lo,
-                                                          **kw)
+                parts[j] = self.engines[j].generate_async(prompts[lo:hi], seed=request_seed(seed, lo, samples), **kw)
         out: list[list[Completion]] = []
         for j, part in enumerate(parts):
             if part is None:
                 continue
             lo, hi = bounds[j], bounds[j + 1]
             out += self._run(part.result, lambda: self.engines[j].generate(
-                prompts[lo:hi], seed=None if seed is None else seed + lo, **kw))
+                prompts[lo:hi], seed=request_seed(seed, lo, samples), **kw))
         return out
 
     def spec_counters(self) -> SpecCounters:

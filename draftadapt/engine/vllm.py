@@ -108,16 +108,20 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 64, logprobs: bool = True,
                  seed: int | None = None, stop_token_ids: Sequence[int] | None = None) -> list[list[Completion]]:
-        """Sample `n` completions per prompt (token ids in, token ids out); one list per prompt."""
+        """Sample `n` completions per prompt (token ids in, token ids out); one list per prompt.
+
+        seed: request i gets `request_seed(seed, i, n)` = seed + i*n and vLLM gives its sample j
+        seed + i*n + j, so every sample of the call has its own random stream: the call uses the
+        seeds seed .. seed + len(prompts)*n - 1. Give another call that must be independent a
+        seed outside that range (e.g. step * len(prompts) * n)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
-        # One seed for every request would correlate their samples: request i gets seed + i.
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0 if logprobs else None,
-                                 seed=None if seed is None else seed + i,
+                                 seed=request_seed(seed, i, n),
                                  stop_token_ids=list(stop_token_ids or []))
                   for i in range(len(prompts))]
         reqs = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
@@ -154,6 +158,13 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def request_seed(seed: int | None, i: int, n: int) -> int | None:
+    """Seed of request i in a call sampling n completions per prompt. vLLM seeds sample j of a
+    request with (its seed) + j, so seed + i would give request i+1 the streams of request i
+    shifted by one (the same prompt twice: n-1 of n samples identical); seed + i*n never overlaps."""
+    return None if seed is None else seed + i * n
 
 
 def _set_env(cfg: EngineConfig) -> None:

@@ -293,8 +293,9 @@ class _Context:
 
     def _regen_chunk(self, eng, i: int, chunk: list[Sample]) -> int:
         rc = self.cfg.regen
+        seed = self.cfg.run.seed + i * rc.chunk_prompts * rc.samples_per_prompt  # chunks never share a stream
         outs = eng.generate([s.prompt_ids for s in chunk], n=rc.samples_per_prompt, temperature=rc.temperature,
-                            max_tokens=rc.max_tokens, logprobs=False, seed=self.cfg.run.seed + i * rc.chunk_prompts,
+                            max_tokens=rc.max_tokens, logprobs=False, seed=seed,
                             stop_token_ids=[self.tok.eos_token_id] if self.tok.eos_token_id is not None else None)
         rows = [{"index": s.index, "prompt_ids": s.prompt_ids, "completion_ids": c.token_ids,
                  "finish_reason": c.finish_reason} for s, group in zip(chunk, outs) for c in group]
