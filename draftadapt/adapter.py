@@ -30,6 +30,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -78,6 +79,19 @@ class AdapterConfig:
         if self.teacher not in TEACHERS or (self.teacher == "topk") != (self.top_k > 0):
             raise ValueError(f"AdapterConfig.teacher={self.teacher!r} with top_k={self.top_k}; use one of {TEACHERS}"
                              " and top_k > 0 exactly when teacher='topk'")
+
+
+def check_embedding(draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor) -> None:
+    """The policy's input embedding fits the draft: [vocab_size, hidden_size] of the draft's config
+    (the draft reads it for every input token; a mismatch would fail or mis-train later)."""
+    weight = embed.weight if isinstance(embed, nn.Module) else embed
+    want = (draft.config.vocab_size, draft.config.hidden_size)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != want:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(embed).__name__
+        raise ValueError(f"DraftAdapter: the embedding has shape {got}, the draft expects (vocab_size, hidden_size) = "
+                         f"{want}; pass the policy's own policy.get_input_embeddings() and a draft built from the "
+                         "policy's config (Eagle3Draft.from_target(policy.config)), or load the draft that was "
+                         "trained for this policy")
 
 
 class DraftSink(Protocol):
@@ -145,6 +159,7 @@ class DraftAdapter:
                              "AdapterConfig.staleness_window and leave CacheConfig.staleness_window None")
         if config.teacher == "final_hidden" and target_head is None:
             raise ValueError("AdapterConfig.teacher='final_hidden' needs target_head=<the policy's lm_head>")
+        check_embedding(draft, embed)
         worker = LocalDraftWorker(draft, embed, trainer_config, cache_config, config.batch_tokens, config.seed,
                                   target_head)
         self._setup(worker, config, sink)
@@ -313,7 +328,29 @@ class DraftAdapter:
             d = self.config.ema_decay
             self.acceptance_ema = al if self.acceptance_ema is None else d * self.acceptance_ema + (1 - d) * al
 
-    # 3) resume --------------------------------------------------------------------------------
+    # 3) export ---------------------------------------------------------------------------------
+    @property
+    def draft(self) -> Eagle3Draft | MTPDraft:
+        """The adapted draft (a background worker's once its run in flight finished; a Ray
+        worker's as a copy). Train on with the adapter, not on this object."""
+        return self.worker.draft
+
+    def export(self, out_dir: str | os.PathLike, target_config=None, layout: str = "vllm") -> Path:
+        """Write the adapted EAGLE-3 draft as a checkpoint vLLM serves (`layout="vllm"`, what
+        `load_eagle3` and `SpecConfig("eagle3", k, model=out_dir)` read) or in the `speculators`
+        layout; atomic. target_config: the policy's config, checked against the draft when given."""
+        from .checkpoint import save_eagle3, save_speculators
+
+        draft = self.draft
+        if isinstance(draft, MTPDraft):
+            raise ValueError("export: a native MTP draft is part of the policy checkpoint; write "
+                             "drafts.mtp.mtp_state_for_push(adapter.draft) into the policy's state dict instead")
+        if layout not in ("vllm", "speculators"):
+            raise ValueError(f"export: layout={layout!r}; choose 'vllm' or 'speculators'")
+        save = save_eagle3 if layout == "vllm" else save_speculators
+        return save(draft, out_dir, target_config)
+
+    # 4) resume --------------------------------------------------------------------------------
     _COUNTERS = ("last_version", "newest_rollout_version", "last_push_version", "last_pushed_version",
                  "trained_since_push", "acceptance_ema", "acceptance_after_push", "dropped_rollouts")
 

@@ -52,12 +52,34 @@ def eagle3_hf_config(draft: Eagle3Draft) -> dict[str, Any]:
 
 
 def check_against_target(cfg: Eagle3Config, target_config) -> None:
-    """The draft fits the target: same vocab, same hidden size, aux ids inside its layers."""
+    """The draft fits the target: same vocab, same hidden size, aux ids inside its layers. The
+    error names both sides' sizes and the fix."""
     tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-    for ours, theirs in (("vocab_size", "vocab_size"), ("target_hidden_size", "hidden_size")):
-        if getattr(cfg, ours) != getattr(tc, theirs):
-            raise ValueError(f"draft {ours}={getattr(cfg, ours)} but the target has {theirs}={getattr(tc, theirs)}")
-    check_aux_layer_ids(cfg.aux_layer_ids, tc.num_hidden_layers)
+    draft = (cfg.vocab_size, cfg.target_hidden_size)
+    target = (tc.vocab_size, tc.hidden_size)
+    if draft != target:
+        raise ValueError(f"the draft was built for another target: draft (vocab_size, target_hidden_size) = {draft}, "
+                         f"the target's (vocab_size, hidden_size) = {target}; build the draft from this target's config "
+                         "(Eagle3Draft.from_target(AutoConfig.from_pretrained(target_dir))) and train it, or serve it "
+                         "with the target it was trained for")
+    try:
+        check_aux_layer_ids(cfg.aux_layer_ids, tc.num_hidden_layers)
+    except ValueError as exc:
+        raise ValueError(f"the draft does not fit the target: {exc}; build the draft with aux_layer_ids inside the "
+                         "target's layers (Eagle3Draft.from_target(target_config, aux_layer_ids=...))") from exc
+
+
+def read_eagle3_config(path: str | os.PathLike, target_config=None) -> Eagle3Config:
+    """The Eagle3Config of a checkpoint dir (ours, SpecForge/EAGLE or speculators), weights unread;
+    checked against target_config when given (which also supplies default aux ids, as in vLLM)."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise ValueError(f"{path} has no {CONFIG}; expected an EAGLE-3 checkpoint directory")
+    raw = json.loads((path / CONFIG).read_text())
+    cfg = _parse_speculators_config(raw, target_config) if _is_speculators(raw) else _parse_config(raw, target_config)
+    if target_config is not None:
+        check_against_target(cfg, target_config)
+    return cfg
 
 
 def save_eagle3(draft: Eagle3Draft, out_dir: str | os.PathLike, target_config=None) -> Path:
@@ -167,13 +189,8 @@ def load_eagle3(path: str | os.PathLike, target_embed=None, target_config=None) 
     mis-shaped tensor.
     """
     path = Path(path)
-    if not (path / CONFIG).is_file():
-        raise ValueError(f"{path} has no {CONFIG}; expected an EAGLE-3 checkpoint directory")
-    raw = json.loads((path / CONFIG).read_text())
-    speculators = "speculators_model_type" in raw or "speculators_config" in raw
-    cfg = _parse_speculators_config(raw, target_config) if speculators else _parse_config(raw, target_config)
-    if target_config is not None:
-        check_against_target(cfg, target_config)
+    cfg = read_eagle3_config(path, target_config)
+    speculators = _is_speculators(json.loads((path / CONFIG).read_text()))
     if target_embed is not None:
         weight = getattr(target_embed, "weight", target_embed)
         if tuple(weight.shape) != (cfg.vocab_size, cfg.hidden_size):
@@ -186,6 +203,10 @@ def load_eagle3(path: str | os.PathLike, target_embed=None, target_config=None) 
     draft = Eagle3Draft(cfg)
     _load_into(draft, tensors, path)
     return draft
+
+
+def _is_speculators(raw: dict[str, Any]) -> bool:
+    return "speculators_model_type" in raw or "speculators_config" in raw
 
 
 def _parse_config(raw: dict[str, Any], target_config) -> Eagle3Config:

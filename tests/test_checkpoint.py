@@ -161,9 +161,9 @@ def test_wrong_target_is_refused(tmp_path):
     out = save_eagle3(draft, tmp_path / "d", cfg)
     with pytest.raises(ValueError, match=r"target embedding has shape \(300, 32\)"):
         load_eagle3(out, target_embed=torch.nn.Embedding(V, 32))
-    with pytest.raises(ValueError, match="target_hidden_size=64 but the target has hidden_size=128"):
+    with pytest.raises(ValueError, match=r"draft \(vocab_size, target_hidden_size\) = \(300, 64\), the target's \(vocab_size, hidden_size\) = \(300, 128\)"):
         load_eagle3(out, target_config=tiny_config("qwen3", layers=8, hidden=128, vocab=V))
-    with pytest.raises(ValueError, match="vocab_size=300 but the target has vocab_size=400"):
+    with pytest.raises(ValueError, match=r"= \(300, 64\), the target's \(vocab_size, hidden_size\) = \(400, 64\)"):
         save_eagle3(draft, tmp_path / "e", tiny_config("qwen3", layers=8, hidden=H, vocab=400))
     with pytest.raises(ValueError, match=r"0\.\.4 for a 5-layer target"):  # aux id 5 does not exist
         save_eagle3(draft, tmp_path / "f", tiny_config("qwen3", layers=5, hidden=H, vocab=V))

