@@ -11,7 +11,8 @@ Inputs at later steps are the ground-truth tokens. Gradients reach only the draf
 embedding is read detached.
 
 Sizes that matter (T tokens in the batch, H hidden, Hq query heads, Vd draft vocab, K steps):
-- `unroll_hidden`: memory O(K T H + B Hq c T) with c = ATTN_CHUNK_ELEMENTS / (B Hq T), i.e. O(T);
+- `unroll_hidden`: memory O(K T H + B Hq c T) with c = ATTN_CHUNK_ELEMENTS / (B Hq T), i.e. O(T)
+  (`drafts/attention.py`; 2^24 score elements per chunk on CPU, 2^26 on CUDA);
   time O(K T^2 Hq D / 2) attention + O(K T H^2) layer.
 - `ttt_loss`: head, log-softmax, KL/TV and their gradient over chunks of n = LOSS_CHUNK_ELEMENTS / Vd
   positions, recomputed in backward (checkpoint): memory O(n Vd + K T H), never K x [T, Vd].
@@ -31,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .batch import DraftBatch
-from .drafts.attention import ATTN_CHUNK_ELEMENTS, causal_attend, layout, ttt_attend
+from .drafts.attention import causal_attend, layout, ttt_attend
 from .drafts.eagle3 import Eagle3Draft, attend
 from .drafts.mtp import MTPDraft
 
@@ -68,7 +69,7 @@ def _check_steps(steps: int) -> None:
 
 
 def unroll_hidden(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int,
-                  chunk_elements: int = ATTN_CHUNK_ELEMENTS) -> list[torch.Tensor]:
+                  chunk_elements: int | None = None) -> list[torch.Tensor]:
     """The draft layer's output for steps 1..K at every base position: K tensors [B, T, H]
     (EAGLE-3: pre-norm state; MTP: post final_layernorm), what `draft.logits` reads.
 

@@ -272,3 +272,17 @@ def test_tv_loss_is_half_the_l1_distance_between_renormalised_teacher_and_draft(
     torch.testing.assert_close(mix.step_loss, kl.step_loss + 0.3 * tv.step_loss)
     with pytest.raises(ValueError, match="loss"):
         ttt_loss(draft, b, embed, loss="js")
+
+
+@pytest.mark.parametrize("arch", ["eagle3", "mtp"])
+def test_bf16_autocast_loss_tracks_fp32_and_its_gradients_reach_fp32_weights(setup, arch):
+    draft, embed = setup if arch == "eagle3" else mtp_setup()
+    b = layout_batch("packed", draft.config.draft_vocab_size)
+    fp32 = ttt_loss(draft, b, embed, steps=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = ttt_loss(draft, b, embed, steps=3)
+    bf16.loss.backward()
+    assert float(bf16.loss.detach()) != float(fp32.loss.detach()), "autocast must change the arithmetic"
+    torch.testing.assert_close(bf16.step_loss, fp32.step_loss, atol=0.05, rtol=0.02)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in draft.parameters() if p.requires_grad)

@@ -26,8 +26,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-# Elements of one query chunk's score tensor [B, Hq, c, keys]: 2^24 fp32 = 64 MiB (a few copies alive).
+# Elements of one query chunk's score tensor [B, Hq, c, keys]: 2^24 fp32 = 64 MiB on CPU (a few copies
+# alive); 4x that on CUDA, where per-chunk launch overhead, not memory, is what a small chunk costs.
 ATTN_CHUNK_ELEMENTS = 1 << 24
+ATTN_CHUNK_ELEMENTS_CUDA = 1 << 26
+
+
+def chunk_budget(device: torch.device, chunk_elements: int | None) -> int:
+    if chunk_elements is not None:
+        return chunk_elements
+    return ATTN_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else ATTN_CHUNK_ELEMENTS
 
 
 class Layout(NamedTuple):
@@ -80,7 +88,7 @@ def _sdpa_ok(q: torch.Tensor) -> bool:
 
 
 def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout,
-                  chunk_elements: int = ATTN_CHUNK_ELEMENTS) -> torch.Tensor:
+                  chunk_elements: int | None = None) -> torch.Tensor:
     """Step-1 attention: each query over the keys of its own sequence up to itself.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]. Returns [B, T, Hq*D] (zeros at padding when rows
@@ -134,17 +142,18 @@ def _chunk(qc: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, segment: torch.
 
 
 def ttt_attend(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, extra_k: list[torch.Tensor],
-               extra_v: list[torch.Tensor], lay: Layout, chunk_elements: int = ATTN_CHUNK_ELEMENTS) -> torch.Tensor:
+               extra_v: list[torch.Tensor], lay: Layout, chunk_elements: int | None = None) -> torch.Tensor:
     """Draft step k = len(extra_k) + 1: causal step-1 keys of the query's sequence plus the
     diagonal keys of steps 2..k at the same base.
 
     q: [B, Hq, T, D]; k1, v1: [B, Hkv, T, D] step-1 keys/values; extra_k, extra_v: k-1 tensors
     [B, Hkv, T, D] (steps 2..k). Returns [B, T, Hq*D]; a padding query (segment -1) sees its
-    own key only. Memory O(B Hq c T + K T H), c = chunk_elements // (B Hq T).
+    own key only. Memory O(B Hq c T + K T H), c = chunk_elements // (B Hq T) (chunk_elements
+    None = ATTN_CHUNK_ELEMENTS, or ATTN_CHUNK_ELEMENTS_CUDA on CUDA).
     """
     b, heads, t, d = q.shape
     groups = heads // k1.shape[1]
-    c = max(1, min(t, chunk_elements // max(1, b * heads * t)))
+    c = max(1, min(t, chunk_budget(q.device, chunk_elements) // max(1, b * heads * t)))
     qg = rearrange(q, "b (h g) t d -> b h g t d", g=groups)
     ek = torch.stack(extra_k) if extra_k else None  # [J, B, h, T, D]
     ev = torch.stack(extra_v) if extra_v else None
