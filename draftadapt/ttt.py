@@ -15,7 +15,8 @@ Sizes that matter (T tokens in the batch, H hidden, Hq query heads, Vd draft voc
   (`drafts/attention.py`; 2^24 score elements per chunk on CPU, 2^26 on CUDA);
   time O(K T^2 Hq D / 2) attention + O(K T H^2) layer.
 - `ttt_loss`: head, log-softmax, KL/TV and their gradient over chunks of n = LOSS_CHUNK_ELEMENTS / Vd
-  positions, recomputed in backward (checkpoint): memory O(n Vd + K T H), never K x [T, Vd].
+  positions, the gradient computed with the logits (`head_loss.py`): memory O(n Vd + K T H + Vd H),
+  never K x [T, Vd].
 - `unroll_dense` (the former implementation, kept as the test oracle): O(K T^2) masks and scores.
 
 The native MTP draft (`drafts/mtp.py`) runs the same way in vLLM (its layer 0 at every step, its
@@ -24,20 +25,17 @@ hidden state instead of fused aux states.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .batch import DraftBatch
 from .drafts.attention import causal_attend, layout, ttt_attend
 from .drafts.eagle3 import Eagle3Draft, attend
 from .drafts.mtp import MTPDraft
-
-LOSSES = ("kl", "tv", "kl+tv")
-LOSS_CHUNK_ELEMENTS = 1 << 23  # positions x Vd per loss chunk: 32 MiB per fp32 [n, Vd] tensor
+from .head_loss import LOSS_CHUNK_ELEMENTS, LOSSES, head_loss
 
 
 class TTTResult(NamedTuple):
@@ -131,30 +129,6 @@ def unroll_dense(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Emb
     return logits
 
 
-def _head(draft: Eagle3Draft | MTPDraft, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """h [n, H] -> logits [n, Vd]. MTP's shared full-vocab head is cast/moved once, not per chunk."""
-    if isinstance(draft, MTPDraft):
-        dtype = torch.get_autocast_dtype(like.device.type) if torch.is_autocast_enabled(like.device.type) else like.dtype
-        w = draft.head_weight().to(device=like.device, dtype=dtype)  # [V, H]
-        return lambda h: F.linear(h.to(w.dtype), w)
-    return draft.logits
-
-
-def _chunk_loss(head, h: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, loss: str,
-                tv_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Objective summed over n positions, and [kl_sum, tv_sum, hits] (no grad).
-
-    h: [n, H] draft states; teacher: [B, T, Vd] (indexed here, so no copy outlives the chunk)."""
-    logq = head(h).float().log_softmax(-1)  # [n, Vd]
-    logp = teacher[rows, cols].float().log_softmax(-1)  # [n, Vd] renormalised over the draft vocab
-    p = logp.exp()
-    kl = -(p * logq).sum(-1) - torch.special.entr(p).sum(-1)  # [n]
-    tv = 0.5 * (p - logq.exp()).abs().sum(-1)  # [n]
-    obj = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
-    hits = (logq.argmax(-1) == logp.argmax(-1)).float().sum()
-    return obj.sum(), torch.stack([kl.sum(), tv.sum(), hits]).detach()
-
-
 def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
              decay: float = 0.8, loss: str = "kl", tv_weight: float = 1.0,
              chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> TTTResult:
@@ -164,31 +138,32 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
     minus the expected acceptance of a single draft token); "kl+tv" = kl + tv_weight * tv.
     Step k at base i is scored against teacher_logprobs[i+k] where loss_mask[i+k] and both i and
     i+k are real positions. K=1 is plain single-step training. Memory: module docstring (chunks
-    of chunk_elements // Vd positions, logits recomputed in backward).
+    of chunk_elements // Vd positions; `head_loss`).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
-    losses, stats, counts = [], [], []
     scored = batch.loss_mask & batch.valid
     hidden = unroll_hidden(draft, batch, embed, steps)
-    head = _head(draft, hidden[0])
-    n_rows = max(1, chunk_elements // batch.teacher_logprobs.shape[-1])
+    xs, rows, cols, step, row_weight, counts = [], [], [], [], [], []
     for k, h in enumerate(hidden, start=1):
         sel = shift(scored, k) & batch.valid  # [B, T]: base i counts if i and i+k do
-        rows, cols = sel.nonzero(as_tuple=True)
-        n = rows.numel()
-        total, stat = h.sum().float() * 0.0, h.new_zeros(3, dtype=torch.float32)  # stays in the graph if n == 0
-        for hc, rc, cc in zip(h[sel].split(n_rows), rows.split(n_rows), (cols + k).split(n_rows)):
-            args = (head, hc, batch.teacher_logprobs, rc, cc, loss, tv_weight)
-            if torch.is_grad_enabled():
-                part, st = checkpoint(_chunk_loss, *args, use_reentrant=False, preserve_rng_state=False)
-            else:
-                part, st = _chunk_loss(*args)
-            total, stat = total + part, stat + st
-        losses.append(total / max(n, 1))
-        stats.append(stat / max(n, 1))
+        r, c = sel.nonzero(as_tuple=True)
+        n = r.numel()
+        xs.append(h[sel])  # [n, H]
+        rows.append(r)
+        cols.append(c + k)  # step k at base i is scored against the teacher at i+k
+        step.append(torch.full_like(r, k - 1))
+        row_weight.append(torch.full(r.shape, decay ** (k - 1) / max(n, 1), device=r.device))
         counts.append(n)
-    stats_k = torch.stack(stats)  # [K, 3]: kl, tv, acc
-    weighted = sum(decay ** (k - 1) * step for k, step in enumerate(losses, start=1))
-    return TTTResult(loss=weighted, step_loss=torch.stack(losses).detach(), step_acc=stats_k[:, 2],
-                     step_tokens=torch.tensor(counts), step_kl=stats_k[:, 0], step_tv=stats_k[:, 1])
+    x = torch.cat(xs)  # [N, H]: every scored position of every step
+    if isinstance(draft, MTPDraft):  # the policy's shared head, frozen; the layer output is already normed
+        weight = draft.head_weight()
+    else:
+        x, weight = draft.norm(x), draft.lm_head.weight
+    total, sums = head_loss(x, weight, batch.teacher_logprobs, torch.cat(rows), torch.cat(cols), torch.cat(step),
+                            torch.cat(row_weight), steps, loss, tv_weight, chunk_elements)
+    per = sums / torch.tensor(counts, device=sums.device).clamp(min=1)[:, None]  # [K, 3]: kl, tv, acc means
+    kl, tv = per[:, 0], per[:, 1]
+    step_loss = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
+    return TTTResult(loss=total, step_loss=step_loss, step_acc=per[:, 2], step_tokens=torch.tensor(counts),
+                     step_kl=kl, step_tv=tv)
