@@ -38,6 +38,8 @@ class DraftBatch:
     final_hidden: torch.Tensor | None = None  # [B, T, H_t] float: target last hidden state
     #   (post-norm), for native MTP heads; None when not captured
     policy_version: int = 0  # version of the policy that produced these features
+    positions: torch.Tensor | None = None  # [B, T] int64: true RoPE positions (windows of long
+    #   sequences; several sequences packed in a row restart theirs); None = 0, 1, ... per row
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
@@ -50,6 +52,8 @@ class DraftBatch:
                 f"DraftBatch.final_hidden has leading shape {tuple(self.final_hidden.shape[:2])},"
                 f" input_ids has {(b, t)}"
             )
+        if self.positions is not None and tuple(self.positions.shape) != (b, t):
+            raise ValueError(f"DraftBatch.positions has shape {tuple(self.positions.shape)}, input_ids has {(b, t)}")
 
     @property
     def num_tokens(self) -> int:

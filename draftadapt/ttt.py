@@ -5,9 +5,19 @@ vLLM's proposer runs step 1 over every context position (KV cache filled from th
 states), then steps 2..K for the last position only, feeding the layer's own pre-norm output
 back as the hidden state, one position further each step. At step k a query from base position i
 therefore sees the step-1 keys at 0..i of its sequence plus the keys of steps 2..k from the same
-base. `unroll` runs that for every base i at once with a block-diagonal mask over concatenated
-per-step keys (O(K T^2) memory: fine for T <= 512). Inputs at later steps are the ground-truth
-tokens. Gradients reach only the draft: the target embedding is read detached.
+base. `unroll_hidden` runs that for every base i at once: step 1 through SDPA's causal kernel,
+steps 2..K as chunked causal scores merged with the per-query diagonal keys (`drafts/attention.py`).
+Inputs at later steps are the ground-truth tokens. Gradients reach only the draft: the target
+embedding is read detached.
+
+Sizes that matter (T tokens in the batch, H hidden, Hq query heads, Vd draft vocab, K steps):
+- `unroll_hidden`: memory O(K T H + B Hq c T) with c = ATTN_CHUNK_ELEMENTS / (B Hq T), i.e. O(T)
+  (`drafts/attention.py`; 2^24 score elements per chunk on CPU, 2^26 on CUDA);
+  time O(K T^2 Hq D / 2) attention + O(K T H^2) layer.
+- `ttt_loss`: head, log-softmax, KL/TV and their gradient over chunks of n = LOSS_CHUNK_ELEMENTS / Vd
+  positions, the gradient computed with the logits (`head_loss.py`): memory O(n Vd + K T H + Vd H),
+  never K x [T, Vd].
+- `unroll_dense` (the former implementation, kept as the test oracle): O(K T^2) masks and scores.
 
 The native MTP draft (`drafts/mtp.py`) runs the same way in vLLM (its layer 0 at every step, its
 own output fed back), so the same unroll trains it: step 1 reads the target's pre-norm last
@@ -22,15 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import DraftBatch
+from .drafts.attention import causal_attend, layout, ttt_attend
 from .drafts.eagle3 import Eagle3Draft, attend
 from .drafts.mtp import MTPDraft
+from .head_loss import LOSS_CHUNK_ELEMENTS, LOSSES, head_loss
 
 
 class TTTResult(NamedTuple):
     loss: torch.Tensor  # []: sum_k decay^(k-1) * step_loss[k], differentiable
-    step_loss: torch.Tensor  # [K] float: mean KL(teacher || draft) over the draft vocab, per step
+    step_loss: torch.Tensor  # [K] float: mean training objective (kl, tv or kl + w*tv) per step
     step_acc: torch.Tensor  # [K] float: draft top-1 == teacher top-1, per step
     step_tokens: torch.Tensor  # [K] int64: positions scored at each step
+    step_kl: torch.Tensor | None = None  # [K] float: mean KL(teacher || draft) over the draft vocab
+    step_tv: torch.Tensor | None = None  # [K] float: mean total variation 0.5 * sum |p - q|
 
 
 def shift(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,24 +52,75 @@ def shift(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([x[:, k:], x.new_zeros((x.shape[0], min(k, x.shape[1]), *x.shape[2:]))], dim=1)
 
 
-def unroll(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """Draft logits for steps 1..K at every base position: K tensors [B, T, Vd].
+def _embed_weight(embed: nn.Embedding | torch.Tensor) -> torch.Tensor:
+    return (embed.weight if isinstance(embed, nn.Module) else embed).detach()  # [V, H] frozen
 
-    Step k at base i reads token input_ids[i+k] at RoPE position i+k-1 and predicts token i+k+1.
-    """
+
+def _tokens(weight: torch.Tensor, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Embedding rows of ids [B, T], gathered where the embedding lives, moved to `like`."""
+    return F.embedding(ids.to(weight.device), weight).to(device=like.device, dtype=like.dtype)
+
+
+def _check_steps(steps: int) -> None:
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    weight = (embed.weight if isinstance(embed, nn.Module) else embed).detach()  # [V, H] frozen
+
+
+def unroll_hidden(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int,
+                  chunk_elements: int | None = None) -> list[torch.Tensor]:
+    """The draft layer's output for steps 1..K at every base position: K tensors [B, T, H]
+    (EAGLE-3: pre-norm state; MTP: post final_layernorm), what `draft.logits` reads.
+
+    Step k at base i reads token input_ids[i+k] at RoPE position pos[i]+k-1 and predicts token
+    i+k+1; pos = batch.positions, or 0, 1, ... over each row's valid tokens. Memory O(K T H) plus
+    one attention chunk (module docstring); no T x T tensor.
+    """
+    _check_steps(steps)
+    weight = _embed_weight(embed)
+    lay = layout(batch.valid, batch.positions)
+    hidden = draft.fuse(batch.final_hidden if isinstance(draft, MTPDraft) else batch.aux_hidden)  # [B, T, H]
+    keys, values, out = [], [], []
+    for k in range(1, steps + 1):
+        tok = _tokens(weight, shift(batch.input_ids, k), hidden)  # [B, T, H]
+        q, key, value, residual = draft.midlayer.project(tok, hidden, lay.positions + (k - 1))
+        keys.append(key)
+        values.append(value)
+        if k == 1:
+            att = causal_attend(q, key, value, lay, chunk_elements)
+        else:
+            att = ttt_attend(q, keys[0], values[0], keys[1:], values[1:], lay, chunk_elements)
+        hidden = draft.midlayer.finish(att, residual)
+        out.append(hidden)
+    return out
+
+
+def unroll(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor,
+           steps: int) -> list[torch.Tensor]:
+    """Draft logits for steps 1..K at every base position: K tensors [B, T, Vd].
+
+    For inspection and tests: K x [B, T, Vd] is alive at once; `ttt_loss` never calls it.
+    """
+    return [draft.logits(h) for h in unroll_hidden(draft, batch, embed, steps)]
+
+
+def unroll_dense(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor,
+                 steps: int) -> list[torch.Tensor]:
+    """The former `unroll` (test oracle): dense boolean masks [B, T, k*T] over concatenated
+    per-step keys, O(K T^2) memory. Same contract as `unroll`; a packed row's sequences are
+    kept apart by a segment mask."""
+    _check_steps(steps)
+    weight = _embed_weight(embed)
+    lay = layout(batch.valid, batch.positions)
     valid = batch.valid
     b, t = valid.shape
-    pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B, T] position inside the sequence
+    same = (lay.segment[:, :, None] == lay.segment[:, None, :]) & valid[:, None, :]
     eye = torch.eye(t, dtype=torch.bool, device=valid.device).expand(b, t, t)
-    causal = (torch.ones(t, t, dtype=torch.bool, device=valid.device).tril() & valid[:, None, :]) | eye
+    causal = (torch.ones(t, t, dtype=torch.bool, device=valid.device).tril() & same) | eye
     hidden = draft.fuse(batch.final_hidden if isinstance(draft, MTPDraft) else batch.aux_hidden)  # [B, T, H]
     keys, values, logits = [], [], []
     for k in range(1, steps + 1):
-        tok = F.embedding(shift(batch.input_ids, k), weight).to(hidden.dtype)  # [B, T, H]
-        q, key, value, residual = draft.midlayer.project(tok, hidden, pos + (k - 1))
+        tok = _tokens(weight, shift(batch.input_ids, k), hidden)  # [B, T, H]
+        q, key, value, residual = draft.midlayer.project(tok, hidden, lay.positions + (k - 1))
         keys.append(key)
         values.append(value)
         mask = torch.cat([causal] + [eye] * (k - 1), dim=-1)  # [B, T, k*T]
@@ -65,25 +130,40 @@ def unroll(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding
 
 
 def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
-             decay: float = 0.8) -> TTTResult:
-    """Forward KL to the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
+             decay: float = 0.8, loss: str = "kl", tv_weight: float = 1.0,
+             chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> TTTResult:
+    """Divergence from the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
 
+    loss: "kl" forward KL(teacher || draft); "tv" total variation 0.5 * sum_d |p_d - q_d| (one
+    minus the expected acceptance of a single draft token); "kl+tv" = kl + tv_weight * tv.
     Step k at base i is scored against teacher_logprobs[i+k] where loss_mask[i+k] and both i and
-    i+k are real positions. K=1 is plain single-step training.
+    i+k are real positions. K=1 is plain single-step training. Memory: module docstring (chunks
+    of chunk_elements // Vd positions; `head_loss`).
     """
-    losses, accs, counts = [], [], []
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
     scored = batch.loss_mask & batch.valid
-    for k, logit in enumerate(unroll(draft, batch, embed, steps), start=1):
+    hidden = unroll_hidden(draft, batch, embed, steps)
+    xs, rows, cols, step, row_weight, counts = [], [], [], [], [], []
+    for k, h in enumerate(hidden, start=1):
         sel = shift(scored, k) & batch.valid  # [B, T]: base i counts if i and i+k do
-        rows, cols = sel.nonzero(as_tuple=True)
-        teacher = batch.teacher_logprobs[rows, cols + k].float().log_softmax(-1)  # [N, Vd] renormalised
-        logq = logit[sel].float().log_softmax(-1)  # [N, Vd]
-        p = teacher.exp()
-        kl = -(p * logq).sum(-1) - torch.special.entr(p).sum(-1)  # [N]
-        n = int(sel.sum())
-        losses.append(kl.sum() / max(n, 1))
-        accs.append((logq.argmax(-1) == teacher.argmax(-1)).float().sum() / max(n, 1))
+        r, c = sel.nonzero(as_tuple=True)
+        n = r.numel()
+        xs.append(h[sel])  # [n, H]
+        rows.append(r)
+        cols.append(c + k)  # step k at base i is scored against the teacher at i+k
+        step.append(torch.full_like(r, k - 1))
+        row_weight.append(torch.full(r.shape, decay ** (k - 1) / max(n, 1), device=r.device))
         counts.append(n)
-    loss = sum(decay ** (k - 1) * step for k, step in enumerate(losses, start=1))
-    return TTTResult(loss=loss, step_loss=torch.stack(losses).detach(), step_acc=torch.stack(accs).detach(),
-                     step_tokens=torch.tensor(counts))
+    x = torch.cat(xs)  # [N, H]: every scored position of every step
+    if isinstance(draft, MTPDraft):  # the policy's shared head, frozen; the layer output is already normed
+        weight = draft.head_weight()
+    else:
+        x, weight = draft.norm(x), draft.lm_head.weight
+    total, sums = head_loss(x, weight, batch.teacher_logprobs, torch.cat(rows), torch.cat(cols), torch.cat(step),
+                            torch.cat(row_weight), steps, loss, tv_weight, chunk_elements)
+    per = sums / torch.tensor(counts, device=sums.device).clamp(min=1)[:, None]  # [K, 3]: kl, tv, acc means
+    kl, tv = per[:, 0], per[:, 1]
+    step_loss = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
+    return TTTResult(loss=total, step_loss=step_loss, step_acc=per[:, 2], step_tokens=torch.tensor(counts),
+                     step_kl=kl, step_tv=tv)

@@ -1,0 +1,86 @@
+"""The TTT objective over the draft vocabulary, in chunks of positions, gradient computed on the fly.
+
+`head_loss` takes the head inputs of every scored position of every draft step at once (N rows),
+and for each chunk of n rows computes the logits [n, Vd], their log-softmax, the divergence to the
+teacher renormalised over the draft vocab (KL, TV or both) and its gradient with respect to the
+logits, which it turns at once into the gradient of the head input (rows [n, H]) and of the head
+weight (accumulated [Vd, H]). So no [N, Vd] tensor ever exists, logits are computed once (no
+recompute in backward), and backward only scales the stored gradients.
+
+Memory O(n Vd + N H + Vd H) with n = chunk_elements // Vd; time O(N H Vd) x 3 (logits, d input,
+d weight; the weight gradient is skipped for a frozen head such as MTP's shared one).
+
+Gradients of the logits z (q = softmax z, p the renormalised teacher, per row):
+  KL(p || q) = sum p (log p - log q):    dKL/dz = q - p
+  TV = 0.5 sum |p - q|, s = 0.5 sign(q - p):    dTV/dz_i = q_i (s_i - sum_j q_j s_j)
+"""
+from __future__ import annotations
+
+import torch
+
+LOSSES = ("kl", "tv", "kl+tv")
+LOSS_CHUNK_ELEMENTS = 1 << 23  # rows x Vd per chunk: 32 MiB per fp32 [n, Vd] tensor
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, teacher, rows, cols, step, row_weight, loss, tv_weight, n_rows, steps):
+        auto = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if auto else weight.dtype
+        w = weight.to(device=x.device, dtype=dtype)  # [Vd, H], cast once
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_w else None
+        stats = torch.zeros(steps, 3, dtype=torch.float32, device=x.device)  # per step: kl, tv, hits (sums)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for a in range(0, x.shape[0], n_rows):
+            b = min(a + n_rows, x.shape[0])
+            xc = x[a:b].to(dtype)  # [n, H]
+            logq = (xc @ w.T).float().log_softmax(-1)  # [n, Vd]
+            logp = teacher[rows[a:b], cols[a:b]].float().log_softmax(-1)  # [n, Vd] renormalised
+            p, q = logp.exp(), logq.exp()
+            kl = -(p * logq).sum(-1) - torch.special.entr(p).sum(-1)  # [n]
+            tv = 0.5 * (q - p).abs().sum(-1)  # [n]
+            hits = (logq.argmax(-1) == logp.argmax(-1)).float()
+            stats.index_add_(0, step[a:b], torch.stack([kl, tv, hits], 1))
+            obj = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
+            rw = row_weight[a:b]
+            total += (obj * rw).sum()
+            if not (want_x or want_w):
+                continue
+            gz = (q - p) if loss != "tv" else torch.zeros_like(q)
+            if loss != "kl":
+                s = 0.5 * torch.sign(q - p)
+                gz = gz + (1.0 if loss == "tv" else tv_weight) * q * (s - (q * s).sum(-1, keepdim=True))
+            gz = (gz * rw[:, None]).to(dtype)  # [n, Vd]
+            if want_x:
+                grad_x[a:b] = (gz @ w).to(x.dtype)
+            if want_w:
+                grad_w += (gz.T @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, g_total, g_stats):
+        grad_x, grad_w = ctx.saved_tensors
+        gx = None if grad_x is None else grad_x * g_total.to(grad_x.dtype)
+        gw = None if grad_w is None else (grad_w * g_total).to(ctx.weight_dtype)
+        return gx, gw, None, None, None, None, None, None, None, None, None
+
+
+def head_loss(x: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              step: torch.Tensor, row_weight: torch.Tensor, steps: int, loss: str = "kl", tv_weight: float = 1.0,
+              chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_r row_weight[r] * objective(teacher[rows[r], cols[r]], softmax(x[r] @ weight.T)), and
+    per-step sums [steps, 3] of KL, TV and top-1 hits (no grad).
+
+    x: [N, H] head inputs (differentiable); weight: [Vd, H] the head (a parameter, or a frozen
+    tensor); teacher: [B, T, Vd] log-probs, indexed per chunk; rows, cols, step: [N] int64;
+    row_weight: [N] float. loss: one of LOSSES ("kl+tv" = kl + tv_weight * tv).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
+    n_rows = max(1, chunk_elements // weight.shape[0])
+    return _HeadLoss.apply(x, weight, teacher, rows, cols, step, row_weight.float(), loss, tv_weight, n_rows, steps)
