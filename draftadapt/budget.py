@@ -4,10 +4,11 @@ before any feature leaves the device.
 A real RL step holds 67M-268M tokens (512 prompts x 16 samples x 8k-32k); the draft trains on a
 few hundred thousand. So capture cuts every sequence into windows of at most `window` positions
 (true positions kept: a window starting at offset s carries positions s, s+1, ...), gives each
-window a random priority, and keeps per step (policy version) the highest-priority windows that
-fit `tokens` positions: a weighted reservoir (Efraimidis-Spirakis A-Res, key u^(1/w) with w = the
-window's training targets, so every target token has about the same chance to be kept) over ALL
-micro-batches of the step, without knowing the ones still to come. A later micro-batch may push
+window with a training target a uniform random priority, and keeps per step (policy version) the
+highest-priority windows that fit `tokens` positions: a reservoir over ALL micro-batches of the
+step, without knowing the ones still to come. Every such window, hence every target token, has
+the same chance to be kept (up to the window that ends the fill: a long one is a little more
+often the one that does not fit; windows of one length, the long-rollout case, are exact). A later micro-batch may push
 out an earlier pick; what is stored never exceeds the budget, and a window that cannot make it
 into the reservoir as it stands is never copied. With `fraction` each window is first kept with
 that probability (a Bernoulli thinning: every target token kept with probability `fraction`).
@@ -31,7 +32,7 @@ class Windows(NamedTuple):
     start: torch.Tensor  # [W] int64: first packed row of the window
     length: torch.Tensor  # [W] int64: positions in the window (<= max_len)
     offset: torch.Tensor  # [W] int64: position of its first row inside its sequence
-    targets: torch.Tensor  # [W] int64: loss-mask positions in the window (its weight)
+    targets: torch.Tensor  # [W] int64: loss-mask positions in the window (0: nothing to train on)
 
     def rows(self, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows [M], positions [M], lengths [W']) of the kept windows (all when keep is None), in order."""
@@ -63,15 +64,19 @@ def cut_windows(cu_seqlens: torch.Tensor, loss_mask: torch.Tensor, max_len: int)
     return Windows(start, length, offset, csum[start + length] - csum[start])
 
 
-def reservoir_keep(priority: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Tensor:
-    """[W] bool: the highest-priority windows whose sizes, summed in priority order, stay within
-    `budget` (the longest such prefix). Applying it to A, then to (kept A) + B keeps what applying it
-    to A + B keeps, so a stream of micro-batches and one pass over the whole step agree."""
+def reservoir_keep(priority: torch.Tensor, sizes: torch.Tensor, budget: int,
+                   floor: float = -float("inf")) -> tuple[torch.Tensor, float]:
+    """(keep [W] bool, floor): the highest-priority windows above `floor` whose sizes, summed in
+    priority order, stay within `budget` (the longest such prefix); the new floor is the priority of
+    the first window that did not fit (it and everything below it can never be kept again). Applying
+    it to A, then to (kept A) + B with A's floor keeps what one pass over A + B keeps, so a stream of
+    micro-batches and one pass over the whole step agree."""
     order = priority.argsort(descending=True, stable=True)
-    fits = sizes[order].cumsum(0) <= budget
-    keep = torch.zeros_like(fits)
-    keep[order] = fits
-    return keep
+    p = priority[order]
+    over = (sizes[order].cumsum(0) > budget) & (p > floor)
+    keep = torch.zeros_like(over)
+    keep[order] = (p > floor) & ~over
+    return keep, max(floor, float(p[over][0])) if bool(over.any()) else floor
 
 
 class BudgetStats(NamedTuple):
@@ -104,19 +109,19 @@ class StepSampler:
         self.tokens, self.fraction, self.seed = tokens, fraction, seed
         self.window = min(window, tokens)  # a window longer than the budget could never be kept
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # version -> (priority [K], sizes [K])
+        self._floor: dict[int, float] = {}  # version -> reservoir floor (budget.reservoir_keep)
         self._calls: dict[int, int] = {}  # version -> select calls so far (seeds the next draw)
         self._counts = dict.fromkeys(("rollout_tokens", "rollout_positions", "captured_tokens",
                                       "windowed_sequences"), 0)
 
     def priorities(self, version: int, targets: torch.Tensor) -> torch.Tensor:
-        """[W] float64 priorities (log u / w; -inf = not a candidate) for windows with `targets`
-        training positions; reproducible from (seed, version, call number)."""
+        """[W] float64 priorities (uniform in [0, 1); -inf = not a candidate: no training target, or
+        thinned out by `fraction`); reproducible from (seed, version, call number)."""
         call = self._calls.get(version, 0)
         self._calls[version] = call + 1
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + version) * 1_000_003 + call)
         u = torch.rand(targets.numel(), 2, generator=g, dtype=torch.float64)
-        w = targets.cpu().to(torch.float64)
-        prio = torch.where(w > 0, u[:, 0].log() / w.clamp(min=1), torch.full_like(w, -torch.inf))
+        prio = torch.where(targets.cpu() > 0, u[:, 0], torch.full_like(u[:, 0], -torch.inf))
         if self.fraction is not None:
             prio = torch.where(u[:, 1] < self.fraction, prio, torch.full_like(prio, -torch.inf))
         return prio
@@ -132,7 +137,8 @@ class StepSampler:
         sizes = windows.length.cpu()  # each <= self.window <= self.tokens
         cand = torch.isfinite(prio)
         old_p, old_s = self._kept.get(version, (prio[:0], sizes[:0]))
-        keep = reservoir_keep(torch.cat([old_p, prio[cand]]), torch.cat([old_s, sizes[cand]]), self.tokens)
+        keep, _ = reservoir_keep(torch.cat([old_p, prio[cand]]), torch.cat([old_s, sizes[cand]]), self.tokens,
+                                 self._floor.get(version, -float("inf")))
         admit = torch.zeros_like(cand)
         admit[cand] = keep[old_p.numel():]
         c["captured_tokens"] += int(sizes[admit].sum())
@@ -142,7 +148,7 @@ class StepSampler:
         """Windows handed to the cache (those with a training target): the reservoir as the cache keeps it."""
         old_p, old_s = self._kept.get(version, (priority[:0].cpu(), sizes[:0].cpu()))
         p, s = torch.cat([old_p, priority.cpu()]), torch.cat([old_s, sizes.cpu()])
-        keep = reservoir_keep(p, s, self.tokens)
+        keep, self._floor[version] = reservoir_keep(p, s, self.tokens, self._floor.get(version, -float("inf")))
         self._kept[version] = (p[keep], s[keep])
 
     def end_step(self, version: int, staleness_window: int) -> BudgetStats:
@@ -152,13 +158,14 @@ class StepSampler:
         for old in [v for v in self._kept if v < version - staleness_window]:
             self._kept.pop(old)
             self._calls.pop(old, None)
+            self._floor.pop(old, None)
         self._counts = dict.fromkeys(self._counts, 0)
         return stats
 
     def state_dict(self) -> dict:
         return {"kept": {v: (p.clone(), s.clone()) for v, (p, s) in self._kept.items()}, "calls": dict(self._calls),
-                "counts": dict(self._counts)}
+                "counts": dict(self._counts), "floor": dict(self._floor)}
 
     def load_state_dict(self, state: dict) -> None:
         self._kept = {int(v): (p.clone(), s.clone()) for v, (p, s) in state["kept"].items()}
-        self._calls, self._counts = dict(state["calls"]), dict(state["counts"])
+        self._calls, self._counts, self._floor = dict(state["calls"]), dict(state["counts"]), dict(state["floor"])

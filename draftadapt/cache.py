@@ -88,6 +88,7 @@ class HiddenStateCache:
         self.num_bytes = 0
         self.latest_version: int | None = None  # newest policy_version ever added
         self.schema: dict | None = None  # {field: width} fixed by the first add
+        self.floors: dict[int, float] = {}  # policy_version -> reservoir floor (budget.reservoir_keep)
         self.stats = {"added": 0, "evicted": 0, "dropped_stale": 0, "dropped_oversize": 0,
                       "pushed_out": 0}  # sequences; pushed_out = by a higher-priority window of the same version
 
@@ -146,7 +147,8 @@ class HiddenStateCache:
         old = [i for i, e in enumerate(self._entries) if e.policy_version == v]
         prio = torch.cat([self._entries[i].priority for i in old] + [e.priority for e in entries])
         n = torch.tensor([self._entries[i].num_tokens for i in old] + [e.num_tokens for e in entries])
-        keep = reservoir_keep(prio, n, self.config.version_tokens).tolist()
+        keep, self.floors[v] = reservoir_keep(prio, n, self.config.version_tokens, self.floors.get(v, -float("inf")))
+        keep = keep.tolist()
         out = {i for i, k in zip(old, keep) if not k}
         if out:
             self._entries = deque(e for i, e in enumerate(self._entries) if i not in out)
@@ -175,6 +177,7 @@ class HiddenStateCache:
         keep = [(e, b) for e, b in zip(self._entries, self._bytes)
                 if e.policy_version >= current_version - window]
         dropped = len(self._entries) - len(keep)
+        self.floors = {v: f for v, f in self.floors.items() if v >= current_version - window}
         self._entries, self._bytes = deque(e for e, _ in keep), deque(b for _, b in keep)
         self.num_tokens = sum(e.num_tokens for e in self._entries)
         self.num_bytes = sum(self._bytes)
@@ -238,7 +241,8 @@ class HiddenStateCache:
         """JSON-able index of the cache: config, counters, and (policy_version, tokens) per entry."""
         return {"format": FORMAT, "config": asdict(self.config), "latest_version": self.latest_version,
                 "num_tokens": self.num_tokens, "num_bytes": self.num_bytes, "schema": self.schema,
-                "stats": dict(self.stats), "entries": [[e.policy_version, e.num_tokens] for e in self._entries]}
+                "stats": dict(self.stats), "entries": [[e.policy_version, e.num_tokens] for e in self._entries],
+                "floors": {str(v): f for v, f in self.floors.items()}}
 
     def save(self, directory: str | os.PathLike, shard_max_bytes: int = 1 << 30) -> Path:
         """Write the entries to safetensors shards of at most `shard_max_bytes` (one sequence at
@@ -276,6 +280,7 @@ class HiddenStateCache:
             raise ValueError(f"the shards in {directory} do not match its manifest's entries; the save is corrupt")
         cache.latest_version, cache.schema = manifest["latest_version"], manifest["schema"]
         cache.stats.update(manifest["stats"])
+        cache.floors = {int(v): f for v, f in manifest.get("floors", {}).items()}
         cache._evict()  # overrides may have tightened the bounds
         return cache
 
