@@ -107,8 +107,10 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 64, logprobs: bool = True,
-                 seed: int | None = None, stop_token_ids: Sequence[int] | None = None) -> list[list[Completion]]:
-        """Sample `n` completions per prompt (token ids in, token ids out); one list per prompt."""
+                 seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                 ignore_eos: bool = False) -> list[list[Completion]]:
+        """Sample `n` completions per prompt (token ids in, token ids out); one list per prompt.
+        ignore_eos=True: every completion runs to max_tokens (fixed-length rollouts for measurements)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -118,7 +120,7 @@ class Engine:
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0 if logprobs else None,
                                  seed=None if seed is None else seed + i,
-                                 stop_token_ids=list(stop_token_ids or []))
+                                 stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
                   for i in range(len(prompts))]
         reqs = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
         outs = self.llm.generate(reqs, params, use_tqdm=False)
