@@ -14,6 +14,13 @@ Three calls, at points every RL loop already has (`policy_version` = the loop's 
 
 Pushes happen only in `on_step_end` (a step boundary), at most once per policy version.
 
+The step budget (budget.py): capture keeps per step at most `capture_tokens` positions (default
+train_steps x batch_tokens: what one step trains on, so each kept token is trained on about once
+over its stay in the cache), as windows of at most `window_tokens` positions drawn uniformly over
+the step's completion tokens and all its micro-batches, optionally thinned to `capture_fraction`
+of them; the cache then holds at most (staleness_window + 2) x capture_tokens positions.
+`AdapterStats` reports rollout vs captured vs kept vs trained tokens per step.
+
 The seam for training off the critical path: `DraftAdapter` only decides (staleness, when to
 train, when to push, acceptance tracking). Every touch of the draft, its optimizer and the
 feature cache goes through a `DraftWorker`; `LocalDraftWorker` runs them in this process,
@@ -29,14 +36,15 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from .cache import CacheConfig
+from .budget import BudgetStats, StepSampler, cut_windows
+from .cache import _DTYPES, CacheConfig
 from .capture import TEACHERS, FeatureCapture, RolloutBatch
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.mtp import MTPDraft
@@ -46,6 +54,9 @@ from .workers import CacheInfo, DraftWorker, FeatureSpec, LocalDraftWorker, Trai
 
 FORMAT = "draftadapt.adapter/1"
 REFERENCES = ("ema", "last_push")
+# teacher="auto": the dense draft-vocab teacher up to this draft vocab (<= 32 KB/token in fp32), top-k above it
+AUTO_DENSE_MAX_VOCAB = 8192
+AUTO_TOP_K = 64  # ids kept by an automatic top-k teacher: 64 x (8 B id + 4 B log-prob) = 768 B/token
 
 
 @dataclass(frozen=True)
@@ -60,13 +71,22 @@ class AdapterConfig:
     acceptance_reference: str = "ema"  # "ema" of the past steps' acceptance length, or "last_push":
     #   the first acceptance length measured after the last push (the fresh draft's)
     ema_decay: float = 0.8  # weight of the past in the acceptance EMA
-    teacher: str = "draft_vocab"  # FeatureCapture teacher: "draft_vocab", "topk" or "final_hidden"
-    top_k: int = 0  # ids per position when teacher="topk"
-    seed: int = 0  # seed of the cache-sampling generator
+    teacher: str = "auto"  # FeatureCapture teacher: "draft_vocab", "topk", "final_hidden", or "auto":
+    #   draft_vocab when the draft vocab has <= AUTO_DENSE_MAX_VOCAB ids, else topk (top_k, or AUTO_TOP_K when 0)
+    top_k: int = 0  # ids per position when teacher="topk" (or "auto" picks top-k)
+    seed: int = 0  # seed of the cache-sampling generator and of the step budget's window priorities
+    capture_tokens: int | None = None  # positions captured per step at most; None = train_steps x batch_tokens
+    capture_fraction: float | None = None  # also keep only this fraction of the step's completion tokens
+    window_tokens: int = 2048  # longest window a sequence is trained as (longer ones are cut, true positions kept)
+
+    @property
+    def budget_tokens(self) -> int:
+        """Positions kept per step: capture_tokens, or what one step trains on."""
+        return self.capture_tokens if self.capture_tokens is not None else max(1, self.train_steps) * self.batch_tokens
 
     def __post_init__(self) -> None:
         for name, low in (("train_steps", 0), ("batch_tokens", 1), ("min_tokens", 0), ("staleness_window", 0),
-                          ("push_every", 0), ("top_k", 0), ("seed", 0)):
+                          ("push_every", 0), ("top_k", 0), ("seed", 0), ("window_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"AdapterConfig.{name}={value!r}; set it to an int >= {low}")
@@ -76,9 +96,21 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.acceptance_reference={self.acceptance_reference!r}; use one of {REFERENCES}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"AdapterConfig.ema_decay={self.ema_decay!r}; use a value in [0, 1)")
-        if self.teacher not in TEACHERS or (self.teacher == "topk") != (self.top_k > 0):
-            raise ValueError(f"AdapterConfig.teacher={self.teacher!r} with top_k={self.top_k}; use one of {TEACHERS}"
-                             " and top_k > 0 exactly when teacher='topk'")
+        if self.teacher != "auto" and (self.teacher not in TEACHERS or (self.teacher == "topk") != (self.top_k > 0)):
+            raise ValueError(f"AdapterConfig.teacher={self.teacher!r} with top_k={self.top_k}; use 'auto' or one of "
+                             f"{TEACHERS}, and top_k > 0 exactly when teacher='topk'")
+        if self.capture_tokens is not None and (not isinstance(self.capture_tokens, int) or self.capture_tokens < 1):
+            raise ValueError(f"AdapterConfig.capture_tokens={self.capture_tokens!r}; use positions >= 1 or None")
+        if self.capture_fraction is not None and not 0 < self.capture_fraction <= 1:
+            raise ValueError(f"AdapterConfig.capture_fraction={self.capture_fraction!r}; use a value in (0, 1] or None")
+
+    def resolved_teacher(self, draft_vocab_size: int) -> tuple[str, int]:
+        """(teacher, top_k) with "auto" decided for a draft vocab of `draft_vocab_size` ids."""
+        if self.teacher != "auto":
+            return self.teacher, self.top_k
+        if draft_vocab_size <= AUTO_DENSE_MAX_VOCAB:
+            return "draft_vocab", 0
+        return "topk", self.top_k or AUTO_TOP_K
 
 
 def check_embedding(draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor) -> None:
@@ -117,6 +149,7 @@ class AdapterStats:
     dropped_rollouts: int  # sequences on_rollouts refused as stale since the previous on_step_end
     spec: SpecCounters | None  # spec-decode counters of this step's rollouts (delta), when known
     acceptance_reference: float | None  # what this step's acceptance length was compared with
+    budget: BudgetStats | None = None  # rollout vs captured vs kept tokens of this step
 
     def as_dict(self) -> dict[str, float]:
         """Flat floats under the names RL users chart; unknown values are left out, not NaN.
@@ -141,6 +174,8 @@ class AdapterStats:
             out["draft/acceptance_reference"] = self.acceptance_reference
         if self.spec is not None and self.spec.drafts > 0:
             out.update(self.spec.as_dict())
+        if self.budget is not None:
+            out.update(self.budget.as_dict())
         return out
 
 
@@ -160,6 +195,7 @@ class DraftAdapter:
         if config.teacher == "final_hidden" and target_head is None:
             raise ValueError("AdapterConfig.teacher='final_hidden' needs target_head=<the policy's lm_head>")
         check_embedding(draft, embed)
+        cache_config = budget_cache_config(config, cache_config)
         worker = LocalDraftWorker(draft, embed, trainer_config, cache_config, config.batch_tokens, config.seed,
                                   target_head)
         self._setup(worker, config, sink)
@@ -167,7 +203,8 @@ class DraftAdapter:
     @classmethod
     def with_worker(cls, worker: DraftWorker, config: AdapterConfig = AdapterConfig(),
                     sink: DraftSink | None = None) -> "DraftAdapter":
-        """An adapter over any DraftWorker (a Ray actor proxy, a background-thread worker)."""
+        """An adapter over any DraftWorker (a Ray actor proxy, a background-thread worker). Build the
+        worker's cache with `budget_cache_config(config, cache_config)` so it keeps the step reservoir."""
         adapter = cls.__new__(cls)
         adapter._setup(worker, config, sink)
         return adapter
@@ -175,6 +212,8 @@ class DraftAdapter:
     def _setup(self, worker: DraftWorker, config: AdapterConfig, sink: DraftSink | None) -> None:
         self.worker, self.config, self.sink = worker, config, sink
         self.features = worker.feature_spec()
+        self.teacher, self.top_k = config.resolved_teacher(self.features.draft_vocab_size)
+        self.sampler = StepSampler(config.budget_tokens, config.capture_fraction, config.window_tokens, config.seed)
         self.last_version: int | None = None  # policy_version of the last on_step_end
         self.newest_rollout_version: int | None = None  # newest policy_version on_rollouts stored
         self.last_push_version: int | None = None  # version of the last push attempt (accepted or not)
@@ -193,14 +232,19 @@ class DraftAdapter:
         fixed = {"aux_layer_ids", "draft_vocab_ids", "teacher", "top_k"} & set(capture_kwargs)
         if fixed:
             raise ValueError(f"capture() sets {sorted(fixed)} from the draft and AdapterConfig; do not pass them")
-        kw = {"offload_to_cpu": True, **capture_kwargs}
-        if self.features.final_hidden == "prenorm":  # a native MTP draft reads the pre-norm last state
+        f = self.features
+        kw = {"offload_to_cpu": True, "sampler": self.sampler, "store_dtype": _DTYPES[f.hidden_dtype],
+              "teacher_dtype": _DTYPES[f.teacher_dtype], **capture_kwargs}
+        if f.final_hidden == "prenorm":  # a native MTP draft reads the pre-norm last state
             kw["final_prenorm"] = True
-        return FeatureCapture(policy_model, aux_layer_ids=self.features.aux_layer_ids, teacher=self.config.teacher,
-                              draft_vocab_ids=self.features.draft_vocab_ids, top_k=self.config.top_k, **kw)
+        return FeatureCapture(policy_model, aux_layer_ids=f.aux_layer_ids, teacher=self.teacher,
+                              draft_vocab_ids=f.draft_vocab_ids, top_k=self.top_k, **kw)
 
     def on_rollouts(self, batch: RolloutBatch) -> int:
-        """Cache the features of one captured batch; returns how many sequences were stored.
+        """Cache the features of one captured batch; returns how many windows were stored.
+
+        A batch from `capture` holds only the windows the step budget admitted; any other batch is
+        cut into windows and sampled here, on the host, by the same rule.
 
         A batch older than the staleness window (policy_version < last on_step_end version -
         staleness_window) is DROPPED with a warning and counted in `AdapterStats.dropped_rollouts`,
@@ -216,6 +260,15 @@ class DraftAdapter:
                           f"({self.config.staleness_window}) behind version {self.last_version}", stacklevel=2)
             return 0
         self.newest_rollout_version = v if self.newest_rollout_version is None else max(v, self.newest_rollout_version)
+        if batch.priority is None:  # not captured through adapter.capture: window and sample it here
+            win = cut_windows(batch.cu_seqlens.cpu(), batch.loss_mask.cpu(), self.sampler.window)
+            keep, prio = self.sampler.select(v, win)
+            rows, _, lens = win.rows(keep)
+            batch = batch.select_rows(rows, lens, prio[keep])
+        lm = batch.loss_mask.cpu().long().cumsum(0)
+        ends = batch.cu_seqlens.cpu()
+        targets = torch.cat([lm.new_zeros(1), lm])[ends[1:]] - torch.cat([lm.new_zeros(1), lm])[ends[:-1]]
+        self.sampler.record(v, batch.priority[targets > 0], batch.seq_lens.cpu()[targets > 0])
         return self.worker.add(batch)
 
     def _check_batch(self, batch: RolloutBatch) -> None:
@@ -265,7 +318,7 @@ class DraftAdapter:
                              push_reason=reason, push_seconds=seconds, push_bytes=nbytes, push_result=result,
                              last_pushed_version=self.last_pushed_version, cache=self.worker.cache_info(),
                              dropped_stale=dropped, dropped_rollouts=self.dropped_rollouts, spec=spec,
-                             acceptance_reference=ref)
+                             acceptance_reference=ref, budget=self.sampler.end_step(v, cfg.staleness_window))
         self.last_version, self.dropped_rollouts = v, 0
         return stats
 
@@ -360,11 +413,21 @@ class DraftAdapter:
         each checkpoint its own); without it the resumed cache starts empty. Tensors are live
         references: torch.save the result before training on."""
         return {"format": FORMAT, "config": asdict(self.config), "worker": self.worker.state_dict(cache_dir),
-                **{k: getattr(self, k) for k in self._COUNTERS}}
+                "sampler": self.sampler.state_dict(), **{k: getattr(self, k) for k in self._COUNTERS}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != FORMAT:
             raise ValueError(f"adapter state has format {state.get('format')!r}, expected {FORMAT!r}")
         self.worker.load_state_dict(state["worker"])
+        self.sampler.load_state_dict(state["sampler"])
         for k in self._COUNTERS:
             setattr(self, k, state[k])
+
+
+def budget_cache_config(config: AdapterConfig, cache_config: CacheConfig) -> CacheConfig:
+    """The cache bounds that follow from the step budget: the step reservoir (version_tokens) and at most
+    (staleness_window + 2) x budget positions in all - the window's versions plus the step being captured,
+    whose features arrive before on_step_end drops the oldest (less if cache_config says so)."""
+    cap = config.budget_tokens
+    return replace(cache_config, version_tokens=cap,
+                   max_tokens=min(cache_config.max_tokens, (config.staleness_window + 2) * cap))

@@ -22,38 +22,41 @@ _CHUNK_ELEMENTS = 1 << 26  # logits upcast to fp32 at most this many elements at
 
 @dataclass
 class DraftBatch:
-    """Target features for B sequences, right-padded to T positions.
+    """Target features for B sequences (or windows of them), right-padded to T positions.
 
     Position t describes the target after reading tokens 0..t: its aux hidden states there and
-    its distribution over token t+1.
+    its distribution over token t+1. The teacher is dense (`teacher_logprobs`) or top-k
+    (`teacher_topk_*`, draft ids): read it with `teacher_dense(batch, rows, cols)` either way.
     """
 
     input_ids: torch.Tensor  # [B, T] int64: target token ids (pad anywhere valid is False)
     aux_hidden: torch.Tensor  # [B, T, 3*H_t] float: target aux hidden states (low, mid, high)
-    teacher_logprobs: torch.Tensor  # [B, T, Vd] float: target log p(token t+1 = draft id d),
-    #   the full-vocab log-probs gathered at the draft vocab (not renormalised)
+    teacher_logprobs: torch.Tensor | None  # [B, T, Vd] float: target log p(token t+1 = draft id d),
+    #   the full-vocab log-probs gathered at the draft vocab (not renormalised); None with a top-k teacher
     loss_mask: torch.Tensor  # [B, T] bool: the teacher at t is a training target
     #   (a completion position, not padding, the target's top token is in the draft vocab)
     valid: torch.Tensor  # [B, T] bool: real (non-pad) positions; attention never crosses them
     final_hidden: torch.Tensor | None = None  # [B, T, H_t] float: target last hidden state
     #   (post-norm), for native MTP heads; None when not captured
     policy_version: int = 0  # version of the policy that produced these features
-    positions: torch.Tensor | None = None  # [B, T] int64: true RoPE positions (windows of long
-    #   sequences; several sequences packed in a row restart theirs); None = 0, 1, ... per row
+    positions: torch.Tensor | None = None  # [B, T] int64: true RoPE position of each token in its sequence
+    #   (a window of a long sequence starts past 0; packed sequences restart theirs); None = 0, 1, ... per row
+    teacher_topk_ids: torch.Tensor | None = None  # [B, T, K] int64: draft ids of the target's top-k, -1 = outside
+    teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K] float: their full-vocab log-probs
+    draft_vocab_size: int = 0  # Vd, needed to densify a top-k teacher
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
-        for name in ("aux_hidden", "teacher_logprobs", "loss_mask", "valid"):
-            got = tuple(getattr(self, name).shape[:2])
-            if got != (b, t):
-                raise ValueError(f"DraftBatch.{name} has leading shape {got}, input_ids has {(b, t)}")
-        if self.final_hidden is not None and tuple(self.final_hidden.shape[:2]) != (b, t):
-            raise ValueError(
-                f"DraftBatch.final_hidden has leading shape {tuple(self.final_hidden.shape[:2])},"
-                f" input_ids has {(b, t)}"
-            )
-        if self.positions is not None and tuple(self.positions.shape) != (b, t):
-            raise ValueError(f"DraftBatch.positions has shape {tuple(self.positions.shape)}, input_ids has {(b, t)}")
+        for name in ("aux_hidden", "teacher_logprobs", "loss_mask", "valid", "final_hidden", "positions",
+                     "teacher_topk_ids", "teacher_topk_logprobs"):
+            x = getattr(self, name)
+            if x is not None and tuple(x.shape[:2]) != (b, t):
+                raise ValueError(f"DraftBatch.{name} has leading shape {tuple(x.shape[:2])}, input_ids has {(b, t)}")
+        if (self.teacher_logprobs is None) == (self.teacher_topk_ids is None):
+            raise ValueError("DraftBatch needs exactly one teacher: teacher_logprobs, or teacher_topk_ids + "
+                             "teacher_topk_logprobs (with draft_vocab_size)")
+        if self.teacher_topk_ids is not None and (self.teacher_topk_logprobs is None or self.draft_vocab_size < 1):
+            raise ValueError("a top-k DraftBatch teacher needs teacher_topk_logprobs and draft_vocab_size >= 1")
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +65,17 @@ class DraftBatch:
     def to(self, device: torch.device | str) -> "DraftBatch":
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         return DraftBatch(**fields)
+
+
+def teacher_dense(batch: DraftBatch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """[M, Vd] fp32 teacher log-probs at positions (rows[m], cols[m]), dense or densified from top-k
+    (missing ids get MISSING_LOGPROB). Call it per chunk of positions: memory O(M Vd), never B T Vd."""
+    if batch.teacher_logprobs is not None:
+        return batch.teacher_logprobs[rows, cols].float()
+    ids, lps = batch.teacher_topk_ids[rows, cols], batch.teacher_topk_logprobs[rows, cols].float()  # [M, K]
+    out = torch.full((ids.shape[0], batch.draft_vocab_size + 1), MISSING_LOGPROB, device=ids.device)
+    out.scatter_(1, torch.where(ids >= 0, ids, batch.draft_vocab_size), lps)  # column Vd collects the -1s
+    return out[:, :-1]
 
 
 def _check(t, name: str, shape: tuple, dtype, fix: str) -> None:
@@ -130,6 +144,10 @@ class RolloutBatch:
     teacher_topk_logprobs: torch.Tensor | None = None  # [N, K] float: their full-vocab log-probs
     final_hidden: torch.Tensor | None = None  # [N, H_t] float: last hidden state, post-norm (pre-norm when
     #   captured with final_prenorm=True, what a native MTP draft reads); aux_hidden is [N, 0] without aux layers
+    positions: torch.Tensor | None = None  # [N] int64: position of each token in its sequence (a window of a
+    #   long sequence starts past 0); None = 0, 1, ... per row
+    priority: torch.Tensor | None = None  # [B] float64: step-reservoir priority of each row (budget.py);
+    #   None = not drawn (a batch captured without a budget)
 
     def __post_init__(self) -> None:
         _check(self.input_ids, "input_ids", (None,), torch.int64, "pack the sequences' ids into one [N] int64")
@@ -141,12 +159,14 @@ class RolloutBatch:
                  ("teacher_logprobs", (n, None), "float", "one row of draft-vocab log-probs per token"),
                  ("teacher_topk_ids", (n, None), torch.int64, "one row of K target ids per token"),
                  ("teacher_topk_logprobs", (n, k), "float", "one log-prob per top-k id"),
-                 ("final_hidden", (n, width // 3 or None), "float", "capture the last hidden state"))
+                 ("final_hidden", (n, width // 3 or None), "float", "capture the last hidden state"),
+                 ("positions", (n,), torch.int64, "pass one int64 position per token"),
+                 ("priority", (self.cu_seqlens.numel() - 1,), torch.float64, "pass one float64 priority per row"))
         for i, (name, shape, dtype, fix) in enumerate(rules):
             if i < 3 or getattr(self, name) is not None:
                 _check(getattr(self, name), name, shape, dtype, fix)
         cu = self.cu_seqlens
-        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu.diff() <= 0).any()):
+        if cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu.diff() <= 0).any()):
             raise ValueError(f"RolloutBatch.cu_seqlens must rise strictly from 0 to N={n}, got {cu.tolist()[:8]}"
                              "...; drop empty sequences and recompute it")
         if width % 3:
@@ -165,28 +185,51 @@ class RolloutBatch:
         return self.cu_seqlens.diff()
 
     def _tensors(self) -> dict:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k != "cu_seqlens"}
+        """The per-token tensors ([N, ...]); cu_seqlens and the per-row priority are not among them."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k not in ("cu_seqlens", "priority")}
+
+    def default_positions(self) -> torch.Tensor:  # [N] int64
+        """`positions`, or 0, 1, ... inside each row when None."""
+        if self.positions is not None:
+            return self.positions
+        lens = self.seq_lens
+        return torch.arange(self.num_tokens, device=lens.device) - torch.repeat_interleave(self.cu_seqlens[:-1], lens)
 
     def sequences(self) -> list["RolloutBatch"]:
         """One RolloutBatch per sequence (views into this batch's tensors)."""
         cu = self.cu_seqlens.tolist()
+        prio = [None] * (len(cu) - 1) if self.priority is None else self.priority.split(1)
         return [RolloutBatch(**{k: v[a:b] for k, v in self._tensors().items()},
                              cu_seqlens=torch.tensor([0, b - a], device=self.input_ids.device),
-                             policy_version=self.policy_version)
-                for a, b in zip(cu[:-1], cu[1:])]
+                             policy_version=self.policy_version, priority=p)
+                for a, b, p in zip(cu[:-1], cu[1:], prio)]
+
+    def select_rows(self, rows: torch.Tensor, lengths: torch.Tensor, priority: torch.Tensor | None = None
+                    ) -> "RolloutBatch":
+        """A new batch of the packed rows `rows` [M] (e.g. windows, `budget.Windows.rows`), cut into
+        sequences of `lengths` [B']; each row keeps its position in its original sequence."""
+        rows = rows.to(self.input_ids.device)
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(self.cu_seqlens.device)
+        return RolloutBatch(**{k: v[rows] for k, v in self._tensors().items() if k != "positions"},
+                            cu_seqlens=cu, positions=self.default_positions()[rows], priority=priority,
+                            policy_version=self.policy_version)
 
     @classmethod
     def concat(cls, batches: list["RolloutBatch"]) -> "RolloutBatch":
         """Pack batches back to back; the result carries the OLDEST policy_version among them."""
         if not batches:
             raise ValueError("RolloutBatch.concat needs at least one batch")
-        keys = set(batches[0]._tensors())
-        if any(set(b._tensors()) != keys for b in batches):
+        keys = set(batches[0]._tensors()) - {"positions"}
+        if any(set(b._tensors()) - {"positions"} != keys for b in batches):
             raise ValueError("RolloutBatch.concat: batches carry different teacher fields; capture them alike")
+        if len({b.priority is None for b in batches}) > 1:
+            raise ValueError("RolloutBatch.concat: some batches carry a priority and some do not; sample them alike")
         lens = torch.cat([b.seq_lens.cpu() for b in batches])
+        pos = None if all(b.positions is None for b in batches) else torch.cat([b.default_positions() for b in batches])
         return cls(**{k: torch.cat([getattr(b, k) for b in batches]) for k in keys},
                    cu_seqlens=torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(batches[0].input_ids.device),
-                   policy_version=min(b.policy_version for b in batches))
+                   policy_version=min(b.policy_version for b in batches), positions=pos,
+                   priority=None if batches[0].priority is None else torch.cat([b.priority for b in batches]))
 
     def draft_teacher(self, draft_vocab_ids: torch.Tensor | None = None,
                       target_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,14 +242,7 @@ class RolloutBatch:
         if self.teacher_logprobs is not None:
             return self.teacher_logprobs.float(), torch.ones(n, dtype=torch.bool, device=self.loss_mask.device)
         if self.teacher_topk_ids is not None:
-            if draft_vocab_ids is None:
-                raise ValueError("a top-k teacher needs draft_vocab_ids (target id of each draft id; "
-                                 "torch.arange(V) for the full vocab)")
-            ids = draft_vocab_ids.to(self.teacher_topk_ids.device)
-            size = int(max(ids.max(), self.teacher_topk_ids.max())) + 1
-            t2d = torch.full((size,), -1, dtype=torch.long, device=ids.device)  # target id -> draft id or -1
-            t2d[ids] = torch.arange(ids.numel(), device=ids.device)
-            d = t2d[self.teacher_topk_ids]  # [N, K] draft id or -1
+            ids, d = self.topk_draft_ids(draft_vocab_ids)
             keep = d >= 0
             rows = torch.arange(n, device=d.device)[:, None].expand_as(d)
             out = torch.full((n, ids.numel()), MISSING_LOGPROB, device=d.device)
@@ -223,6 +259,17 @@ class RolloutBatch:
                 parts.append(teacher_from_logits(logits, draft_vocab_ids))
         return torch.cat([p.logprobs for p in parts]), torch.cat([p.top_in_draft for p in parts])
 
+    def topk_draft_ids(self, draft_vocab_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draft_vocab_ids [Vd], teacher_topk_ids mapped to draft ids [N, K], -1 where outside the draft vocab)."""
+        if draft_vocab_ids is None:
+            raise ValueError("a top-k teacher needs draft_vocab_ids (target id of each draft id; "
+                             "torch.arange(V) for the full vocab)")
+        ids = draft_vocab_ids.to(self.teacher_topk_ids.device)
+        size = int(max(ids.max(), self.teacher_topk_ids.max())) + 1
+        t2d = torch.full((size,), -1, dtype=torch.long, device=ids.device)  # target id -> draft id or -1
+        t2d[ids] = torch.arange(ids.numel(), device=ids.device)
+        return ids, t2d[self.teacher_topk_ids]
+
     def pad(self, x: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
         """[N, ...] packed -> [B, T, ...] right-padded with `fill`."""
         lens = self.seq_lens
@@ -233,16 +280,25 @@ class RolloutBatch:
         return out
 
     def to_draft_batch(self, draft_vocab_ids: torch.Tensor | None = None, target_head: nn.Module | None = None,
-                       dtype: torch.dtype = torch.float32) -> DraftBatch:
-        """Pad into the trainer's DraftBatch; floating fields cast to `dtype`."""
-        teacher, top_ok = self.draft_teacher(draft_vocab_ids, target_head)
-        fh = self.final_hidden
+                       dtype: torch.dtype = torch.float32, sparse_teacher: bool = False) -> DraftBatch:
+        """Pad into the trainer's DraftBatch; floating fields cast to `dtype`. sparse_teacher=True keeps a
+        top-k teacher as top-k (draft ids; read it with `teacher_dense`) instead of a dense [B, T, Vd] one."""
+        fh, kw = self.final_hidden, {}
+        if sparse_teacher and self.teacher_topk_ids is not None:
+            ids, d = self.topk_draft_ids(draft_vocab_ids)
+            top_ok = d[:, 0] >= 0
+            kw = dict(teacher_logprobs=None, teacher_topk_ids=self.pad(d, -1), draft_vocab_size=ids.numel(),
+                      teacher_topk_logprobs=self.pad(self.teacher_topk_logprobs.to(dtype), MISSING_LOGPROB))
+        else:
+            teacher, top_ok = self.draft_teacher(draft_vocab_ids, target_head)
+            kw["teacher_logprobs"] = self.pad(teacher.to(dtype), MISSING_LOGPROB)
         return DraftBatch(
             input_ids=self.pad(self.input_ids, 0),
             aux_hidden=self.pad(self.aux_hidden.to(dtype), 0.0),
-            teacher_logprobs=self.pad(teacher.to(dtype), MISSING_LOGPROB),
             loss_mask=self.pad(self.loss_mask & top_ok.to(self.loss_mask.device), False),
             valid=self.pad(torch.ones_like(self.loss_mask), False),
             final_hidden=None if fh is None else self.pad(fh.to(dtype), 0.0),
             policy_version=self.policy_version,
+            positions=None if self.positions is None else self.pad(self.positions, 0),
+            **kw,
         )

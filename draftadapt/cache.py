@@ -1,9 +1,12 @@
 """HiddenStateCache: a bounded, version-tagged store of captured target features.
 
-Holds one entry per sequence (a one-sequence `RolloutBatch`, hidden states in bf16/fp16) tagged
-with the `policy_version` that produced it; evicts oldest-first past `max_tokens` or `max_bytes`,
-drops entries that fall out of the staleness window, samples padded `DraftBatch`es, and saves to /
-loads from safetensors shards with a JSON manifest (resume, offline pre-init).
+Holds one entry per sequence or window (a one-row `RolloutBatch`, hidden states in bf16/fp16) tagged
+with the `policy_version` that produced it; with `version_tokens` keeps per version only the
+highest-priority windows that fit (the step reservoir of budget.py, same rule as capture's); evicts
+oldest-first past `max_tokens` or `max_bytes`, drops (with a warning and a count, never a crash) an
+entry that alone breaks a bound, drops entries that fall out of the staleness window, samples
+padded `DraftBatch`es, and saves to / loads from safetensors shards with a JSON manifest (resume,
+offline pre-init).
 It does not capture features or train; it knows nothing of models or engines.
 """
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from .batch import DraftBatch
+from .budget import reservoir_keep
 from .capture import RolloutBatch
 
 MANIFEST = "manifest.json"
@@ -36,9 +41,11 @@ class CacheConfig:
     dtype: str = "bfloat16"  # storage of hidden states: "bfloat16" or "float16"
     teacher_dtype: str = "float32"  # storage of teacher log-probs; "float16" halves it at ~1e-3 error
     staleness_window: int | None = None  # keep features from the newest `window` versions back; None keeps all
+    version_tokens: int | None = None  # per policy version keep at most this many positions: the highest-
+    #   priority windows (RolloutBatch.priority, a step reservoir); None = no per-version bound
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "max_bytes"):
+        for name in ("max_tokens", "max_bytes") + (("version_tokens",) if self.version_tokens is not None else ()):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"CacheConfig.{name}={getattr(self, name)!r}; set it to a positive int")
         if self.dtype not in ("bfloat16", "float16"):
@@ -81,24 +88,33 @@ class HiddenStateCache:
         self.num_bytes = 0
         self.latest_version: int | None = None  # newest policy_version ever added
         self.schema: dict | None = None  # {field: width} fixed by the first add
-        self.stats = {"added": 0, "evicted": 0, "dropped_stale": 0}  # sequences
+        self.floors: dict[int, float] = {}  # policy_version -> reservoir floor (budget.reservoir_keep)
+        self.stats = {"added": 0, "evicted": 0, "dropped_stale": 0, "dropped_oversize": 0,
+                      "pushed_out": 0}  # sequences; pushed_out = by a higher-priority window of the same version
 
     def __len__(self) -> int:
         return len(self._entries)
 
     # 1) add / evict / drop ----------------------------------------------------------------------
     def add(self, batch: RolloutBatch) -> int:
-        """Store every sequence of `batch` that has a training target; returns how many were stored."""
+        """Store every sequence (window) of `batch` that has a training target and survives the
+        version's reservoir; returns how many were stored."""
         self._check_schema(batch)
-        # 1) one device->host copy in storage dtypes, then one owned copy per sequence worth training on
-        entries = [self._storage(seq) for seq in self._storage(batch).sequences() if bool(seq.loss_mask.any())]
+        # 1) storage dtypes on the host (a no-op for capture's output), then one owned copy per row worth training on
+        entries = [self._storage(seq) for seq in self._cast(batch).sequences() if bool(seq.loss_mask.any())]
         sizes = [_nbytes(e) for e in entries]
-        # 2) refuse the whole batch if one sequence alone breaks a bound
-        for e, nbytes in zip(entries, sizes):
-            if e.num_tokens > self.config.max_tokens or nbytes > self.config.max_bytes:
-                raise ValueError(f"a {e.num_tokens}-token sequence ({nbytes} bytes) exceeds max_tokens="
-                                 f"{self.config.max_tokens} or max_bytes={self.config.max_bytes}; raise them")
-        # 3) append, drop what fell out of the staleness window, evict oldest past the bounds
+        # 2) drop (warn, count) a row that alone breaks a bound: cut long sequences into windows before add
+        fits = [e.num_tokens <= self.config.max_tokens and b <= self.config.max_bytes for e, b in zip(entries, sizes)]
+        if not all(fits):
+            big = [e.num_tokens for e, ok in zip(entries, fits) if not ok]
+            self.stats["dropped_oversize"] += len(big)
+            warnings.warn(f"HiddenStateCache.add dropped {len(big)} sequences of {big[:4]} tokens: each alone exceeds "
+                          f"max_tokens={self.config.max_tokens} or max_bytes={self.config.max_bytes}; window them "
+                          "(AdapterConfig.window_tokens) or raise the bounds", stacklevel=2)
+            entries, sizes = [e for e, ok in zip(entries, fits) if ok], [b for b, ok in zip(sizes, fits) if ok]
+        # 3) the version's reservoir, then append, drop what fell out of the staleness window, evict oldest
+        if self.config.version_tokens is not None:
+            entries, sizes = self._reservoir(batch, entries, sizes)
         for e, nbytes in zip(entries, sizes):
             self._push(e, nbytes)
         self.stats["added"] += len(entries)
@@ -109,14 +125,40 @@ class HiddenStateCache:
         self._evict()
         return len(entries)
 
-    def _storage(self, seq: RolloutBatch) -> RolloutBatch:
-        """A CPU copy that owns its memory, hidden states and teacher in their storage dtypes."""
+    def _cast(self, seq: RolloutBatch, copy: bool = False) -> RolloutBatch:
+        """On the CPU, hidden states and teacher in their storage dtypes; copy=True: memory of its own."""
         dtypes = {**{k: _DTYPES[self.config.dtype] for k in _HIDDEN},
                   **{k: _DTYPES[self.config.teacher_dtype] for k in _TEACHER}}
 
         def cast(k, v):
-            return v.to(device="cpu", dtype=dtypes.get(k, v.dtype), copy=True)
+            return v.to(device="cpu", dtype=dtypes.get(k, v.dtype), copy=copy)
         return RolloutBatch(**{k: cast(k, v) if isinstance(v, torch.Tensor) else v for k, v in vars(seq).items()})
+
+    def _storage(self, seq: RolloutBatch) -> RolloutBatch:
+        return self._cast(seq, copy=True)
+
+    def _reservoir(self, batch: RolloutBatch, entries: list, sizes: list) -> tuple[list, list]:
+        """Keep the version's highest-priority rows within version_tokens (budget.reservoir_keep);
+        push out earlier rows of the same version that no longer make it."""
+        if batch.priority is None:
+            raise ValueError("CacheConfig.version_tokens needs RolloutBatch.priority: capture through "
+                             "DraftAdapter.capture (a StepSampler draws it) or set version_tokens=None")
+        v = batch.policy_version
+        old = [i for i, e in enumerate(self._entries) if e.policy_version == v]
+        prio = torch.cat([self._entries[i].priority for i in old] + [e.priority for e in entries])
+        n = torch.tensor([self._entries[i].num_tokens for i in old] + [e.num_tokens for e in entries])
+        keep, self.floors[v] = reservoir_keep(prio, n, self.config.version_tokens, self.floors.get(v, -float("inf")))
+        keep = keep.tolist()
+        out = {i for i, k in zip(old, keep) if not k}
+        if out:
+            self._entries = deque(e for i, e in enumerate(self._entries) if i not in out)
+            self._bytes = deque(b for i, b in enumerate(self._bytes) if i not in out)
+            self.num_tokens = sum(e.num_tokens for e in self._entries)
+            self.num_bytes = sum(self._bytes)
+            self.stats["pushed_out"] += len(out)
+        new = keep[len(old):]
+        self.stats["pushed_out"] += new.count(False)
+        return [e for e, k in zip(entries, new) if k], [b for b, k in zip(sizes, new) if k]
 
     def _push(self, entry: RolloutBatch, nbytes: int) -> None:
         self._entries.append(entry)
@@ -135,6 +177,7 @@ class HiddenStateCache:
         keep = [(e, b) for e, b in zip(self._entries, self._bytes)
                 if e.policy_version >= current_version - window]
         dropped = len(self._entries) - len(keep)
+        self.floors = {v: f for v, f in self.floors.items() if v >= current_version - window}
         self._entries, self._bytes = deque(e for e, _ in keep), deque(b for _, b in keep)
         self.num_tokens = sum(e.num_tokens for e in self._entries)
         self.num_bytes = sum(self._bytes)
@@ -143,7 +186,7 @@ class HiddenStateCache:
 
     def _check_schema(self, batch: RolloutBatch) -> None:
         schema = {k: v.shape[1] if v.dim() > 1 else 1 for k, v in vars(batch).items()
-                  if isinstance(v, torch.Tensor) and k != "cu_seqlens"}
+                  if isinstance(v, torch.Tensor) and k not in ("cu_seqlens", "positions", "priority")}
         if self.schema is None:
             self.schema = schema
         elif schema != self.schema:
@@ -163,11 +206,12 @@ class HiddenStateCache:
     # 2) sample -------------------------------------------------------------------------------
     def sample(self, num_sequences: int | None = None, num_tokens: int | None = None,
                generator: torch.Generator | None = None, draft_vocab_ids: torch.Tensor | None = None,
-               target_head: nn.Module | None = None) -> DraftBatch:
+               target_head: nn.Module | None = None, sparse_teacher: bool = False) -> DraftBatch:
         """A padded fp32 DraftBatch of random cached sequences, uniformly without replacement.
 
         Give num_sequences, or num_tokens (sequences are added while they fit; at least one).
-        draft_vocab_ids / target_head convert top-k / final_hidden teachers (RolloutBatch.to_draft_batch).
+        draft_vocab_ids / target_head convert top-k / final_hidden teachers (RolloutBatch.to_draft_batch);
+        sparse_teacher=True keeps a top-k teacher top-k (batch.teacher_dense reads it).
         Its policy_version is the oldest among the sampled sequences.
         """
         if (num_sequences is None) == (num_tokens is None):
@@ -189,14 +233,16 @@ class HiddenStateCache:
                     break
                 picked.append(entries[i])
                 total += entries[i].num_tokens
-        return RolloutBatch.concat(picked).to_draft_batch(draft_vocab_ids, target_head, dtype=torch.float32)
+        return RolloutBatch.concat(picked).to_draft_batch(draft_vocab_ids, target_head, dtype=torch.float32,
+                                                          sparse_teacher=sparse_teacher)
 
     # 3) checkpoint / spill ------------------------------------------------------------------
     def state_dict(self) -> dict:
         """JSON-able index of the cache: config, counters, and (policy_version, tokens) per entry."""
         return {"format": FORMAT, "config": asdict(self.config), "latest_version": self.latest_version,
                 "num_tokens": self.num_tokens, "num_bytes": self.num_bytes, "schema": self.schema,
-                "stats": dict(self.stats), "entries": [[e.policy_version, e.num_tokens] for e in self._entries]}
+                "stats": dict(self.stats), "entries": [[e.policy_version, e.num_tokens] for e in self._entries],
+                "floors": {str(v): f for v, f in self.floors.items()}}
 
     def save(self, directory: str | os.PathLike, shard_max_bytes: int = 1 << 30) -> Path:
         """Write the entries to safetensors shards of at most `shard_max_bytes` (one sequence at
@@ -234,6 +280,7 @@ class HiddenStateCache:
             raise ValueError(f"the shards in {directory} do not match its manifest's entries; the save is corrupt")
         cache.latest_version, cache.schema = manifest["latest_version"], manifest["schema"]
         cache.stats.update(manifest["stats"])
+        cache.floors = {int(v): f for v, f in manifest.get("floors", {}).items()}
         cache._evict()  # overrides may have tightened the bounds
         return cache
 

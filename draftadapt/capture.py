@@ -1,11 +1,14 @@
 """Capture target features for draft training during the policy's log-prob recompute forward.
 
 `FeatureCapture` puts forward hooks on an HF causal LM for the forward the RL loop runs anyway
-(with gradients on: the policy loss comes from it) and keeps detached copies of the aux hidden
-states, the final hidden state and a teacher built from the logits. `RolloutBatch` is the packed,
+(with gradients on: the policy loss comes from it). The hooks only keep references to the aux
+hidden states, the final hidden state and the logits (tensors the forward made anyway); when the
+loop calls `rollout_batch` with the masks, a `StepSampler` (budget.py) picks the windows worth
+training on, and only their rows are gathered, get a teacher, are cast to the storage dtype and
+cross to the host (one copy, pinned and non_blocking from CUDA). `RolloutBatch` is the packed,
 validated result (`draftadapt/batch.py`); `to_draft_batch` pads it into the trainer's `DraftBatch`.
 It does not train, cache or know about engines, and it never changes the policy's forward or its
-gradients: hooks only copy, and never ask for `output_hidden_states`.
+gradients: hooks never write, and never ask for `output_hidden_states`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from .batch import MISSING_LOGPROB, TEACHERS, RolloutBatch, Teacher, teacher_from_logits  # noqa: F401  (re-exported)
+from .budget import StepSampler, cut_windows
 from .drafts.eagle3 import check_aux_layer_ids, default_aux_layer_ids
 
 # (layer list, final norm) attribute names of the decoder bodies we know (Llama/Qwen, GPT-2, OPT).
@@ -53,11 +57,16 @@ class FeatureCapture:
             loss.backward()
         batch = cap.rollout_batch(input_ids=ids, attention_mask=am, completion_mask=cm, policy_version=v)
 
-    Every captured tensor is a detached copy (optionally cast to `store_dtype`, moved to CPU), so
-    the policy's loss and gradients are bit-identical with and without capture. Only hooks run
-    while the top-level forward is active are recorded, so gradient-checkpoint recomputation in
-    backward is ignored. Each forward is one pending capture; `rollout_batch` consumes them oldest
-    first. `teacher`: "draft_vocab" (log-probs at `draft_vocab_ids`, the full vocab when None),
+    Captured tensors are detached copies of the kept rows only (hidden states cast to `store_dtype`,
+    the teacher to `teacher_dtype`, moved to CPU with `offload_to_cpu`), so the policy's loss and
+    gradients are bit-identical with and without capture. Until `rollout_batch` the hooks hold
+    references to the forward's aux inputs and logits: call it right after the forward (before
+    backward) and peak memory is the forward's own; an in-place change of those tensors in between
+    is detected and refused. With a `sampler`, sequences are cut into windows and only the windows
+    the step's reservoir admits are copied; without one every real token is kept, one row per
+    sequence. Only hooks run while the top-level forward is active are recorded, so
+    gradient-checkpoint recomputation in backward is ignored. Each forward is one pending capture;
+    `rollout_batch` consumes them oldest first. `teacher`: "draft_vocab" (log-probs at `draft_vocab_ids`, the full vocab when None),
     "topk" (`top_k` ids + log-probs), or "final_hidden" (no logits work during the forward; the
     teacher and the top-token check come later from the frozen target head, in to_draft_batch).
     `final_prenorm=True` keeps the residual ENTERING the final norm as `final_hidden` (what vLLM
@@ -67,7 +76,8 @@ class FeatureCapture:
     def __init__(self, model: nn.Module, aux_layer_ids=None, draft_vocab_ids=None, teacher: str = "draft_vocab",
                  top_k: int = 0, capture_final_hidden: bool = False, store_dtype: torch.dtype | None = None,
                  offload_to_cpu: bool = False, layers: nn.ModuleList | None = None,
-                 final_norm: nn.Module | None = None, final_prenorm: bool = False):
+                 final_norm: nn.Module | None = None, final_prenorm: bool = False,
+                 teacher_dtype: torch.dtype | None = None, sampler: StepSampler | None = None):
         if teacher not in TEACHERS:
             raise ValueError(f"teacher={teacher!r}; choose one of {TEACHERS}")
         if (teacher == "topk") != (top_k > 0):
@@ -95,7 +105,8 @@ class FeatureCapture:
         if not self.aux_layer_ids and not self.keep_final:
             raise ValueError("aux_layer_ids=() captures no hidden state; pass capture_final_hidden=True or "
                              "final_prenorm=True (a native MTP draft)")
-        self.store_dtype, self.offload_to_cpu = store_dtype, offload_to_cpu
+        self.store_dtype, self.teacher_dtype, self.offload_to_cpu = store_dtype, teacher_dtype, offload_to_cpu
+        self.sampler = sampler
         self._handles: list = []
         self._current: dict | None = None
         self._pending: list[dict] = []
@@ -136,9 +147,9 @@ class FeatureCapture:
     def clear(self) -> None:
         self._pending.clear()
 
-    def _keep(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        device = "cpu" if self.offload_to_cpu else t.device
-        return t.detach().to(device=device, dtype=dtype or t.dtype, copy=True)
+    def _ref(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A reference (no copy) and the version counter it had, to detect in-place writes later."""
+        return t.detach(), t._version
 
     def _begin(self, module, args) -> None:
         self._current = {"aux": {}}
@@ -150,34 +161,31 @@ class FeatureCapture:
 
     def _grab_aux(self, i: int, module, args, kwargs) -> None:
         if self._current is not None and i not in self._current["aux"]:  # first call only, if a layer is reused
-            self._current["aux"][i] = self._keep(args[0] if args else kwargs["hidden_states"], self.store_dtype)
+            self._current["aux"][i] = self._ref(args[0] if args else kwargs["hidden_states"])
 
     def _grab_final(self, module, args, output) -> None:
         if self._current is not None and "final" not in self._current:
-            self._current["final"] = self._keep(output, self.store_dtype)
+            self._current["final"] = self._ref(output)
 
     def _grab_final_input(self, module, args, kwargs) -> None:
         if self._current is not None and "final" not in self._current:
-            self._current["final"] = self._keep(args[0] if args else kwargs["hidden_states"], self.store_dtype)
+            self._current["final"] = self._ref(args[0] if args else kwargs["hidden_states"])
 
     def _grab_logits(self, module, args, logits) -> None:
-        if self._current is None or "teacher" in self._current:
-            return
-        b, t, v = logits.shape
-        teacher = teacher_from_logits(logits.reshape(b * t, v), self.draft_vocab_ids, self.top_k)
-        self._current["teacher"] = Teacher(*(None if x is None else self._keep(x.reshape(b, t, *x.shape[1:]))
-                                             for x in teacher))
+        if self._current is not None and "logits" not in self._current:
+            self._current["logits"] = self._ref(logits)
 
     # 2) packing -------------------------------------------------------------------------------
     def rollout_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       completion_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                       policy_version: int = 0) -> RolloutBatch:
-        """Pack the oldest pending forward into a RolloutBatch.
+        """Pack the kept rows of the oldest pending forward into a RolloutBatch.
 
         Padded: input_ids [B, T] with attention_mask [B, T] (left or right padding). Packed:
         input_ids [N] or [R, L] (R rows of whole sequences) with cu_seqlens [B+1] over the flattened
         rows. completion_mask (laid out like input_ids, all True when None) marks completion
-        tokens; the loss mask at n is completion[n+1].
+        tokens; the loss mask at n is completion[n+1]. With a sampler the result holds the admitted
+        windows (true positions, priorities); it may hold no row at all (then cu_seqlens is [0]).
         """
         if not self._pending:
             raise RuntimeError("no captured forward: run the policy forward inside "
@@ -185,11 +193,14 @@ class FeatureCapture:
         p = self._pending.pop(0)
         if len(p["aux"]) != len(self.aux_layer_ids) or (self.keep_final and "final" not in p):
             raise RuntimeError("the captured forward did not pass the hooked layers; was it this model's forward?")
-        if self.aux_layer_ids:
-            aux = torch.cat([p["aux"][i] for i in self.aux_layer_ids], -1)  # [B, T, 3*H_t]
-        else:
-            aux = p["final"].new_zeros(*p["final"].shape[:2], 0)  # [B, T, 0]: no aux layers
-        b, t, dev = aux.shape[0], aux.shape[1], aux.device
+        refs = {**{f"aux{i}": p["aux"][i] for i in self.aux_layer_ids}, **{k: p[k] for k in ("final", "logits")
+                                                                            if k in p}}
+        for name, (t, version) in refs.items():
+            if t._version != version:
+                raise RuntimeError(f"the policy's {name} tensor was changed in place after the forward; call "
+                                   "rollout_batch before modifying logits or hidden states in place (e.g. logits /= T)")
+        first = next(iter(refs.values()))[0]
+        b, t, dev = first.shape[0], first.shape[1], first.device
         ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
         if tuple(ids.shape) != (b, t):
             raise ValueError(f"input_ids has shape {tuple(input_ids.shape)} but the captured forward saw {(b, t)}")
@@ -208,33 +219,65 @@ class FeatureCapture:
             sel = sel.to(dev).reshape(b, t)
             lens = sel.sum(1)
             cu = torch.cat([lens.new_zeros(1), lens[lens > 0].cumsum(0)])
-        # 2) next-token completion mask, cut at each sequence's last token
+        flat = sel.reshape(-1).nonzero().squeeze(1)  # [N] index of each real token in the B*T grid
+        # 2) next-token completion mask, cut at each sequence's last token; no teacher where logits were not kept
         comp = torch.ones_like(sel) if completion_mask is None else completion_mask.to(dev).bool().reshape(b, t)
-        comp = comp[sel]
+        comp = comp.reshape(-1)[flat]
         loss_mask = torch.zeros_like(comp)
         loss_mask[:-1] = comp[1:]
         loss_mask[cu[1:] - 1] = False
-        # 3) teacher, aligned to the end when the forward kept only the last logits
-        kw = {}
-        tch: Teacher | None = p.get("teacher")
-        if tch is not None:
-            t_l = tch.top_in_draft.shape[1]
-            has = torch.zeros(b, t, dtype=torch.bool, device=dev)
-            has[:, t - t_l:] = True
-            loss_mask &= (has & _align(tch.top_in_draft, t, False))[sel]
+        t_l = p["logits"][0].shape[1] if "logits" in p else t
+        loss_mask &= flat % t >= t - t_l
+        # 3) the windows worth training on, decided before anything is copied
+        if self.sampler is not None:
+            win = cut_windows(cu, loss_mask, self.sampler.window)
+            keep, prio = self.sampler.select(int(policy_version), win)
+            rows, pos, lens = win.rows(keep.to(dev))
+            prio = prio[keep]
+        else:
+            rows, pos, lens, prio = torch.arange(flat.numel(), device=dev), None, cu.diff(), None
+        src = flat[rows]  # [M] index of each kept token in the B*T grid
+        # 4) gather, teacher and storage dtype on the device, one copy to the host
+        aux = [self._gather(p["aux"][i][0], src, self.store_dtype) for i in self.aux_layer_ids]
+        if not aux:
+            aux = [first.new_zeros(src.numel(), 0, dtype=self.store_dtype or first.dtype)]  # no aux layers (MTP)
+        kw, mask = {}, loss_mask[rows]
+        if "logits" in p:
+            logits, has = p["logits"][0], src % t >= t - t_l  # [M]: the forward kept logits there
+            lrow = (src // t) * t_l + (src % t - (t - t_l))  # [M] row of the kept logits (logits_to_keep)
+            tch = teacher_from_logits(logits.reshape(-1, logits.shape[-1])[lrow[has]], self.draft_vocab_ids,
+                                      self.top_k)
+            mask[has] &= tch.top_in_draft
             names = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
-            kw = {k: _align(x, t, 0)[sel] for k, x in zip(names, tch[:3]) if x is not None}
+            for name, x in zip(names, tch[:3]):
+                if x is not None:
+                    full = x.new_zeros(src.numel(), *x.shape[1:])
+                    full[has] = x
+                    kw[name] = self._host(full if x.dtype == torch.int64 else full.to(self.teacher_dtype or x.dtype))
         if self.keep_final:
-            kw["final_hidden"] = p["final"][sel]
-        return RolloutBatch(input_ids=ids.to(dev).long()[sel], cu_seqlens=cu, aux_hidden=aux[sel], loss_mask=loss_mask,
-                            policy_version=int(policy_version), **kw)
+            kw["final_hidden"] = self._gather(p["final"][0], src, self.store_dtype)
+        out = RolloutBatch(input_ids=self._host(ids.to(dev).long().reshape(-1)[src]), aux_hidden=torch.cat(aux, -1),
+                           cu_seqlens=torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(self._where(dev)),
+                           loss_mask=self._host(mask), policy_version=int(policy_version),
+                           positions=None if pos is None else self._host(pos),
+                           priority=None if prio is None else prio.to(self._where(dev)), **kw)
+        if dev.type == "cuda" and self.offload_to_cpu:
+            torch.cuda.current_stream(dev).synchronize()  # the non_blocking copies have landed
+        return out
 
+    def _where(self, dev: torch.device) -> torch.device:
+        return torch.device("cpu") if self.offload_to_cpu else dev
 
-def _align(x: torch.Tensor, t: int, fill) -> torch.Tensor:
-    """[B, T_l, ...] -> [B, T, ...]: x fills the LAST T_l positions (HF `logits_to_keep`)."""
-    out = x.new_full((x.shape[0], t, *x.shape[2:]), fill)
-    out[:, t - x.shape[1]:] = x
-    return out
+    def _gather(self, x: torch.Tensor, src: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """Rows `src` of x [B, T, H] as [M, H] in `dtype`, on the host when offloading."""
+        return self._host(x.reshape(-1, x.shape[-1]).index_select(0, src).to(dtype or x.dtype))
+
+    def _host(self, x: torch.Tensor) -> torch.Tensor:
+        """x itself on its device, or ONE copy to the host (pinned + non_blocking from CUDA)."""
+        if not self.offload_to_cpu or x.device.type == "cpu":
+            return x
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
+        return out.copy_(x, non_blocking=True)
 
 
 def measure_capture_overhead(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5,

@@ -49,6 +49,8 @@ class FeatureSpec(NamedTuple):
     aux_width: int  # 3 * H_t (0 for a native MTP draft)
     draft_vocab_size: int  # Vd
     final_hidden: str | None = None  # "prenorm": also capture the state entering the final norm (MTP)
+    hidden_dtype: str = "bfloat16"  # storage dtype of hidden states (the cache's): capture casts on the device
+    teacher_dtype: str = "float32"  # storage dtype of teacher log-probs (the cache's)
 
 
 class CacheInfo(NamedTuple):
@@ -103,7 +105,7 @@ class LocalDraftWorker:
         c = self.draft.config
         return FeatureSpec(tuple(c.aux_layer_ids), None if c.full_vocab else self._target_ids,
                            len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size,
-                           getattr(c, "final_hidden", None))
+                           getattr(c, "final_hidden", None), self.cache_config.dtype, self.cache_config.teacher_dtype)
 
     def add(self, batch: RolloutBatch) -> int:
         return self.cache.add(batch)

@@ -186,9 +186,9 @@ def test_schema_mismatch_and_misuse_are_refused():
     cache.add(_batch(lens=(5,)))
     with pytest.raises(ValueError, match="final_hidden"):
         cache.add(_batch(lens=(5,), final=True))
-    with pytest.raises(ValueError, match="max_tokens"):
-        cache.add(_batch(lens=(3, 11)))
-    assert len(cache) == 1, "a refused batch must not be half-added"
+    with pytest.warns(UserWarning, match="dropped 1 sequences of \\[11\\] tokens.*max_tokens=10"):
+        assert cache.add(_batch(lens=(3, 11))) == 1, "the 3-token sequence still fits"
+    assert cache.stats["dropped_oversize"] == 1 and cache.num_tokens <= 10, "an oversize sequence never crashes the step"
     with pytest.raises(ValueError, match="exactly one"):
         cache.sample(num_sequences=1, num_tokens=3)
     with pytest.raises(ValueError, match="valid: .*max_tokens"):

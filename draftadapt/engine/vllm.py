@@ -110,13 +110,15 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 64, logprobs: bool = True,
-                 seed: int | None = None, stop_token_ids: Sequence[int] | None = None) -> list[list[Completion]]:
+                 seed: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                 ignore_eos: bool = False) -> list[list[Completion]]:
         """Sample `n` completions per prompt (token ids in, token ids out); one list per prompt.
 
         seed: request i gets `request_seed(seed, i, n)` = seed + i*n and vLLM gives its sample j
         seed + i*n + j, so every sample of the call has its own random stream: the call uses the
         seeds seed .. seed + len(prompts)*n - 1. Give another call that must be independent a
-        seed outside that range (e.g. step * len(prompts) * n)."""
+        seed outside that range (e.g. step * len(prompts) * n). ignore_eos=True: every completion
+        runs to max_tokens (fixed-length rollouts for measurements)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -125,7 +127,7 @@ class Engine:
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0 if logprobs else None,
                                  seed=request_seed(seed, i, n),
-                                 stop_token_ids=list(stop_token_ids or []))
+                                 stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
                   for i in range(len(prompts))]
         reqs = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
         outs = self.llm.generate(reqs, params, use_tqdm=False)

@@ -170,10 +170,10 @@ def _capturing(trainer, adapter: DraftAdapter, compute_loss, tally: dict):
         ids, am, comp = rollout_tensors(inputs)
         batch = cap.rollout_batch(input_ids=ids, attention_mask=am, completion_mask=comp,
                                   policy_version=trainer.state.global_step)
-        if adapter.config.teacher != "final_hidden":
+        if adapter.teacher != "final_hidden":
             if batch.teacher_logprobs is None and batch.teacher_topk_ids is None:  # fused head: no logits hook
                 batch = with_head_teacher(batch, policy.get_output_embeddings(), adapter.features.draft_vocab_ids,
-                                          adapter.config.top_k)
+                                          adapter.top_k)
             else:
                 batch = dataclasses.replace(batch, final_hidden=None)
         adapter.on_rollouts(batch)

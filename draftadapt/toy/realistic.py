@@ -1,0 +1,172 @@
+"""The Qwen3-0.6B-shaped workload: a random target at the real vocabulary and width, rollouts of
+thousands of tokens from the real engine, capture with the step budget, TTT at a 32k draft vocab,
+export, push into the running engine; every stage timed, with the process's RSS.
+
+Shape (Qwen3-0.6B): vocab 151,936, hidden 1024, 16 query / 8 KV heads, head_dim 128, intermediate
+3072, tied embeddings; `layers` of them (28 in the real model). Prompts are token ids (no
+tokenizer: the engine runs with skip_tokenizer_init). It proves the feature path runs at real
+sizes on a CPU; a random target teaches the draft nothing that generalises, so acceptance here is
+not a quality figure. It does not own the engine or the loop: `run_realistic` drives the public
+API (Engine, DraftAdapter, EngineSwapper, save_eagle3) the way an RL loop would.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, rope_theta=1_000_000.0,
+                  rms_norm_eps=1e-6, max_position_embeddings=40960)
+
+
+@dataclass(frozen=True)
+class RealisticConfig:
+    layers: int = 4  # decoder layers of the target (Qwen3-0.6B has 28)
+    rollouts: int = 2  # sequences per step
+    prompt_tokens: int = 64  # random token-id prompt length
+    completion_tokens: int = 2048  # every rollout runs this long (ignore_eos)
+    max_model_len: int = 4096
+    k: int = 2  # draft tokens per verification
+    draft_vocab_size: int = 32000
+    capture_tokens: int = 2048  # the step budget (positions)
+    window_tokens: int = 512  # longest trained window (the dense TTT costs ~0.46 GB per 512 positions)
+    batch_tokens: int = 1024  # positions per TTT batch
+    train_steps: int = 2
+    backward: bool = True  # run the policy's backward under capture, as the RL loss does
+    kv_cache_gib: int = 1
+    temperature: float = 1.0
+    seed: int = 0
+
+
+class Stages:
+    """Wall time and RSS per stage: rss_gb now, peak_gb = the process's peak so far."""
+
+    def __init__(self):
+        self.rows: dict[str, dict] = {}
+
+    def run(self, name: str, fn, **extra):
+        t0 = time.perf_counter()
+        out = fn()
+        self.rows[name] = {"seconds": time.perf_counter() - t0, "rss_gb": rss_gb(), "peak_gb": peak_rss_gb(), **extra}
+        return out
+
+
+def rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def target_config(layers: int):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(num_hidden_layers=layers, **QWEN3_0_6B)
+
+
+def save_target(out: Path, layers: int, seed: int = 0) -> Path:
+    """A random Qwen3-0.6B-shaped target, fp32, saved as a checkpoint dir."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(target_config(layers), dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def aux_ids(layers: int) -> tuple[int, int, int]:
+    """vLLM's default (2, L//2, L-3) when increasing, else the last three layers (L >= 3)."""
+    ids = (2, layers // 2, layers - 3)
+    return ids if ids[0] < ids[1] < ids[2] else (layers - 3, layers - 2, layers - 1)
+
+
+def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
+    """Run every stage once; returns {"config", "stages", "figures"}."""
+    from transformers import AutoModelForCausalLM
+
+    from ..adapter import AdapterConfig, DraftAdapter
+    from ..checkpoint import save_eagle3
+    from ..drafts.eagle3 import Eagle3Draft
+    from ..engine.swap import EngineSwapper
+    from ..engine.vllm import Engine, EngineConfig, SpecConfig
+    from ..trainer import TrainerConfig
+
+    work, st, fig = Path(workdir), Stages(), {}
+    tc = target_config(cfg.layers)
+    # 1) a random target and a random draft over the 32k lowest ids (d2t all zeros, as vLLM loads it)
+    target_dir = st.run("build_target", lambda: save_target(work / "target", cfg.layers, cfg.seed))
+    torch.manual_seed(cfg.seed)
+    draft = Eagle3Draft.from_target(tc, draft_vocab=torch.zeros(cfg.draft_vocab_size, dtype=torch.long),
+                                    aux_layer_ids=aux_ids(cfg.layers), max_position_embeddings=cfg.max_model_len)
+    draft_dir = st.run("export_initial_draft", lambda: save_eagle3(draft, work / "draft0", tc))
+    fig["draft_params_m"] = sum(p.numel() for p in draft.parameters()) / 1e6
+    # 2) the engine, with the draft speculating
+    ecfg = EngineConfig(model=str(target_dir), spec=SpecConfig("eagle3", cfg.k, model=str(draft_dir)),
+                        max_model_len=cfg.max_model_len, max_num_seqs=cfg.rollouts, kv_cache_gib=cfg.kv_cache_gib,
+                        seed=cfg.seed, extra={"skip_tokenizer_init": True})
+    engine = st.run("engine_start", lambda: Engine(ecfg))
+    try:
+        g = torch.Generator().manual_seed(cfg.seed)
+        prompts = torch.randint(0, cfg.draft_vocab_size, (cfg.rollouts, cfg.prompt_tokens), generator=g).tolist()
+        c0 = engine.spec_counters()
+        outs = st.run("rollouts", lambda: engine.generate(prompts, temperature=cfg.temperature, logprobs=False,
+                                                          max_tokens=cfg.completion_tokens, ignore_eos=True,
+                                                          seed=cfg.seed))
+        c1 = engine.spec_counters()
+        lens = [len(o[0].token_ids) for o in outs]
+        st.rows["rollouts"].update(tokens=sum(lens), tokens_per_s=sum(lens) / st.rows["rollouts"]["seconds"])
+        fig.update(completion_lengths=lens, acceptance_length_before=(c1 - c0).acceptance_length,
+                   drafts_before=(c1 - c0).drafts)
+        # 3) the policy's log-prob forward (+ backward) under capture, one sequence per micro-batch
+        policy = st.run("load_policy", lambda: AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32))
+        adapter = DraftAdapter(draft, policy.get_input_embeddings(),
+                               AdapterConfig(train_steps=cfg.train_steps, batch_tokens=cfg.batch_tokens, min_tokens=1,
+                                             capture_tokens=cfg.capture_tokens, window_tokens=cfg.window_tokens,
+                                             acceptance_drop=None, seed=cfg.seed),
+                               TrainerConfig(ttt_steps=cfg.k), sink=EngineSwapper(engine))
+        fig["teacher"], fig["top_k"] = adapter.teacher, adapter.top_k
+        st.run("capture_step", lambda: _capture(policy, adapter, prompts, outs, cfg))
+        # 4) the step boundary: train on the kept windows, push into the running engine
+        stats = st.run("train_and_push", lambda: adapter.on_step_end(0))
+        fig["budget"] = stats.budget._asdict()
+        fig["train"] = {"steps": stats.train.steps, "tokens": stats.train.tokens, "seconds": stats.train.seconds,
+                        "loss": stats.train.loss}
+        fig.update(pushed=stats.pushed, push_seconds=stats.push_seconds, push_mb=stats.push_bytes / 2**20,
+                   cache_bytes_per_token=stats.cache.bytes / max(1, stats.cache.tokens))
+        st.run("export_draft", lambda: save_eagle3(adapter.worker.draft, work / "draft1", tc))
+        # 5) the engine serves the pushed draft: the counters keep moving
+        c2 = engine.spec_counters()
+        st.run("rollouts_after_push", lambda: engine.generate(prompts, temperature=cfg.temperature, logprobs=False,
+                                                               max_tokens=256, ignore_eos=True, seed=cfg.seed + 1))
+        after = engine.spec_counters() - c2
+        fig.update(acceptance_length_after=after.acceptance_length, drafts_after=after.drafts,
+                   draft_version_served=adapter.sink.draft_version)
+    finally:
+        engine.shutdown()
+    return {"config": asdict(cfg), "stages": st.rows, "figures": fig}
+
+
+def _capture(policy, adapter, prompts, outs, cfg: RealisticConfig) -> None:
+    """What the RL loop's log-prob recompute does, one sequence per micro-batch."""
+    policy.train()
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt + out[0].token_ids])  # [1, T]
+        comp = torch.arange(ids.shape[1])[None] >= len(prompt)
+        with adapter.capture(policy) as cap:
+            logits = policy(input_ids=ids, use_cache=False).logits  # [1, T, V]
+            lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        batch = cap.rollout_batch(input_ids=ids, completion_mask=comp, policy_version=0)
+        del logits
+        if cfg.backward:
+            (-(lp * comp[:, 1:]).sum() / comp.sum()).backward()
+        del lp
+        adapter.on_rollouts(batch)
+    policy.zero_grad(set_to_none=True)
