@@ -341,7 +341,7 @@ class EngineSwapper:
         kw = {"kind": kind, "version": version, **({"verify": mode} if failed and mode else {})}
         self.engines[i].collective_rpc(call, kwargs=kw)
         if failed:
-            raise RuntimeError(f"{len(failed)} of {len(outs)} ranks failed, every rank restored the previous "
+            raise RuntimeError(f"{len(failed)} of {len(outs)} ranks failed, every rank serves the previous "
                                f"weights: " + " | ".join(failed))
 
 def _agreed(infos: list, engine: int) -> list:

@@ -191,6 +191,20 @@ class DraftSwapExtension:
         when given."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
+        try:
+            return self._draftadapt_apply(kind, version, expected_checksum, payload, path, verify, two_phase, force,
+                                          inject_failure_after if inject_rank in (None, get_tensor_model_parallel_rank())
+                                          else None)
+        except Exception as exc:
+            if not two_phase:
+                raise
+            return {"ok": False, "pushed": False, "rank": get_tensor_model_parallel_rank(),
+                    "error": f"rank {get_tensor_model_parallel_rank()}: {type(exc).__name__}: {exc}"}
+
+    def _draftadapt_apply(self, kind, version, expected_checksum, payload, path, verify, two_phase, force,
+                          fail_after) -> dict:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
         rank, lap, st = get_tensor_model_parallel_rank(), _Laps(), self._draftadapt_state()
         current = st["versions"][kind]
         if current is not None and version <= current and not (force and version == current):
@@ -209,7 +223,6 @@ class DraftSwapExtension:
         lap("validate")
         previous = self._draftadapt_reference(kind, layout)
         lap("rollback_copy")
-        fail_after = inject_failure_after if inject_rank in (None, rank) else None
         try:
             self._draftadapt_reload(kind, model, state, fail_after)
             lap("load")
@@ -221,11 +234,8 @@ class DraftSwapExtension:
             lap("verify")
         except Exception as exc:
             self._draftadapt_restore(kind, model, layout, previous, verify)
-            msg = (f"{kind} push of version {version} failed on rank {rank}; the previous weights (version {current}) "
-                   f"were restored and verified: {exc}")
-            if two_phase:
-                return {"ok": False, "pushed": False, "error": msg, "rank": rank}
-            raise RuntimeError(msg) from exc
+            raise RuntimeError(f"{kind} push of version {version} failed on rank {rank}; the previous weights "
+                               f"(version {current}) were restored and verified: {exc}") from exc
         if two_phase:
             st["pending"][kind] = (version, state, previous)
         else:
