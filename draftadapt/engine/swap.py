@@ -232,11 +232,18 @@ class EngineSwapper:
         for e in self.engines:
             e.wake_up()
         self.asleep = False
+        return self.restore()
+
+    def restore(self) -> dict[str, list[str]]:
+        """Apply the pushes deferred while the engines slept, then `ensure_latest` the draft (and
+        the policy, when this swapper refitted it; else its owner does). Call it after any wake-up
+        made elsewhere (TRL's colocated engine sleeps and wakes on its own)."""
         for kind in ("policy", "draft"):
             if kind in self._deferred:
                 state, version, path, verify = self._deferred.pop(kind)
                 self._push(kind, version, state, path, verify)
-        return {kind: self.ensure_latest(kind) for kind in ("policy", "draft") if self._spec[kind] is not None}
+        kinds = [k for k in ("policy", "draft") if self._spec[k] is not None and (k == "draft" or k in self._latest)]
+        return {kind: self.ensure_latest(kind) for kind in kinds}
 
     def ensure_latest(self, kind: str = "draft", verify: str = "probe") -> list[str]:
         """Check that every rank of every engine computes with the latest `kind` weights it was
