@@ -1,5 +1,7 @@
 """The engine lifecycle around pushes: a worker extension composed with another framework's,
 pushes deferred while engines sleep, weights lost silently (level-2 sleep, faults) restored."""
+import contextlib
+
 import pytest
 import torch
 
@@ -80,8 +82,27 @@ def live(tmp_path_factory):
     cfg = EngineConfig(model=str(model_dir), tokenizer=str(tok_dir), max_num_seqs=4,
                        spec=SpecConfig("eagle3", 3, model=str(draft_dir)),
                        worker_extension="composed_extension.ComposedExtension")
-    with Engine(cfg) as engine:
-        yield engine, EngineSwapper(engine), config
+    with _own_worker_bases():
+        with Engine(cfg) as engine:
+            yield engine, EngineSwapper(engine), config
+
+
+@contextlib.contextmanager
+def _own_worker_bases():
+    """vLLM injects the extension into the worker CLASS (`__bases__`) for the whole process and
+    refuses a second extension whose attributes the class already has: an earlier in-process
+    engine of this pytest run left DraftSwapExtension there. Take it out for this engine and put
+    the bases back after, so later engines find them as they were."""
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from draftadapt.engine.swap_worker import DraftSwapExtension
+
+    saved = CPUWorker.__bases__
+    CPUWorker.__bases__ = tuple(b for b in saved if not issubclass(b, DraftSwapExtension))
+    try:
+        yield
+    finally:
+        CPUWorker.__bases__ = saved
 
 
 def _draft(config, seed):

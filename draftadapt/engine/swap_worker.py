@@ -20,6 +20,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 
 from .swap import KINDS, check_push, checksum, read_safetensors_dir, tensors_from_bytes, tensors_to_bytes
+from .native import NativeTransferWorker, gpu_uuid
 from .swap_verify import read_back, startup_weights
 from .swap_verify import verify as verify_rank
 
@@ -134,7 +135,7 @@ class _Laps:
         self.phases[f"worker_{name}"], self.t = now - self.t, now
 
 
-class DraftSwapExtension:
+class DraftSwapExtension(NativeTransferWorker):
     """Methods vLLM mixes into its worker class (prefixed `draftadapt_` to avoid clashes).
 
     A mixin: a framework that installs its own worker extension (verl, NeMo-RL, OpenRLHF) puts
@@ -169,7 +170,9 @@ class DraftSwapExtension:
                 "draft_method": self._draftadapt_method(),
                 "vocab_size": self.model_config.get_vocab_size(),
                 "tp_size": pc.tensor_parallel_size, "tp_rank": get_tensor_model_parallel_rank(),
-                "native_draft_update": bool(native()) if callable(native) else False}
+                "native_draft_update": bool(native()) if callable(native) else False,
+                "weight_transfer_backend": getattr(getattr(self.vllm_config, "weight_transfer_config", None),
+                                                   "backend", None), "gpu_uuid": gpu_uuid(self)}
 
     def draftadapt_state(self, kind: str) -> bytes:
         """The weights the engine computes with now, checkpoint form, as safetensors bytes (TP = 1)."""
