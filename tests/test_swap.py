@@ -240,7 +240,8 @@ class TestPushIntoARunningEngine:
         kwargs = dict(kind="draft", version=next(live.versions), payload=tensors_to_bytes(new),
                       expected_checksum=checksum(new) if failure == "midway" else "0" * 16,
                       inject_failure_after=3 if failure == "midway" else None)
-        with pytest.raises(RuntimeError, match="restored and verified"):
+        expected = (RuntimeError, "restored and verified") if failure == "midway" else (ValueError, "digest")
+        with pytest.raises(expected[0], match=expected[1]):  # a bad digest is refused before any weight moves
             live.engine.collective_rpc("draftadapt_push", kwargs=kwargs)
         assert _same(live.served(), old), "the engine must serve the previous draft after a failed push"
         assert live.greedy() == greedy

@@ -20,13 +20,17 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 
 from .swap import KINDS, check_push, checksum, read_safetensors_dir, tensors_from_bytes, tensors_to_bytes
+from .native import NativeTransferWorker, gpu_uuid
+from .swap_verify import read_back, startup_weights
+from .swap_verify import verify as verify_rank
 
 class _Slot(NamedTuple):
     module: Any  # vLLM module that holds the tensor
     param: str  # its parameter name there
-    rows: tuple[int, int] | None  # [start, stop) of dim 0 (fused qkv / gate_up, padded vocab); None = all
-    shape: tuple[int, ...]  # checkpoint shape
+    rows: tuple[int, int] | None  # [start, stop) of dim 0 at TP = 1 (fused qkv / gate_up, padded vocab); None = all
+    shape: tuple[int, ...]  # checkpoint shape (the full tensor, at any tensor-parallel size)
     probe: bool  # read through the layer's matmul (CPU keeps only a repacked copy)
+    shard: Any = None  # the loader's shard id in a fused module: "q"/"k"/"v" or 0, 1, ...; None = not fused
 
 
 def _layout(model, rename, skip: Sequence[str] = (), packed: dict | None = None) -> dict[str, _Slot]:
@@ -53,18 +57,31 @@ def _layout(model, rename, skip: Sequence[str] = (), packed: dict | None = None)
                                                            cpu and isinstance(mod, ParallelLMHead))
             elif isinstance(mod, LinearBase):
                 subs = packed.get(leaf, [leaf])
-                sizes = list(mod.output_sizes) if len(subs) > 1 else [mod.output_size]  # TP = 1
+                sizes, shards = _full_sizes(mod, len(subs))
                 assert len(subs) == len(sizes), (mod_name, subs, sizes)
                 start = 0
-                for sub, size in zip(subs, sizes):
+                for sub, size, shard in zip(subs, sizes, shards):
                     shape = (size, mod.input_size) if pname == "weight" else (size,)
                     name = f"{prefix}.{sub}.{pname}" if prefix else f"{sub}.{pname}"
-                    out[rename(name)] = _Slot(mod, pname, (start, start + size), shape, cpu and pname == "weight")
+                    out[rename(name)] = _Slot(mod, pname, (start, start + size), shape, cpu and pname == "weight",
+                                              shard)
                     start += size
             else:
                 name = f"{mod_name}.{pname}" if mod_name else pname
                 out[rename(name)] = _Slot(mod, pname, None, tuple(p.shape), False)
     return out
+
+
+def _full_sizes(mod, parts: int) -> tuple[list[int], list]:
+    """Checkpoint output sizes of a linear layer's parts and the shard ids its loader takes."""
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    if parts == 1:
+        return [mod.output_size], [None]
+    if isinstance(mod, QKVParallelLinear):  # output_sizes count replicated kv heads once per rank
+        kv = mod.total_num_kv_heads
+        return [mod.total_num_heads * mod.head_size, kv * mod.head_size, kv * mod.v_head_size], ["q", "k", "v"]
+    return list(mod.output_sizes), list(range(parts))
 
 
 def _draft_name(name: str) -> str:
@@ -83,36 +100,6 @@ def _mtp_namer(start: int):
         m = _MTP_LAYER.match(name)
         return name if m is None else f"model.mtp_layers.{int(m.group(1)) - start}." + name[m.end():]
     return rename
-
-
-@torch.no_grad()
-def _read_back(layout: dict[str, _Slot]) -> dict[str, torch.Tensor]:
-    """The weights the engine computes with, in checkpoint form (see the module docstring)."""
-    probed: dict[int, torch.Tensor] = {}
-    out = {}
-    for name, s in layout.items():
-        p = getattr(s.module, s.param)
-        if s.probe:
-            if id(s.module) not in probed:
-                probed[id(s.module)] = _through_matmul(s.module, p.dtype, p.device)
-            full = probed[id(s.module)]
-        else:
-            full = p
-        t = full if s.rows is None else full[s.rows[0]:s.rows[1]]
-        out[name] = t.detach().cpu().clone()
-    return out
-
-
-def _through_matmul(mod, dtype: torch.dtype, device, chunk: int = 1024) -> torch.Tensor:
-    """W [N, K] of a linear/lm_head whose kernel holds a repacked copy: apply it to I_K, chunked."""
-    k = getattr(mod, "embedding_dim", None) or mod.input_size
-    parts = []
-    for i in range(0, k, chunk):
-        n = min(chunk, k - i)
-        eye = torch.zeros(n, k, dtype=dtype, device=device)
-        eye[torch.arange(n), torch.arange(i, i + n)] = 1
-        parts.append(mod.quant_method.apply(mod, eye))  # [n, N] = rows i..i+n of W^T
-    return torch.cat(parts).t()
 
 
 @contextmanager
@@ -148,18 +135,32 @@ class _Laps:
         self.phases[f"worker_{name}"], self.t = now - self.t, now
 
 
-class DraftSwapExtension:
+class DraftSwapExtension(NativeTransferWorker):
     """Methods vLLM mixes into its worker class (prefixed `draftadapt_` to avoid clashes).
 
+    A mixin: a framework that installs its own worker extension (verl, NeMo-RL, OpenRLHF) puts
+    this class among its bases - `class MyExt(MyFrameworkExt, DraftSwapExtension): ...` - and
+    passes `worker_extension_cls="my_pkg.MyExt"`. It keeps its state in `self._draftadapt` and
+    defines no `__init__`, so it composes with any other extension.
+
+    Every tensor-parallel rank runs each call: it receives the FULL tensors, and validates and
+    verifies what its own weight loaders make of them (`swap_verify`). With `two_phase=True` a
+    rank that fails restores its previous weights and REPLIES `ok: False` instead of raising, so
+    the driver hears every rank and then tells all of them to keep (`draftadapt_commit`) or to
+    restore (`draftadapt_abort`) the push.
+
     It assumes it is the only writer of the weights it pushes: the previous weights it restores
-    after a failure are the last ones it loaded (read back from the engine on first use).
+    after a failure are the last ones it loaded (at start: read back at TP = 1, read from the
+    start-up checkpoint at TP > 1, where a rank holds only a shard).
     """
 
     def draftadapt_info(self) -> dict:
-        """What a push must look like: per kind name -> [shape, dtype], versions, capabilities."""
+        """What a push must look like: per kind name -> [shape, dtype] (full tensors), versions, capabilities."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
         pc = self.vllm_config.parallel_config
-        if pc.tensor_parallel_size * pc.pipeline_parallel_size != 1:
-            raise RuntimeError("draftadapt pushes support tensor_parallel_size = pipeline_parallel_size = 1 engines")
+        if pc.pipeline_parallel_size != 1:
+            raise RuntimeError("draftadapt pushes support pipeline_parallel_size = 1 engines (any tensor_parallel_size)")
         has_draft = self.model_runner.get_draft_model() is not None
         native = getattr(self, "supports_draft_weight_updates", None)
         return {"versions": dict(self._draftadapt_state()["versions"]),
@@ -168,51 +169,129 @@ class DraftSwapExtension:
                 "draft_forbidden": self._draftadapt_forbidden() if has_draft else {},
                 "draft_method": self._draftadapt_method(),
                 "vocab_size": self.model_config.get_vocab_size(),
-                "native_draft_update": bool(native()) if callable(native) else False}
+                "tp_size": pc.tensor_parallel_size, "tp_rank": get_tensor_model_parallel_rank(),
+                "native_draft_update": bool(native()) if callable(native) else False,
+                "weight_transfer_backend": getattr(getattr(self.vllm_config, "weight_transfer_config", None),
+                                                   "backend", None), "gpu_uuid": gpu_uuid(self)}
 
     def draftadapt_state(self, kind: str) -> bytes:
-        """The weights the engine computes with now, checkpoint form, as safetensors bytes."""
-        return tensors_to_bytes(_read_back(self._draftadapt_layout(kind)[1]))
+        """The weights the engine computes with now, checkpoint form, as safetensors bytes (TP = 1)."""
+        if self.vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise RuntimeError("draftadapt_state reads whole weights back at tensor_parallel_size = 1 only (a TP rank "
+                               "holds a shard); check a TP engine with draftadapt_check")
+        return tensors_to_bytes(read_back(self._draftadapt_layout(kind)[1]))
 
     def draftadapt_push(self, kind: str, version: int, expected_checksum: str | None = None,
-                        payload: bytes | None = None, path: str | None = None,
-                        inject_failure_after: int | None = None) -> dict:
-        """Apply a push atomically: validate, reload in place, verify the read-back digest equals
-        `expected_checksum` (when given); on any failure restore and re-verify the previous
-        weights, then raise. `inject_failure_after` (tests) fails the reload after n tensors."""
-        lap, st = _Laps(), self._draftadapt_state()
+                        payload: bytes | None = None, path: str | None = None, verify: str = "probe",
+                        two_phase: bool = False, force: bool = False,
+                        inject_failure_after: int | None = None, inject_rank: int | None = None) -> dict:
+        """Apply a push: validate, check the received tensors' digest equals `expected_checksum`
+        (when given; else no verification), reload in place, verify this rank's shard (`verify`:
+        "probe" or "full"). On failure restore and re-verify the previous weights, then raise (or,
+        `two_phase`, reply ok=False). `two_phase` success leaves the push pending until
+        `draftadapt_commit` / `draftadapt_abort`. `force` re-applies a served version (repair).
+        `inject_failure_after` (tests) fails the reload after n tensors, on rank `inject_rank` only
+        when given."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        try:
+            return self._draftadapt_apply(kind, version, expected_checksum, payload, path, verify, two_phase, force,
+                                          inject_failure_after if inject_rank in (None, get_tensor_model_parallel_rank())
+                                          else None)
+        except Exception as exc:
+            if not two_phase:
+                raise
+            return {"ok": False, "pushed": False, "rank": get_tensor_model_parallel_rank(),
+                    "error": f"rank {get_tensor_model_parallel_rank()}: {type(exc).__name__}: {exc}"}
+
+    def _draftadapt_apply(self, kind, version, expected_checksum, payload, path, verify, two_phase, force,
+                          fail_after) -> dict:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank, lap, st = get_tensor_model_parallel_rank(), _Laps(), self._draftadapt_state()
         current = st["versions"][kind]
-        if current is not None and version <= current:
+        if current is not None and version <= current and not (force and version == current):
             if version < current:
                 raise ValueError(f"{kind} version {version} is older than the served version {current}: refused")
-            return {"pushed": False, "checksum": None, "phases": {}}
+            return {"ok": True, "pushed": False, "checksum": None, "phases": {}, "rank": rank}
         model, layout = self._draftadapt_layout(kind)
         state = tensors_from_bytes(payload) if payload is not None else read_safetensors_dir(path)
         lap("receive")
         forbidden = self._draftadapt_forbidden() if kind == "draft" else {}
         state = check_push(state, _spec_of(layout), kind, forbidden, self.model_config.get_vocab_size())
+        got = checksum(state) if expected_checksum is not None else None
+        if got != expected_checksum:  # before any weight is touched
+            raise ValueError(f"refused {kind} push of version {version} on rank {rank}: the received tensors' digest "
+                             f"{got} != the trainer's {expected_checksum} (corrupted in transit?)")
         lap("validate")
-        previous = st["last"].get(kind) or _read_back(layout)
+        previous = self._draftadapt_reference(kind, layout)
         lap("rollback_copy")
-        got = None
         try:
-            self._draftadapt_reload(kind, model, state, inject_failure_after)
+            self._draftadapt_reload(kind, model, state, fail_after)
             lap("load")
             self._draftadapt_check_sharing()
-            got = checksum(_read_back(layout)) if expected_checksum is not None else None
-            if got != expected_checksum:
-                raise RuntimeError(f"engine-side checksum {got} != trainer-side {expected_checksum}")
+            if expected_checksum is not None:
+                report = verify_rank(layout, state, verify)
+                if not report.ok:
+                    raise RuntimeError(f"rank {rank} verification ({verify}) failed: {report.problem}")
             lap("verify")
         except Exception as exc:
-            self._draftadapt_restore(kind, model, layout, previous)
-            raise RuntimeError(f"{kind} push of version {version} failed; the previous weights (version {current}) "
-                               f"were restored and verified: {exc}") from exc
-        st["last"][kind], st["versions"][kind] = state, version
-        return {"pushed": True, "checksum": got, "phases": lap.phases}
+            self._draftadapt_restore(kind, model, layout, previous, verify)
+            raise RuntimeError(f"{kind} push of version {version} failed on rank {rank}; the previous weights "
+                               f"(version {current}) were restored and verified: {exc}") from exc
+        if two_phase:
+            st["pending"][kind] = (version, state, previous)
+        else:
+            st["last"][kind], st["versions"][kind] = state, version
+        return {"ok": True, "pushed": True, "checksum": got, "phases": lap.phases, "rank": rank}
+
+    def draftadapt_commit(self, kind: str, version: int) -> bool:
+        """Keep the pending two-phase push of `version` (every rank verified it)."""
+        st = self._draftadapt_state()
+        pending = st["pending"].pop(kind, None)
+        if pending is None or pending[0] != version:
+            return False
+        st["versions"][kind], st["last"][kind] = version, pending[1]
+        return True
+
+    def draftadapt_abort(self, kind: str, version: int, verify: str = "probe") -> bool:
+        """Restore the weights from before the pending push of `version` (another rank failed)."""
+        st = self._draftadapt_state()
+        pending = st["pending"].pop(kind, None)
+        if pending is None or pending[0] != version:
+            return False
+        model, layout = self._draftadapt_layout(kind)
+        self._draftadapt_restore(kind, model, layout, pending[2], verify)
+        return True
+
+    def draftadapt_check(self, kind: str = "draft", verify: str = "probe", repair: bool = False) -> dict:
+        """Does this rank still compute with the last weights it loaded for `kind`? A level-2
+        sleep, a wake-up or a fault can discard them silently. `repair` reloads them (versions
+        unchanged) and re-verifies. Cost: one `verify` pass (and a reload when repairing)."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        st = self._draftadapt_state()
+        model, layout = self._draftadapt_layout(kind)
+        reference = self._draftadapt_reference(kind, layout, trust_live=False)
+        report = verify_rank(layout, reference, verify)
+        repaired = False
+        if not report.ok and repair:
+            self._draftadapt_restore(kind, model, layout, reference, verify)
+            repaired = True
+        return {"rank": get_tensor_model_parallel_rank(), "version": st["versions"][kind], "ok": report.ok,
+                "problem": report.problem, "repaired": repaired}
+
+    def draftadapt_fault_discard_draft(self) -> None:
+        """FAULT INJECTION (tests, the draft-health watchdog): zero every drafter weight a push
+        carries, as vLLM's level-2 sleep discards them on GPUs (on CPU sleep is a no-op), leaving
+        the recorded versions untouched - what a silent weight loss looks like to the swapper."""
+        model, layout = self._draftadapt_layout("draft")
+        zeros = {n: torch.zeros(s.shape, dtype=getattr(s.module, s.param).dtype) for n, s in layout.items()}
+        self._draftadapt_reload("draft", model, zeros, None)
 
     def _draftadapt_state(self) -> dict:
         if not hasattr(self, "_draftadapt"):
-            self._draftadapt = {"versions": {k: None for k in KINDS}, "last": {}}
+            self._draftadapt = {"versions": {k: None for k in KINDS}, "last": {}, "pending": {}}
         return self._draftadapt
 
     def _draftadapt_shared(self, live: bool = False) -> list[str]:
@@ -283,15 +362,31 @@ class DraftSwapExtension:
             reload_weights(self.vllm_config, model, weights_iterator=items, weights_path=None,
                            is_checkpoint_format=True)
 
-    def _draftadapt_restore(self, kind: str, model, layout, previous: dict) -> None:
+    def _draftadapt_restore(self, kind: str, model, layout, previous: dict, verify: str = "probe") -> None:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
             finalize_layerwise_reload(model, self.model_config)  # put back layers a failed load left on meta
         self._draftadapt_reload(kind, model, previous, None)
-        if checksum(_read_back(layout)) != checksum(previous):
-            raise RuntimeError(f"ROLLBACK FAILED: the {kind} weights are undefined; restart the engine")
+        report = verify_rank(layout, previous, verify)
+        if not report.ok:
+            raise RuntimeError(f"ROLLBACK FAILED: the {kind} weights are undefined ({report.problem}); restart the "
+                               "engine")
+
+    def _draftadapt_reference(self, kind: str, layout, trust_live: bool = True) -> dict:
+        """The last weights loaded for `kind` (the rollback copy): the last push, else the start-up
+        ones - read back at TP = 1 (`trust_live`), else read from the start-up checkpoint."""
+        st = self._draftadapt_state()
+        if kind in st["last"]:
+            return st["last"][kind]
+        if trust_live and self.vllm_config.parallel_config.tensor_parallel_size == 1:
+            st["last"][kind] = read_back(layout)
+        else:
+            spec = self.vllm_config.speculative_config
+            path = spec.model if kind == "draft" and spec is not None and spec.model else self.model_config.model
+            st["last"][kind] = startup_weights(path, _spec_of(layout), kind)
+        return st["last"][kind]
 
     def _draftadapt_check_sharing(self) -> None:
         """The drafter still uses the target's own embedding (and lm_head, where shared) modules,

