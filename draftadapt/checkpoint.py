@@ -117,16 +117,33 @@ def save_speculators(draft: Eagle3Draft, out_dir: str | os.PathLike, target_conf
     return atomic_write_dir(out_dir, write)
 
 
+def readable_tempdir(out: Path) -> Path:
+    """mkdtemp beside `out`, opened up to the umask's default (0755 under umask 022, as
+    save_pretrained leaves a dir): mkdtemp's 0700 would hide an exported draft from another user
+    or a serving container."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_dir(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) in a temp dir beside out_dir, fsync it, then swap it in with os.replace."""
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"checkpoint path {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = readable_tempdir(out)
     try:
         write(tmp)
         for f in tmp.iterdir():
+            if f.is_file():  # safetensors' save_file writes 0600: open files up like the dir
+                os.chmod(f, 0o666 & ~_umask())
             _fsync(f)
         _fsync(tmp)
     except BaseException:

@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("trl")
+from conftest import require  # noqa: E402
+
+require("trl")  # setup installs it: a broken TRL fails the run, never skips
 
 from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
 from draftadapt.cache import CacheConfig  # noqa: E402
