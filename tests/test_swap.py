@@ -209,16 +209,16 @@ class TestPushIntoARunningEngine:
         ("non_finite", "lm_head.weight: non-finite"),
     ])
     def test_a_bad_push_is_refused_and_the_old_weights_keep_serving(self, live, case, needle):
-        served, version, c0 = live.served(), live.swapper.draft_version, live.swapper.spec_counters()
-        greedy, c1 = live.greedy(), live.swapper.spec_counters()
+        served, version = live.served(), live.swapper.draft_version
+        greedy = live.greedy()
         bad = _corrupt(live.draft(seed=16), case, live.config)
         with pytest.raises(ValueError) as err:
             live.swapper.push_draft(bad, next(live.versions))
         assert needle in str(err.value), str(err.value)
         assert _same(live.served(), served) and live.swapper.draft_version == version
+        # (no acceptance check: a random draft on a random target accepts ~0 either way; the
+        # read-back above is what fails when the old weights stop serving)
         assert live.greedy() == greedy
-        c2 = live.swapper.spec_counters()
-        assert (c2 - c1).accepted_per_pos == (c1 - c0).accepted_per_pos, "the draft's acceptance must not move"
 
     def test_the_worker_refuses_a_draft_push_carrying_embed_tokens_on_its_own(self, live):
         from draftadapt.engine.swap import checksum, tensors_to_bytes
