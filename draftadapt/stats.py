@@ -53,7 +53,7 @@ def detectable_w(n_a: int, n_b: int, dof: int, alpha: float, power: float = 0.8)
 
     The power statement every lossless check carries. For equal arms drawn from distributions p
     and q, w^2 = 1/4 * sum_i (p_i - q_i)^2 / m_i with m = (p + q) / 2 (w = 0.1 is "small"; moving
-    half of a token's 20% share elsewhere is w ~ 0.09). Checked by simulation in tests/test_stats.py.
+    0.1 of probability from a token at 0.2 to one at 0.2 is w = 0.16). Checked by simulation in tests/test_stats.py.
     """
     from scipy.optimize import brentq
     from scipy.stats import chi2, ncx2
