@@ -263,13 +263,23 @@ def _layer_config(layer: dict[str, Any], ids, draft_vocab_size, target_hidden_si
     )
 
 
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}): it is truncated or corrupt (an "
+                         f"interrupted copy?); export the draft again (checkpoint.save_eagle3) or restore it") from e
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(path / shard)).items()}
+        return {k: v for shard in shards for k, v in _load_safetensors(path / shard).items()}
     if (path / WEIGHTS).is_file():
-        return load_file(str(path / WEIGHTS))
+        return _load_safetensors(path / WEIGHTS)
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise ValueError(f"{path} has no {WEIGHTS}, model.safetensors.index.json or pytorch_model.bin")
