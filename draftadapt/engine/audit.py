@@ -60,9 +60,10 @@ class TokenTest:
     sampling: str
     pvalues: list[list[float]]  # [prompt][position]
     dofs: list[list[int]]  # [prompt][position] degrees of freedom after pooling
-    min_pvalue: float
+    min_pvalue: float  # 0.0 when the engine crashed
     acceptance_length: float  # of the speculative engine on these samples
     accepted_per_pos: list[int]  # accepted draft tokens per draft position
+    error: str | None = None  # the engine's error when it crashed under this setting
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class SequenceTest:
     mean_length: tuple[float, float]
     style_shares: tuple[dict, dict]
     pvalues: dict[str, float]  # accuracy, length, style
-    min_pvalue: float
+    min_pvalue: float  # 0.0 when the engine crashed
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,21 +114,37 @@ class _Arm(NamedTuple):
     tokens: dict[str, list[list[list[int]]]]  # sampling -> [prompt][sample] ids
     counters: dict  # sampling -> SpecCounters delta (None for the plain arm)
     sequences: list[list[list[int]]] | None  # [prompt][sample] ids of the sequence task
+    errors: dict[str, str]  # sampling (or "sequence") -> the engine's error: a crash is a failed check
 
 
 def _run_arm(cfg: EngineConfig, prompts, samples: int, max_tokens: int, samplings: Mapping[str, Mapping],
              task: SequenceTask | None) -> _Arm:
-    tokens, counters = {}, {}
-    with Engine(cfg) as eng:
-        for name, sampling in samplings.items():
+    tokens, counters, errors, seqs, eng = {}, {}, {}, None, None
+    jobs = [(name, prompts, samples, max_tokens, s, ()) for name, s in samplings.items()]
+    if task is not None:
+        jobs.append(("sequence", task.prompts, task.samples_per_prompt, task.max_tokens, SAMPLINGS["T1"],
+                     task.stop_token_ids))
+    try:
+        for name, ps, n, mt, sampling, stop in jobs:
+            eng = eng or Engine(cfg)
             before = eng.spec_counters() if cfg.spec else None
-            tokens[name] = sample_tokens(eng, prompts, samples, max_tokens, sampling)
-            counters[name] = eng.spec_counters() - before if cfg.spec else None
-        seqs = None
-        if task is not None:
-            seqs = sample_tokens(eng, task.prompts, task.samples_per_prompt, task.max_tokens, SAMPLINGS["T1"],
-                                 task.stop_token_ids)
-    return _Arm(tokens, counters, seqs)
+            try:
+                out = sample_tokens(eng, ps, n, mt, sampling, stop)
+            except Exception as exc:  # noqa: BLE001 - an engine that crashes under a setting fails the audit
+                if cfg.spec is None:
+                    raise
+                errors[name] = f"{type(exc).__name__}: {exc}"[:500]
+                eng.shutdown()
+                eng = None  # a fresh engine for the next setting
+                continue
+            if name == "sequence":
+                seqs = out
+            else:
+                tokens[name], counters[name] = out, eng.spec_counters() - before if cfg.spec else None
+    finally:
+        if eng is not None:
+            eng.shutdown()
+    return _Arm(tokens, counters, seqs, errors)
 
 
 def _token_test(drafter: str, sampling: str, plain, drafted, positions: int, counters) -> TokenTest:
@@ -176,16 +194,22 @@ def audit(model: str, drafters: Mapping[str, SpecConfig], prompts: Sequence[Sequ
     arms = {name: _run_arm(cfg(spec, 2 + i), prompts, samples, max_tokens, samplings, task)
             for i, (name, spec) in enumerate(drafters.items())}
     # 3) tests, then one Bonferroni threshold over the whole family
-    token = [_token_test(d, s, plain.tokens[s], arm.tokens[s], max_tokens, arm.counters[s])
+    token = [TokenTest(d, s, [], [], 0.0, 1.0, [], arm.errors[s]) if s in arm.errors else
+             _token_test(d, s, plain.tokens[s], arm.tokens[s], max_tokens, arm.counters[s])
              for d, arm in arms.items() for s in samplings]
-    sequence = [_sequence_test(d, task, plain.sequences, arm.sequences) for d, arm in arms.items()] if task else []
+    sequence = [SequenceTest(d, (0.0, 0.0), (0.0, 0.0), ({}, {}), {}, 0.0, arm.errors["sequence"])
+                if "sequence" in arm.errors else _sequence_test(d, task, plain.sequences, arm.sequences)
+                for d, arm in arms.items()] if task else []
     n_tests = len(token) * len(prompts) * max_tokens + 3 * len(sequence)
     threshold = alpha / n_tests
     failed = [f"{t.drafter}/{t.sampling}" for t in token if t.min_pvalue < threshold]
     failed += [f"{t.drafter}/sequence" for t in sequence if t.min_pvalue < threshold]
-    dof = int(statistics.median(d for t in token for row in t.dofs for d in row if d > 0) or 1)
+    dofs = [d for t in token for row in t.dofs for d in row if d > 0]
+    dof = int(statistics.median(dofs)) if dofs else 1
     seq_n = len(task.prompts) * task.samples_per_prompt if task else 0
-    shift = detectable_shift(seq_n, seq_n, sequence[0].accuracy[0] if sequence else 0.5, threshold, POWER) if task else None
+    p_acc = statistics.mean(s.accuracy[0] for s in sequence if s.error is None) if any(
+        s.error is None for s in sequence) else 0.5
+    shift = detectable_shift(seq_n, seq_n, p_acc, threshold, POWER) if task else None
     return AuditReport(alpha, n_tests, threshold, samples, max_tokens, detectable_w(samples, samples, dof, threshold, POWER),
                        seq_n, shift, token, sequence, failed, cpu_fix.apply(), cpu_fix.status())
 
@@ -193,9 +217,15 @@ def audit(model: str, drafters: Mapping[str, SpecConfig], prompts: Sequence[Sequ
 def print_report(rep: AuditReport) -> None:
     print(f"{'drafter/sampling':<22} {'AL':>5} {'min p':>9}  per-position min p over prompts")
     for t in rep.token:
+        if t.error:
+            print(f"{t.drafter + '/' + t.sampling:<22} ENGINE ERROR {t.error[:150]}")
+            continue
         cols = " ".join(f"{min(r[i] for r in t.pvalues):8.1e}" for i in range(rep.positions))
         print(f"{t.drafter + '/' + t.sampling:<22} {t.acceptance_length:5.2f} {t.min_pvalue:9.2e}  {cols}")
     for s in rep.sequence:
+        if s.error:
+            print(f"{s.drafter + '/sequence':<22} ENGINE ERROR {s.error[:150]}")
+            continue
         print(f"{s.drafter + '/sequence':<22} accuracy {s.accuracy[0]:.3f} vs {s.accuracy[1]:.3f} (p {s.pvalues['accuracy']:.2e}), "
               f"length {s.mean_length[0]:.1f} vs {s.mean_length[1]:.1f} (p {s.pvalues['length']:.2e}), "
               f"style p {s.pvalues['style']:.2e}")
