@@ -117,6 +117,21 @@ def save_speculators(draft: Eagle3Draft, out_dir: str | os.PathLike, target_conf
     return atomic_write_dir(out_dir, write)
 
 
+def recover_parked(out: str | os.PathLike) -> bool:
+    """A writer killed between parking the old checkpoint and moving the new one in leaves no
+    `out` but a `.out.old-*` dir: move the newest such dir back. Returns True when it did."""
+    out = Path(out).absolute()
+    if out.exists() or not out.parent.is_dir():
+        return False
+    parked = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not parked:
+        return False
+    os.replace(parked[-1], out)
+    warnings.warn(f"{out} was missing after an interrupted write: restored the previous checkpoint from {parked[-1].name}",
+                  stacklevel=3)
+    return True
+
+
 def readable_tempdir(out: Path) -> Path:
     """mkdtemp beside `out`, opened up to the umask's default (0755 under umask 022, as
     save_pretrained leaves a dir): mkdtemp's 0700 would hide an exported draft from another user
@@ -138,6 +153,7 @@ def atomic_write_dir(out_dir: str | os.PathLike, write: Callable[[Path], None]) 
     if out.exists() and not out.is_dir():
         raise ValueError(f"checkpoint path {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_parked(out)
     tmp = readable_tempdir(out)
     try:
         write(tmp)
@@ -183,6 +199,7 @@ def load_eagle3(path: str | os.PathLike, target_embed=None, target_config=None) 
     checkpoint names none (as vLLM does). Raises ValueError naming every missing, unexpected or
     mis-shaped tensor.
     """
+    recover_parked(path)
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise ValueError(f"{path} has no {CONFIG}; expected an EAGLE-3 checkpoint directory")
