@@ -219,6 +219,7 @@ class DraftAdapter:
         self.last_push_version: int | None = None  # version of the last push attempt (accepted or not)
         self.last_pushed_version: int | None = None  # version of the last push the sink accepted
         self.trained_since_push = False  # the draft has new weights the engines have not seen
+        self.dropped_nonfinite = 0  # sequences refused by on_rollouts for NaN/Inf features
         self.acceptance_ema: float | None = None
         self.acceptance_after_push: float | None = None  # first acceptance length measured after a push
         self.dropped_rollouts = 0  # since the last on_step_end
@@ -253,6 +254,14 @@ class DraftAdapter:
         """
         self._check_batch(batch)
         v = batch.policy_version
+        bad = _nonfinite_fields(batch)
+        if bad:  # one NaN row in the cache would poison every training batch that samples it
+            n = batch.cu_seqlens.numel() - 1
+            self.dropped_nonfinite += n
+            warnings.warn(f"on_rollouts: dropped {n} sequences of policy version {v} with NaN/Inf in {bad} "
+                          f"({self.dropped_nonfinite} dropped so far); check the policy forward that was captured",
+                          stacklevel=2)
+            return 0
         if self.last_version is not None and v < self.last_version - self.config.staleness_window:
             n = batch.cu_seqlens.numel() - 1
             self.dropped_rollouts += n
@@ -431,3 +440,18 @@ def budget_cache_config(config: AdapterConfig, cache_config: CacheConfig) -> Cac
     cap = config.budget_tokens
     return replace(cache_config, version_tokens=cap,
                    max_tokens=min(cache_config.max_tokens, (config.staleness_window + 2) * cap))
+
+
+def _nonfinite_fields(batch: RolloutBatch) -> list[str]:
+    """Float feature fields of `batch` holding NaN or Inf (O(N H) once per captured batch).
+    A teacher log-prob of -inf is a legal zero probability; NaN and +inf are not."""
+    bad = []
+    for name in ("aux_hidden", "final_hidden", "teacher_logprobs", "teacher_topk_logprobs"):
+        t = getattr(batch, name)
+        if t is None or not t.is_floating_point():
+            continue
+        ok = torch.isfinite(t) if name in ("aux_hidden", "final_hidden") else ~(torch.isnan(t) | (t == float("inf")))
+        if not bool(ok.all()):
+            bad.append(name)
+    return bad
+

@@ -139,16 +139,49 @@ def save_speculators(draft: Eagle3Draft, out_dir: str | os.PathLike, target_conf
     return atomic_write_dir(out_dir, write)
 
 
+def recover_parked(out: str | os.PathLike) -> bool:
+    """A writer killed between parking the old checkpoint and moving the new one in leaves no
+    `out` but a `.out.old-*` dir: move the newest such dir back. Returns True when it did."""
+    out = Path(out).absolute()
+    if out.exists() or not out.parent.is_dir():
+        return False
+    parked = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not parked:
+        return False
+    os.replace(parked[-1], out)
+    warnings.warn(f"{out} was missing after an interrupted write: restored the previous checkpoint from {parked[-1].name}",
+                  stacklevel=3)
+    return True
+
+
+def readable_tempdir(out: Path) -> Path:
+    """mkdtemp beside `out`, opened up to the umask's default (0755 under umask 022, as
+    save_pretrained leaves a dir): mkdtemp's 0700 would hide an exported draft from another user
+    or a serving container."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_dir(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) in a temp dir beside out_dir, fsync it, then swap it in with os.replace."""
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"checkpoint path {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    recover_parked(out)
+    tmp = readable_tempdir(out)
     try:
         write(tmp)
         for f in tmp.iterdir():
+            if f.is_file():  # safetensors' save_file writes 0600: open files up like the dir
+                os.chmod(f, 0o666 & ~_umask())
             _fsync(f)
         _fsync(tmp)
     except BaseException:
@@ -188,6 +221,7 @@ def load_eagle3(path: str | os.PathLike, target_embed=None, target_config=None) 
     checkpoint names none (as vLLM does). Raises ValueError naming every missing, unexpected or
     mis-shaped tensor.
     """
+    recover_parked(path)
     path = Path(path)
     cfg = read_eagle3_config(path, target_config)
     speculators = _is_speculators(json.loads((path / CONFIG).read_text()))
@@ -267,13 +301,23 @@ def _layer_config(layer: dict[str, Any], ids, draft_vocab_size, target_hidden_si
     )
 
 
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}): it is truncated or corrupt (an "
+                         f"interrupted copy?); export the draft again (checkpoint.save_eagle3) or restore it") from e
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(path / shard)).items()}
+        return {k: v for shard in shards for k, v in _load_safetensors(path / shard).items()}
     if (path / WEIGHTS).is_file():
-        return load_file(str(path / WEIGHTS))
+        return _load_safetensors(path / WEIGHTS)
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise ValueError(f"{path} has no {WEIGHTS}, model.safetensors.index.json or pytorch_model.bin")

@@ -7,6 +7,7 @@ does not fetch features, schedule itself or push weights; callers (the adapter, 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -105,6 +106,7 @@ class DraftTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                            weight_decay=config.weight_decay)
         self.steps_done = 0
+        self.skipped_nonfinite = 0  # updates skipped because the loss or the gradient was NaN/Inf
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the optimizer step with 0-based index `step`: linear warm-up over
@@ -130,12 +132,20 @@ class DraftTrainer:
             result = ttt_loss(self.draft, batch.to(device), self.embed, steps=cfg.ttt_steps, decay=cfg.decay,
                               loss=cfg.loss, tv_weight=cfg.tv_weight)
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = self.config.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        self.optimizer.step()
-        self.steps_done += 1
+        grad_norm = float("nan")
+        if bool(torch.isfinite(result.loss)):
+            result.loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip or float("inf")))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.steps_done += 1
+        else:  # NaN/Inf features or loss: one update would make every weight NaN; keep the last good ones
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_nonfinite += 1
+            warnings.warn(f"DraftTrainer.step: non-finite loss {float(result.loss.detach())} or gradient norm {grad_norm}: "
+                          f"update skipped, weights kept ({self.skipped_nonfinite} skipped so far); check the captured "
+                          "features (RolloutBatch.aux_hidden / teacher) for NaN/Inf", stacklevel=2)
         return TrainStats(step=self.steps_done, loss=float(result.loss.detach()),
                           step_loss=tuple(result.step_loss.tolist()), step_acc=tuple(result.step_acc.tolist()), tokens=int(result.step_tokens[0]),
                           grad_norm=grad_norm, lr=lr)

@@ -12,6 +12,52 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+SLOW_TIMEOUT_S = 1800  # a slow test may build the toy policy and drafts first (~15 min cold on 2 busy cores)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests get SLOW_TIMEOUT_S unless they set their own; the rest keep addopts' --timeout."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
+def require(module: str):
+    """Import a package `make setup` installs; a missing or broken one FAILS the test (a skip would
+    hide a broken environment behind a green run)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"{module} is required by the test suite and failed to import ({e}): run `make setup` "
+                    f"(pip install -e '.[dev]')", pytrace=False)
+
+
+def on_cpu_build() -> bool:
+    """True when the installed vLLM is a CPU build: facts true only there are skipped elsewhere."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def cpu_only(reason: str) -> None:
+    if not on_cpu_build():
+        pytest.skip(f"a fact of the vLLM CPU build only: {reason}")
+
+
+@pytest.fixture(scope="session")
+def test_cache_dir():
+    """Artefacts only tests build (variant drafts) live here, not beside the shared toy policy, so
+    "the toy draft" in the shared cache is always the one the recipes build."""
+    from pathlib import Path
+
+    from draftadapt.toy.policy import cache_root
+
+    root = Path(os.environ.get("DRAFTADAPT_TEST_CACHE", cache_root() / "test-artefacts"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
 
 def tiny_config(arch: str = "llama", layers: int = 8, hidden: int = 64, vocab: int = 1147):
     """A tiny config of a real architecture (llama, qwen2, qwen3), random weights in seconds."""

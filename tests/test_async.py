@@ -101,4 +101,8 @@ def test_async_recipe_runs_with_lag_one_and_a_background_draft_worker(toy_policy
     for r in rows[1:]:
         assert r["time/generation_exposed"] <= r["time/generation"], "a wait never outlasts the generation"
     assert rows[-1]["time/generation"] == 0.0, "nothing is sampled ahead of the last step"
-    assert res["adapted"]["spec_acceptance_length"] > 1.5, "the draft pushed from the thread still drafts"
+    # the initial draft already drafts well (AL ~2.7): what must hold is that training and pushing
+    # from the thread did not break it (a zeroed or NaN draft sits at 1.0); AL spread at this
+    # sample size is <= 0.3 (DESIGN.md)
+    frozen, adapted = res["frozen"]["spec_acceptance_length"], res["adapted"]["spec_acceptance_length"]
+    assert adapted > frozen - 0.3, f"the adapted draft lost acceptance: {adapted:.2f} vs frozen {frozen:.2f}"

@@ -97,6 +97,20 @@ def test_overwrite_replaces_the_whole_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
 
 
+def test_exported_dir_is_readable_by_others_like_save_pretrained(tmp_path):
+    """mkdtemp makes 0700 dirs: another user or a serving container could not read the draft."""
+    import os
+
+    cfg, draft = make_draft(100, seed=0)
+    umask = os.umask(0o022)
+    try:
+        out = save_eagle3(draft, tmp_path / "draft", cfg)
+    finally:
+        os.umask(umask)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in out.iterdir()), "files must be group/other readable"
+
+
 def write_layout(path, config: dict, tensors: dict):
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))

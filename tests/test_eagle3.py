@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import require, tiny_config, tiny_model
 
 from draftadapt.drafts.eagle3 import Eagle3Draft, apply_rope, default_aux_layer_ids
 from draftadapt.drafts.vocab import build_draft_vocab, full_vocab
@@ -238,7 +238,7 @@ VLLM_PARITY = textwrap.dedent("""
 
 @pytest.mark.vllm
 def test_vllm_loads_export_and_its_draft_steps_equal_ttt_unroll(tmp_path):
-    pytest.importorskip("vllm")
+    require("vllm")
     tests = Path(__file__).parent
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", VLLM_PARITY, str(tests), str(tmp_path)], capture_output=True,

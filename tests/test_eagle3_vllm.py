@@ -55,11 +55,13 @@ def test_trained_draft_beats_random_on_heldout_prompts_at_temperature_1(toy_poli
     assert trained.acceptance_length >= 2.5
 
 
-def test_ttt_unroll_beats_single_step_training_at_positions_2_and_3(toy_policy_dir, toy_draft_dir, heldout):
+def test_ttt_unroll_beats_single_step_training_at_positions_2_and_3(toy_policy_dir, toy_draft_dir, heldout,
+                                                                    test_cache_dir):
     from draftadapt.toy.draft import ToyDraftConfig, toy_draft
 
     cfg = ToyDraftConfig()
-    single_dir = toy_draft(toy_policy_dir, replace(cfg, trainer=replace(cfg.trainer, ttt_steps=1)), progress=False)
+    single_dir = toy_draft(toy_policy_dir, replace(cfg, trainer=replace(cfg.trainer, ttt_steps=1)), progress=False,
+                           root=test_cache_dir)  # a variant: not beside "the toy draft"
     ttt, _ = _acceptance(toy_policy_dir, toy_draft_dir, heldout)
     single, _ = _acceptance(toy_policy_dir, single_dir, heldout)
     a, b = ttt.acceptance_rate_per_pos(), single.acceptance_rate_per_pos()

@@ -169,7 +169,11 @@ def test_pipeline_on_a_local_dapo_file_resumes_after_crashes_and_evaluates(tmp_p
     result = run_preinit(cfg, progress=False)
     assert result["train"]["steps_now"] == 4 and result["regenerate"]["chunks"] == 2
     ev = result["evaluate"]
-    assert ev["layout"] == "speculators" and ev["spec_num_drafts"] > 0 and ev["spec_acceptance_length"] >= 1.0
+    assert ev["layout"] == "speculators" and ev["spec_num_drafts"] > 0
+    # the counters are this evaluation's: every completion token came from the prefill or a
+    # verification round (accepted + 1 each); only a round cut by max_tokens loses up to k tokens
+    n_seqs, emitted = ev["prompts"] * 1, ev["prompts"] + ev["spec_num_drafts"] + ev["spec_num_accepted_tokens"]
+    assert 0 <= emitted - ev["completion_tokens"] <= 3 * n_seqs, ev
     # 4) the interrupted run ends where an uninterrupted one does: same features, same draft
     ctx = _Context(cfg, out, progress=False)
     capture_to_shards(ctx.model, ctx.sequences(), tmp_path / "ref-f", ctx.new_draft().target_ids(), (2, 4, 5),

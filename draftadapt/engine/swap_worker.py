@@ -289,6 +289,24 @@ class DraftSwapExtension(NativeTransferWorker):
         zeros = {n: torch.zeros(s.shape, dtype=getattr(s.module, s.param).dtype) for n, s in layout.items()}
         self._draftadapt_reload("draft", model, zeros, None)
 
+    def draftadapt_inject_fault(self, kind: str = "draft", fault: str = "zero") -> dict:
+        """Fault injection for the watchdog's tests: change the served weights underneath the
+        version bookkeeping, as a sleep/wake or a broken refit does in the field. "zero": reload
+        zeros into every pushable tensor. The recorded version stays; no rollback copy is kept."""
+        if fault != "zero":
+            raise ValueError(f"fault={fault!r}; choose 'zero'")
+        model, layout = self._draftadapt_layout(kind)
+        zeros = {n: torch.zeros_like(t) for n, t in _read_back(layout).items()}
+        self._draftadapt_reload(kind, model, zeros, None)
+        return {"faulted": kind, "tensors": len(zeros), "version": self._draftadapt_state()["versions"][kind]}
+
+    def draftadapt_forget_version(self, kind: str = "draft") -> int | None:
+        """Forget the served version so that the next push of any version reloads (the watchdog's
+        repair of weights that changed underneath it); returns the forgotten version."""
+        st = self._draftadapt_state()
+        old, st["versions"][kind] = st["versions"][kind], None
+        return old
+
     def _draftadapt_state(self) -> dict:
         if not hasattr(self, "_draftadapt"):
             self._draftadapt = {"versions": {k: None for k in KINDS}, "last": {}, "pending": {}}

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Sequence
 
 from ..metrics import SpecCounters
-from . import cpu_fix
+from . import cpu_fix, guard
 
 log = logging.getLogger("draftadapt.engine")
 _live_in_process: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -273,6 +273,7 @@ def _build_llm(cfg: EngineConfig):
     if cfg.worker_extension:
         kw["worker_extension_cls"] = cfg.worker_extension
     kw.update(cfg.extra)
+    guard.check_engine_kwargs(kw)  # refuses lossy spec sampling, warns about logprob modes
     return LLM(**kw)
 
 
@@ -289,6 +290,9 @@ class ExternalLLM:
 
     def __init__(self, llm):
         self.llm = llm
+        vllm_config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+        if vllm_config is not None:
+            guard.check_vllm_config(vllm_config)
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
         return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})

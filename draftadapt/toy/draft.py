@@ -62,10 +62,12 @@ def rollout_sequences(engine, tok, prompts: list[list[int]], n: int, max_tokens:
     return Rollouts(seqs, masks, time.perf_counter() - t0, toks)
 
 
-def toy_draft(policy_dir: str | Path, cfg: ToyDraftConfig = ToyDraftConfig(), progress: bool = True) -> Path:
-    """Directory of an EAGLE-3 draft for the toy policy at `policy_dir`, built when not cached."""
+def toy_draft(policy_dir: str | Path, cfg: ToyDraftConfig = ToyDraftConfig(), progress: bool = True,
+              root: str | Path | None = None) -> Path:
+    """Directory of an EAGLE-3 draft for the toy policy at `policy_dir`, built when not cached
+    (in `root`, default: beside the policy)."""
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    out = Path(policy_dir).parent / f"{Path(policy_dir).name}-eagle3-{cfg.domain}-{key}"
+    out = Path(root or Path(policy_dir).parent) / f"{Path(policy_dir).name}-eagle3-{cfg.domain}-{key}"
     if not (out / "model.safetensors").exists():
         stats = train_toy_draft(policy_dir, out, cfg, progress)
         (out / "draftadapt_train.json").write_text(json.dumps(stats, indent=1))

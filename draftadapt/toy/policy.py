@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,7 +102,9 @@ def train_policy(out_dir: str | Path, cfg: SFTConfig = SFTConfig(), progress: bo
     rng = random.Random(cfg.seed)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    from ..checkpoint import readable_tempdir
+
+    tmp = readable_tempdir(out_dir)
     try:
         tok = save_tokenizer(tmp)
         model = LlamaForCausalLM(llama_config(cfg.policy))
