@@ -187,6 +187,17 @@ def schedule_k(schedule: Schedule) -> Callable[[int], int]:
     return k_of
 
 
+def acceptance_from_counts(accepted_per_pos: Sequence[int], drafts: int, k_min: int) -> Acceptance | None:
+    """Per-position acceptance from counter deltas of steps that ran a k schedule. Every draft had
+    positions 0..k_min-1 (k_min = the smallest k > 0 in use), so only those are unbiased; later
+    positions come from the geometric tail of `Acceptance.extended`. None when nothing was drafted."""
+    if drafts <= 0 or k_min < 1 or len(accepted_per_pos) < k_min:
+        return None
+    rates = [min(1.0, a / drafts) for a in accepted_per_pos[:k_min]]
+    rates = [max(min(rates[: i + 1]), 1e-6) for i in range(len(rates))]
+    return Acceptance(tuple(rates))
+
+
 def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> LinearCost:
     """Least-squares fixed + per_token * x (the per_token slope clipped at 0)."""
     n = len(xs)

@@ -74,3 +74,12 @@ def test_published_figures_within_stated_errors():
         assert abs(checks[f"{name} step k=3"].error) < 0.015
     assert abs(checks["rl_zero gen k=5 flat AL"].error) < 0.10
     assert abs(checks["235B sync step"].error) < 0.02
+
+
+def test_acceptance_from_counts_uses_only_positions_every_draft_had():
+    from draftadapt.speed import acceptance_from_counts
+
+    acc = acceptance_from_counts([80, 60, 10], drafts=100, k_min=2)  # position 2 ran in few drafts only
+    assert acc.rates == pytest.approx((0.8, 0.6))
+    assert acc.extended(3)[2] == pytest.approx(0.6 * 0.75)
+    assert acceptance_from_counts([], drafts=0, k_min=3) is None
