@@ -85,15 +85,18 @@ def summarise(rows, args):
         for k in [0] + args.ks:
             arms = [by[(b, k, r)] for r in range(args.rounds)]
             ratios = [p["decode_s"] / a["decode_s"] for p, a in zip(plain, arms)]
-            drafts = sum(a["drafts"] for a in arms)
+            drafts, accepted = sum(a["drafts"] for a in arms), sum(a["accepted"] for a in arms)
             per_pos = [sum(a["accepted_per_pos"][i] for a in arms if len(a["accepted_per_pos"]) > i)
                        for i in range(k)]
-            rounds_per_req = drafts / (b * args.rounds) if drafts else args.max_tokens - 1
+            # every round yields 1 + accepted tokens, drafted or not (n-gram skips rounds without a match)
+            rounds = b * args.rounds * (args.max_tokens - 1) - accepted
+            rounds_per_req = rounds / (b * args.rounds)
             out[(b, k)] = {
                 "b": b, "k": k, "tok_s": statistics.median(b * args.max_tokens / a["seconds"] for a in arms),
                 "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-                "al": 1 + sum(a["accepted"] for a in arms) / drafts if drafts else 1.0,
-                "rates": [p / drafts for p in per_pos] if drafts else [],
+                "al": 1 + accepted / drafts if drafts else 1.0, "tokens_per_round": 1 + accepted / rounds,
+                "drafted_share": drafts / rounds, "proposed_per_draft": sum(a["draft_tokens"] for a in arms) / max(drafts, 1),
+                "rates": [p / rounds for p in per_pos],  # per ROUND: rounds without a draft count as rejections
                 "plain_step_s": plain_step,
                 "round_s": statistics.median(a["decode_s"] for a in arms) / rounds_per_req}
     return out
@@ -115,7 +118,7 @@ def model_check(summary, args):
         if k == 0:
             continue
         pred = costs.speedup(acc, b, k)
-        pred_al = costs.plain(b) * s["al"] / costs.round(b, k)  # this arm's measured AL: the cost model alone
+        pred_al = costs.plain(b) * s["tokens_per_round"] / costs.round(b, k)  # this arm's measured AL: the cost model alone
         rows.append({"b": b, "k": k, "fitted": k in args.fit_ks, "measured": s["speedup"], "predicted": pred,
                      "error": pred / s["speedup"] - 1, "predicted_with_arm_al": pred_al,
                      "error_with_arm_al": pred_al / s["speedup"] - 1})
@@ -201,9 +204,11 @@ def run_method(method, base, prompts, args, lengths):
 
 def report(method, res):
     print(f"\n== {method}: tokens/s and speed-up over k=0 (median [min, max] over rounds)")
-    print_table(["b", "k", "tok/s", "speed-up", "range", "AL", "per-pos acceptance", "s/plain step", "s/spec round"],
+    print_table(["b", "k", "tok/s", "speed-up", "range", "AL", "drafted", "per-pos acceptance/round", "s/plain step",
+                 "s/spec round"],
                 [[s["b"], s["k"], s["tok_s"], s["speedup"], f"[{s['speedup_min']:.2f}, {s['speedup_max']:.2f}]",
-                  s["al"], " ".join(f"{r:.2f}" for r in s["rates"]), s["plain_step_s"], s["round_s"]]
+                  s["al"], f"{s['drafted_share']:.2f}", " ".join(f"{r:.2f}" for r in s["rates"]), s["plain_step_s"],
+                  s["round_s"]]
                  for s in res["summary"]])
     c = res["costs"]
     print(f"calibrated on k in {res['fit_ks']}: verify(T) = {c['verify']['fixed']:.4f} + {c['verify']['per_token']:.5f} T s; "

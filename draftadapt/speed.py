@@ -230,10 +230,18 @@ def calibrate(fit: Sequence[Measured]) -> Costs:
 
 
 def _lstsq(a: list[tuple], y: list[float]) -> list[float]:
-    import numpy as np
-
-    sol, *_ = np.linalg.lstsq(np.asarray(a, dtype=float), np.asarray(y, dtype=float), rcond=None)
-    return [float(v) for v in sol]
+    """Non-negative least squares (a cost has no negative part; unconstrained fits of noisy timings
+    extrapolate to nonsense), by projected coordinate descent: a handful of unknowns."""
+    n = len(a[0])
+    x = [0.0] * n
+    for _ in range(2000):
+        for j in range(n):
+            den = sum(r[j] * r[j] for r in a)
+            if den == 0:
+                continue
+            resid = [yi - sum(r[i] * x[i] for i in range(n) if i != j) for r, yi in zip(a, y)]
+            x[j] = max(0.0, sum(r[j] * e for r, e in zip(a, resid)) / den)
+    return x
 
 
 # Published inputs (Qwen3-8B GRPO, DAPO-Math, EAGLE-3; see the issue and DESIGN.md).
