@@ -88,6 +88,8 @@ class RolloutConfig:
     max_tokens: int = 96
     num_speculative_tokens: int = 3  # k of the EAGLE-3 drafter; 0 = no spec decode (baseline)
     max_num_seqs: int = 64  # engine batch
+    k_costs: str = ""  # "" = fixed k; a draftadapt.speed Costs JSON (benchmarks/spec_speed.py writes one) = choose
+    #   k per batch size (0..num_speculative_tokens) from each step's acceptance, applied to the running engine
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,31 @@ class RecipeConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=5e-4, ttt_steps=3))
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(max_tokens=200_000))
     ray: RayConfig = field(default_factory=lambda: RayConfig(actor_cpus=0.5))  # used when run.ray or draft_worker=ray
+
+
+class KChooser:
+    """k per batch size between steps (rollout.k_costs): acceptance of the last step x calibrated costs."""
+
+    def __init__(self, rc: RolloutConfig, run: RunConfig):
+        from draftadapt.speed import costs_from_dict
+
+        if rc.num_speculative_tokens < 1 or run.ray:
+            raise ValueError("rollout.k_costs needs rollout.num_speculative_tokens >= 1 (the largest k) and "
+                             "run.ray=false (the schedule changes on an in-process engine)")
+        self.costs = costs_from_dict(json.loads(Path(rc.k_costs).read_text()))
+        self.max_k, self.max_b = rc.num_speculative_tokens, rc.max_num_seqs
+        self.schedule, self.acc = [(1, rc.max_num_seqs, rc.num_speculative_tokens)], None
+
+    def update(self, engine, delta) -> str:
+        from draftadapt.speed import acceptance_from_counts, choose_schedule
+
+        k_min = min((k for _, _, k in self.schedule if k > 0), default=0)
+        # nothing drafted (every range off): keep the last acceptance
+        self.acc = acceptance_from_counts(delta.accepted_per_pos, delta.drafts, k_min) or self.acc
+        if self.acc is not None:
+            self.schedule = choose_schedule(self.costs, self.acc, self.max_k, self.max_b)
+            engine.set_spec_schedule(self.schedule)
+        return json.dumps(self.schedule)
 
 
 def load_config(path: str | None, overrides: list[str]) -> RecipeConfig:
@@ -168,7 +195,9 @@ def main(argv=None) -> dict:
                                   weight_decay=cfg.optim.weight_decay)
     # 2) one engine serving the policy with the EAGLE-3 draft; the swapper pushes into it
     k = cfg.rollout.num_speculative_tokens  # 0 = plain decoding (the no-spec baseline arm)
-    spec = SpecConfig("eagle3", k, model=str(draft_dir)) if k > 0 else None
+    chooser = KChooser(cfg.rollout, cfg.run) if cfg.rollout.k_costs else None
+    spec = SpecConfig("eagle3", k, model=str(draft_dir), num_speculative_tokens_per_batch_size=(
+        ((1, cfg.rollout.max_num_seqs, k),) if chooser else None)) if k > 0 else None
     engine, swapper = make_engines(EngineConfig(model=str(policy_dir), spec=spec, max_num_seqs=cfg.rollout.max_num_seqs,
                                                 max_model_len=512, seed=cfg.run.seed), cfg.run.engines, cfg.run.ray, cfg.ray)
     torch.set_num_threads(cfg.run.threads)
@@ -230,6 +259,8 @@ def main(argv=None) -> dict:
                    **({k: v for k, v in astats.as_dict().items() if not k.startswith("spec_")} if astats else {})}
             if adapter is not None:
                 row["version/features"] = adapter.newest_rollout_version
+            if chooser is not None:  # the next rollouts run with k chosen from this step's acceptance
+                row["spec/k_schedule"] = chooser.update(engine, spec_delta)
             logger.log(version, row)
             bar.set_postfix(reward=f"{row['reward']:.2f}", AL=f"{spec_delta.acceptance_length:.2f}")
             if cfg.run.checkpoint_every and version % cfg.run.checkpoint_every == 0 or version == cfg.run.steps:

@@ -31,6 +31,10 @@ class SpecConfig:
     model: str | None = None  # draft checkpoint dir (eagle3, draft_model); None for ngram/mtp
     prompt_lookup_min: int = 2  # ngram only
     prompt_lookup_max: int = 5  # ngram only
+    # k by batch size, inclusive (lo, hi, k) ranges from 1 up, k=0 = off; k <= num_speculative_tokens
+    num_speculative_tokens_per_batch_size: tuple[tuple[int, int, int], ...] | None = None
+    rejection_sample_method: str = "standard"  # or "block" (block verification); "synthetic" is lossy
+    draft_sample_method: str = "greedy"  # or "probabilistic" (sample the draft, use its full probabilities)
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -39,6 +43,12 @@ class SpecConfig:
             raise ValueError(f"spec.method={self.method!r} needs spec.model=<draft checkpoint dir>")
         if self.num_speculative_tokens < 1:
             raise ValueError("spec.num_speculative_tokens must be >= 1")
+        if self.rejection_sample_method not in ("standard", "block", "synthetic"):
+            raise ValueError(f"spec.rejection_sample_method={self.rejection_sample_method!r}; choose standard or block")
+        if self.draft_sample_method not in ("greedy", "probabilistic"):
+            raise ValueError(f"spec.draft_sample_method={self.draft_sample_method!r}; choose greedy or probabilistic")
+        if self.num_speculative_tokens_per_batch_size is not None:
+            check_schedule(self.num_speculative_tokens_per_batch_size, self.num_speculative_tokens)
 
     def to_vllm(self) -> dict:
         out: dict = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
@@ -46,7 +56,25 @@ class SpecConfig:
             out["model"] = str(Path(self.model).resolve())
         if self.method == "ngram":
             out.update(prompt_lookup_min=self.prompt_lookup_min, prompt_lookup_max=self.prompt_lookup_max)
+        if self.num_speculative_tokens_per_batch_size is not None:
+            out["num_speculative_tokens_per_batch_size"] = [list(r) for r in self.num_speculative_tokens_per_batch_size]
+        if self.rejection_sample_method != "standard":
+            out["rejection_sample_method"] = self.rejection_sample_method
+        if self.draft_sample_method != "greedy":
+            out["draft_sample_method"] = self.draft_sample_method
         return out
+
+
+def check_schedule(schedule, max_k: int) -> tuple[tuple[int, int, int], ...]:
+    """A k-by-batch-size schedule as vLLM reads it; vLLM would silently clamp k > max_k."""
+    rows = tuple(tuple(int(x) for x in r) for r in schedule)
+    if not rows or any(len(r) != 3 for r in rows) or rows[0][0] != 1:
+        raise ValueError(f"k schedule {schedule}: need [(lo, hi, k), ...] ranges starting at batch size 1")
+    for (lo, hi, k), nxt in zip(rows, rows[1:] + ((None, None, None),)):
+        if hi < lo or not 0 <= k <= max_k or (nxt[0] is not None and nxt[0] != hi + 1):
+            raise ValueError(f"k schedule {schedule}: ranges must be contiguous, lo <= hi, 0 <= k <= "
+                             f"num_speculative_tokens={max_k} (build the engine with the largest k)")
+    return rows
 
 
 @dataclass(frozen=True)
@@ -172,6 +200,31 @@ class Engine:
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
         return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})
 
+    def set_spec_schedule(self, schedule) -> None:
+        """Change k by batch size between generate() calls, without a restart.
+
+        vLLM 0.32 reads `num_speculative_tokens_per_batch_size` once, into the scheduler's dense
+        batch-size -> k lookup; workers size their buffers for num_speculative_tokens and take the
+        per-step k from the scheduler. So a new schedule (k <= num_speculative_tokens, k=0 = off) is
+        a new lookup in the scheduler. It lives in the engine-core process: in-process engines only;
+        a multiprocessing engine needs a rebuild with the new SpecConfig."""
+        from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+        spec = self.cfg.spec
+        if spec is None or spec.num_speculative_tokens_per_batch_size is None:
+            raise RuntimeError("build the engine with SpecConfig(num_speculative_tokens_per_batch_size=...) "
+                               "first: vLLM pads every step to k without a schedule")
+        rows = check_schedule(schedule, spec.num_speculative_tokens)
+        core = getattr(getattr(self.llm.llm_engine, "engine_core", None), "engine_core", None)
+        sched = getattr(core, "scheduler", None)
+        if sched is None or getattr(sched, "dynamic_sd_lookup", None) is None:
+            raise RuntimeError("no in-process scheduler with a k schedule (multiprocessing engine?): rebuild the "
+                               "Engine with the new SpecConfig.num_speculative_tokens_per_batch_size")
+        sched.dynamic_sd_lookup = build_dynamic_sd_schedule_lookup(
+            [list(r) for r in rows], vllm_max_batch_size=sched.scheduler_config.max_num_seqs,
+            vllm_num_speculative_tokens=spec.num_speculative_tokens)
+        self.spec_schedule = rows
+
     def reset_prefix_cache(self) -> bool:
         """Drop cached KV blocks: after a weight push they hold the old weights' keys/values."""
         return bool(self.llm.reset_prefix_cache())
@@ -296,6 +349,31 @@ class ExternalLLM:
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
         return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})
+
+    def set_spec_schedule(self, schedule) -> None:
+        """Change k by batch size between generate() calls, without a restart.
+
+        vLLM 0.32 reads `num_speculative_tokens_per_batch_size` once, into the scheduler's dense
+        batch-size -> k lookup; workers size their buffers for num_speculative_tokens and take the
+        per-step k from the scheduler. So a new schedule (k <= num_speculative_tokens, k=0 = off) is
+        a new lookup in the scheduler. It lives in the engine-core process: in-process engines only;
+        a multiprocessing engine needs a rebuild with the new SpecConfig."""
+        from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+        spec = self.cfg.spec
+        if spec is None or spec.num_speculative_tokens_per_batch_size is None:
+            raise RuntimeError("build the engine with SpecConfig(num_speculative_tokens_per_batch_size=...) "
+                               "first: vLLM pads every step to k without a schedule")
+        rows = check_schedule(schedule, spec.num_speculative_tokens)
+        core = getattr(getattr(self.llm.llm_engine, "engine_core", None), "engine_core", None)
+        sched = getattr(core, "scheduler", None)
+        if sched is None or getattr(sched, "dynamic_sd_lookup", None) is None:
+            raise RuntimeError("no in-process scheduler with a k schedule (multiprocessing engine?): rebuild the "
+                               "Engine with the new SpecConfig.num_speculative_tokens_per_batch_size")
+        sched.dynamic_sd_lookup = build_dynamic_sd_schedule_lookup(
+            [list(r) for r in rows], vllm_max_batch_size=sched.scheduler_config.max_num_seqs,
+            vllm_num_speculative_tokens=spec.num_speculative_tokens)
+        self.spec_schedule = rows
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
