@@ -89,6 +89,10 @@ class Engine:
             # tears down the groups the other still uses.
             raise RuntimeError("another in-process vLLM engine is alive: call its shutdown() first, or use "
                                "EngineConfig(multiprocessing=True) / one engine per process (Ray actors)")
+        if cfg.spec is not None and cfg.spec.method == "draft_model":  # refuse a foreign vocab before vLLM starts
+            from ..drafts.draft_lm import check_draft_lm
+
+            check_draft_lm(cfg.spec.model, cfg.model, cfg.tokenizer)
         _set_env(cfg)
         self.cpu_fix_applied = cpu_fix.apply()
         t0 = time.perf_counter()
