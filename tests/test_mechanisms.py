@@ -43,3 +43,27 @@ def test_suffix_is_refused_with_the_install_that_makes_it_work_when_arctic_infer
     for make in (lambda: SpecConfig("suffix", 3), lambda: toy_mechanism("suffix")):
         with pytest.raises(ImportError, match=r"arctic-inference .*--no-build-isolation arctic-inference==0.3.0"):
             make()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["draft_model", "ngram"])
+def test_the_recipe_runs_each_mechanism_with_the_same_metrics_and_closing_table(method, toy_policy_dir, tmp_path):
+    import json
+    import subprocess
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "grpo_toy.py"
+    cmd = [sys.executable, str(recipe), f"run.out_dir={tmp_path}", f"rollout.method={method}", "run.steps=2",
+           "run.checkpoint_every=0", "run.eval_prompts=16", "rollout.prompts_per_step=8", "rollout.group_size=4",
+           "adapter.min_tokens=256", "adapter.batch_tokens=1024", "adapter.train_steps=2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert res["method"] == method and res["frozen"]["spec_acceptance_length"] > 1.0
+    assert all("spec_acceptance_rate-pos-2" in r and "rollout_tokens_per_s" in r for r in rows)
+    if method == "draft_model":  # distilled online, pushed every step, compared with the frozen first draft
+        assert res["adapted"]["spec_acceptance_length"] > 1.5
+        assert all(r["draft/pushed"] == 1.0 and r["draft/push_bytes"] > 0 for r in rows), rows
+    else:  # model-free: nothing adapted, nothing pushed
+        assert res["adapted"] is None and not any("draft/pushed" in r for r in rows)

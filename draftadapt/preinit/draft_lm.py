@@ -29,7 +29,7 @@ class DraftLMPreinitConfig:
     num_layers: int = 2  # decoder layers kept from the target (its first ones)
     samples_per_prompt: int = 2  # temperature-1 completions per prompt
     max_tokens: int = 96  # completion cap
-    steps: int = 300  # distillation optimizer steps
+    steps: int = 200  # distillation optimizer steps
     batch_size: int = 32  # sequences per step
     top_k: int | None = None  # teacher: None = full vocab when V <= 8192, else top-64; 0 = full; k = top-k
     threads: int = 1  # torch threads while distilling
@@ -76,7 +76,7 @@ def preinit_draft_lm(target_dir: str | Path, prompts: list[list[int]], cfg: Draf
     return out
 
 
-def toy_draft_lm(policy_dir: str | Path, cfg: DraftLMPreinitConfig = DraftLMPreinitConfig(), prompts: int = 1024,
+def toy_draft_lm(policy_dir: str | Path, cfg: DraftLMPreinitConfig = DraftLMPreinitConfig(), prompts: int = 512,
                  seed: int = 100, progress: bool = True) -> Path:
     """A draft LM for the toy policy, distilled on its own samples of toy task prompts; cached."""
     from transformers import AutoTokenizer
