@@ -11,7 +11,7 @@ adaptation gain (adapted - frozen: on the final policy with the same seeded prom
 against the frozen run of the same seed, with a 95% t-interval over steps), draft-train seconds and
 push bytes / seconds per step, rollout tokens/s and its ratio to plain decoding in the same round.
 
-    nice -n 5 .venv/bin/python benchmarks/mechanisms.py                   # short: 6 steps, 16 prompts x 8
+    nice -n 5 .venv/bin/python benchmarks/mechanisms.py                   # short: 5 steps, 16 prompts x 8
     nice -n 5 .venv/bin/python benchmarks/mechanisms.py --long            # 30 steps, 32 prompts, seeds 0 1
     ... --suffix-python /path/to/venv-with-arctic-inference/bin/python    # run the suffix arm there
     ... --methods eagle3 ngram --reuse                                     # reuse finished arms (explicit)
@@ -42,15 +42,13 @@ TRAINABLE = ("eagle3", "mtp", "draft_model")
 
 def arms_of(methods, plain: bool) -> dict[str, list[str]]:
     """arm name -> recipe overrides."""
-    arms = {}
+    arms = {"plain": ["rollout.num_speculative_tokens=0"]} if plain else {}  # first: the tok/s reference
     for m in methods:
         if m in TRAINABLE:
             arms[f"{m}-adapted"] = [f"rollout.method={m}", "run.adapt=true"]
             arms[f"{m}-frozen"] = [f"rollout.method={m}", "run.adapt=false"]
         else:
             arms[m] = [f"rollout.method={m}", "run.adapt=false"]
-    if plain:
-        arms["plain"] = ["rollout.num_speculative_tokens=0"]
     return arms
 
 
@@ -124,9 +122,9 @@ def summarise(arm: str, run: dict, frozen: dict | None, plain: dict | None) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--prompts-per-step", type=int, default=16)
-    ap.add_argument("--eval-prompts", type=int, default=100)
+    ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--long", action="store_true", help="30 steps, 32 prompts per step, 200 eval prompts, seeds 0 1")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-decoding (k=0) arm")
@@ -153,6 +151,10 @@ def main() -> None:
             python = args.suffix_python if arm == "suffix" else sys.executable
             runs[f"{arm}/s{seed}"] = run_arm(base / f"{arm}-s{seed}", python, [*common, f"run.seed={seed}"], ov,
                                              args.reuse)
+            report(runs, refused, args)  # after every arm: a cut-short run still leaves its results
+
+
+def report(runs: dict, refused: dict, args) -> None:
     table = []
     for key, run in runs.items():
         arm, seed = key.split("/")
