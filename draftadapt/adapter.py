@@ -1,5 +1,6 @@
 """`DraftAdapter`: the callback any GRPO loop calls to keep an EAGLE-3 draft matched to its policy.
-(A native MTP head, `drafts/mtp.py`, is driven the same way: pass an `MTPDraft` as the draft.)
+(A native MTP head, `drafts/mtp.py`, and a small external draft LM, `drafts/draft_lm.py`, are driven
+the same way: pass an `MTPDraft` or a `DraftLM` as the draft.)
 
 Three calls, at points every RL loop already has (`policy_version` = the loop's global step):
 
@@ -46,6 +47,8 @@ from torch import nn
 from .budget import BudgetStats, StepSampler, cut_windows
 from .cache import _DTYPES, CacheConfig
 from .capture import TEACHERS, FeatureCapture, RolloutBatch
+from .distill import TeacherCapture
+from .drafts.draft_lm import DraftLM
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.mtp import MTPDraft
 from .metrics import SpecCounters
@@ -182,7 +185,7 @@ class AdapterStats:
 class DraftAdapter:
     """Drop stale features, train the draft, push it at step boundaries; see the module docstring."""
 
-    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor,
+    def __init__(self, draft: Eagle3Draft | MTPDraft | DraftLM, embed: nn.Embedding | torch.Tensor,
                  config: AdapterConfig = AdapterConfig(),
                  trainer_config: TrainerConfig = TrainerConfig(), cache_config: CacheConfig = CacheConfig(),
                  sink: DraftSink | None = None, target_head: nn.Module | None = None):
@@ -238,6 +241,9 @@ class DraftAdapter:
               "teacher_dtype": _DTYPES[f.teacher_dtype], **capture_kwargs}
         if f.final_hidden == "prenorm":  # a native MTP draft reads the pre-norm last state
             kw["final_prenorm"] = True
+        if not f.aux_layer_ids and f.final_hidden is None:  # a draft LM: the tokens and the teacher only
+            return TeacherCapture(policy_model, teacher=self.teacher, top_k=self.top_k,
+                                  **{"offload_to_cpu": True, **capture_kwargs})
         return FeatureCapture(policy_model, aux_layer_ids=f.aux_layer_ids, teacher=self.teacher,
                               draft_vocab_ids=f.draft_vocab_ids, top_k=self.top_k, **kw)
 

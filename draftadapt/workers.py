@@ -37,8 +37,10 @@ from .batch import RolloutBatch
 from .cache import CacheConfig, HiddenStateCache, read_manifest
 from .checkpoint import draft_state_for_push
 from .drafts.eagle3 import Eagle3Draft
+from .distill import trainer_for
+from .drafts.draft_lm import DraftLM, draft_lm_state_for_push
 from .drafts.mtp import MTPDraft, mtp_state_for_push
-from .trainer import DraftTrainer, TrainerConfig
+from .trainer import TrainerConfig
 
 
 class FeatureSpec(NamedTuple):
@@ -93,10 +95,10 @@ def cache_info_of(cache: HiddenStateCache) -> CacheInfo:
 class LocalDraftWorker:
     """The in-process DraftWorker: a HiddenStateCache and a DraftTrainer, run synchronously."""
 
-    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
+    def __init__(self, draft: Eagle3Draft | MTPDraft | DraftLM, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
                  cache_config: CacheConfig, batch_tokens: int, seed: int = 0, target_head: nn.Module | None = None):
         self.draft, self.cache_config, self.batch_tokens, self.target_head = draft, cache_config, batch_tokens, target_head
-        self.trainer = DraftTrainer(draft, embed, trainer_config)
+        self.trainer = trainer_for(draft, embed, trainer_config)  # TTT, or distillation for a DraftLM
         self.cache = HiddenStateCache(cache_config)
         self.generator = torch.Generator().manual_seed(seed)
         self._target_ids = draft.target_ids().cpu()  # [Vd] int64
@@ -130,6 +132,8 @@ class LocalDraftWorker:
         """The live weights vLLM's drafter owns (no copy): consume them before the next train()."""
         if isinstance(self.draft, MTPDraft):
             return mtp_state_for_push(self.draft)
+        if isinstance(self.draft, DraftLM):
+            return draft_lm_state_for_push(self.draft)
         return draft_state_for_push(self.draft)
 
     def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:

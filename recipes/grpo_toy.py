@@ -1,5 +1,9 @@
 """GRPO on the toy task with speculative-decoding rollouts and online draft adaptation.
 
+One switch picks the speculation mechanism, `rollout.method`: eagle3 (EAGLE-3 head), mtp (the
+policy's own MTP layer), draft_model (a small external draft LM distilled from the policy), ngram
+or suffix (model-free: nothing to adapt, run.adapt is ignored). Same metrics, same closing table.
+
     python recipes/grpo_toy.py [--config recipes/grpo_toy.yaml] [section.field=value ...] [--resume]
 
 Reads top to bottom: 1) policy and first draft, 2) the engine, 3) resume, 4) the loop
@@ -14,6 +18,7 @@ the draft in a background thread, one step behind, instead of at the step bounda
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -35,17 +40,16 @@ sys.path.insert(0, str(ROOT))
 
 from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
 from draftadapt.cache import CacheConfig  # noqa: E402
-from draftadapt.checkpoint import load_eagle3, save_eagle3  # noqa: E402
 from draftadapt.config import apply_overrides, load_section  # noqa: E402
 from draftadapt.engine.ray_pool import make_engines  # noqa: E402
-from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig  # noqa: E402
+from draftadapt.engine.vllm import Engine, EngineConfig  # noqa: E402
 from draftadapt.grpo.async_loop import LAGS, Generated, RolloutSource  # noqa: E402
 from draftadapt.grpo.loop import UpdateConfig, collect_rollouts, policy_update  # noqa: E402
 from draftadapt.grpo.runlog import RunLogger, plot_run  # noqa: E402
 from draftadapt.grpo.state import has_checkpoint, load_run, save_run  # noqa: E402
-from draftadapt.toy.draft import ToyDraftConfig, toy_draft  # noqa: E402
+from draftadapt.toy.draft import ToyDraftConfig  # noqa: E402
 from draftadapt.toy.eval import encode_prompt, eval_problems  # noqa: E402
-from draftadapt.toy.policy import toy_policy  # noqa: E402
+from draftadapt.toy.mechanisms import METHODS, toy_mechanism  # noqa: E402
 from draftadapt.toy.task import (STYLES, RewardConfig, TaskConfig, parse_answer, reward, sample_problem,  # noqa: E402
                                  style_of)
 from draftadapt.trainer import TrainerConfig  # noqa: E402
@@ -86,10 +90,15 @@ class RolloutConfig:
     group_size: int = 8  # G samples per prompt
     temperature: float = 1.0
     max_tokens: int = 96
-    num_speculative_tokens: int = 3  # k of the EAGLE-3 drafter; 0 = no spec decode (baseline)
+    num_speculative_tokens: int = 3  # k of the drafter; 0 = no spec decode (baseline)
     max_num_seqs: int = 64  # engine batch
     k_costs: str = ""  # "" = fixed k; a draftadapt.speed Costs JSON (benchmarks/spec_speed.py writes one) = choose
     #   k per batch size (0..num_speculative_tokens) from each step's acceptance, applied to the running engine
+    method: str = "eagle3"  # speculation mechanism: one of draftadapt.toy.mechanisms.METHODS
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"rollout.method={self.method!r}; choose one of {METHODS}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ class RecipeConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    draft: ToyDraftConfig = field(default_factory=ToyDraftConfig)  # the initial draft
+    draft: ToyDraftConfig = field(default_factory=ToyDraftConfig)  # the initial EAGLE-3 draft
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=5e-4, ttt_steps=3))
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(max_tokens=200_000))
@@ -186,29 +195,30 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.run.seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # 1) the toy policy (supervised, cached) and a first draft trained on its own samples
-    policy_dir = toy_policy()
-    draft_dir = toy_draft(policy_dir, cfg.draft)
-    tok = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    # 1) the toy policy (supervised, cached) and a first draft of the chosen mechanism, trained on its own samples
+    mech = toy_mechanism(cfg.rollout.method, cfg.draft)
+    tok = AutoTokenizer.from_pretrained(mech.tokenizer_dir)
+    policy = AutoModelForCausalLM.from_pretrained(mech.policy_dir, dtype=torch.float32).eval()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
-    # 2) one engine serving the policy with the EAGLE-3 draft; the swapper pushes into it
+    # 2) one engine serving the policy with the first draft; the swapper pushes into it
     k = cfg.rollout.num_speculative_tokens  # 0 = plain decoding (the no-spec baseline arm)
     chooser = KChooser(cfg.rollout, cfg.run) if cfg.rollout.k_costs else None
-    spec = SpecConfig("eagle3", k, model=str(draft_dir), num_speculative_tokens_per_batch_size=(
-        ((1, cfg.rollout.max_num_seqs, k),) if chooser else None)) if k > 0 else None
-    engine, swapper = make_engines(EngineConfig(model=str(policy_dir), spec=spec, max_num_seqs=cfg.rollout.max_num_seqs,
+    spec = mech.spec(k)
+    if chooser is not None and spec is not None:  # a per-batch-size schedule the chooser rewrites between steps
+        spec = dataclasses.replace(spec, num_speculative_tokens_per_batch_size=((1, cfg.rollout.max_num_seqs, k),))
+    engine, swapper = make_engines(EngineConfig(model=str(mech.policy_dir), tokenizer=str(mech.tokenizer_dir),
+                                                spec=spec, max_num_seqs=cfg.rollout.max_num_seqs,
                                                 max_model_len=512, seed=cfg.run.seed), cfg.run.engines, cfg.run.ray, cfg.ray)
     torch.set_num_threads(cfg.run.threads)
     adapter = None
-    if cfg.run.adapt and k > 0:
-        adapter = DraftAdapter(load_eagle3(draft_dir), policy.get_input_embeddings(), cfg.adapter, cfg.trainer,
+    if cfg.run.adapt and k > 0 and mech.trainable:
+        adapter = DraftAdapter(mech.load_draft(policy), policy.get_input_embeddings(), cfg.adapter, cfg.trainer,
                                cfg.cache, sink=swapper)
         if cfg.run.draft_worker == "thread":  # the same worker, its training moved off the step
             adapter = DraftAdapter.with_worker(BackgroundDraftWorker(adapter.worker), cfg.adapter, sink=swapper)
         elif cfg.run.draft_worker == "ray":  # the draft and its cache live in a Ray actor
-            worker = RayDraftWorker(load_eagle3(draft_dir), policy.get_input_embeddings(), cfg.trainer, cfg.cache,
+            worker = RayDraftWorker(mech.load_draft(policy), policy.get_input_embeddings(), cfg.trainer, cfg.cache,
                                     cfg.adapter.batch_tokens, cfg.adapter.seed, ray_cfg=cfg.ray)
             adapter = DraftAdapter.with_worker(worker, cfg.adapter, sink=swapper)
     held_out = eval_problems(cfg.run.eval_prompts, seed=4321, cfg=cfg.task)
@@ -272,16 +282,18 @@ def main(argv=None) -> dict:
     engine.shutdown()
     final_policy = out / "policy-final"
     policy.save_pretrained(final_policy, safe_serialization=True)
-    tok.save_pretrained(str(final_policy))
-    result = {"before": before, "after": after, "frozen": None, "adapted": None}
-    arms = {"frozen": draft_dir} if k > 0 else {}
+    tok.save_pretrained(str(final_policy))  # (MTP: a tokenizer beside a qwen2 config encodes to nothing; the
+    #   comparison engines get mech.tokenizer_dir)
+    result = {"method": mech.method, "before": before, "after": after, "frozen": None, "adapted": None}
+    arms = {"frozen": None} if k > 0 else {}  # None: the first draft (model-free: the method itself)
     if adapter is not None:
-        arms["adapted"] = save_eagle3(adapter.worker.draft, out / "draft-final", policy.config)
+        arms["adapted"] = adapter.worker.draft
         if isinstance(adapter.worker, BackgroundDraftWorker):
             adapter.worker.close()
     for name, d in arms.items():
-        with Engine(EngineConfig(model=str(final_policy), max_num_seqs=cfg.rollout.max_num_seqs, seed=cfg.run.seed,
-                                 spec=SpecConfig("eagle3", cfg.rollout.num_speculative_tokens, model=str(d)))) as eng:
+        ecfg = mech.final_engine(final_policy, d, out / f"draft-final-{name}", k, max_num_seqs=cfg.rollout.max_num_seqs,
+                                 seed=cfg.run.seed)
+        with Engine(ecfg) as eng:
             result[name] = measure(eng, tok, held_out, cfg)
     rows = logger.rows()
     logger.close()
@@ -297,7 +309,7 @@ def print_summary(res: dict, out: Path) -> None:
 
     print("\n                      before RL   after RL")
     print(f"accuracy (T=1)        {f(res['before'], 'accuracy', '8.1%')}   {f(res['after'], 'accuracy', '8.1%')}")
-    print("\nacceptance length on the final policy (same prompts, k drafts):")
+    print(f"\nacceptance length on the final policy (same prompts, k drafts, {res.get('method', 'eagle3')}):")
     print(f"  initial draft, frozen   {f(res['frozen'], 'spec_acceptance_length', '.2f')}")
     print(f"  adapted online          {f(res['adapted'], 'spec_acceptance_length', '.2f')}")
     print(f"\nlogs: {out}/metrics.jsonl, {out}/tb, plot: {out}/plot.png")

@@ -332,6 +332,8 @@ class DraftSwapExtension(NativeTransferWorker):
 
     def _draftadapt_draft_names(self):
         """(rename vLLM -> checkpoint names, packed-module mapping) of the drafter."""
+        if self._draftadapt_method() == "draft_model":  # an external draft LM: its own HF names, nothing renamed
+            return (lambda name: name), None
         if self._draftadapt_method() != "mtp":
             return _draft_name, None
         draft = self.model_runner.get_draft_model()
@@ -363,7 +365,10 @@ class DraftSwapExtension(NativeTransferWorker):
         model = self.model_runner.get_draft_model()
         if model is None:
             raise RuntimeError("the engine has no drafter: start it with EngineConfig(spec=SpecConfig('eagle3', ...))")
-        skip = sorted(set(self._draftadapt_shared()) | {"model.embed_tokens"})
+        skip = set(self._draftadapt_shared())
+        if self._draftadapt_method() != "draft_model":  # a draft LM owns its embedding: vLLM shares none with it
+            skip.add("model.embed_tokens")
+        skip = sorted(skip)
         rename, packed = self._draftadapt_draft_names()
         return model, _layout(model, rename, skip, packed)
 

