@@ -20,6 +20,7 @@ with that trainer. Time and memory are those of the TTT unroll (O(K T^2) per seq
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,12 @@ from torch import nn
 
 from .batch import DraftBatch
 from .trainer import DraftTrainer, TrainStats
-from .ttt import TTTResult, shift, unroll
+from .ttt import TTTResult, shift, ttt_loss, unroll
 from .workers import LocalDraftWorker
 
 LOSSES = ("kl", "tv", "kl+tv")
+# ttt_loss itself takes loss= once the O(T)-memory TTT ([H]) is in: unweighted training then goes through it
+_TTT_TAKES_LOSS = "loss" in inspect.signature(ttt_loss).parameters
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,9 @@ def strategy_loss(draft, batch: DraftBatch, embed, steps: int = 3, decay: float 
     """The TTT loss of `ttt.ttt_loss` with a choice of divergence and per-position weights.
 
     weight: [B, T] float per teacher position (None = 1). Step k's loss is the weighted mean over
-    its scored positions; step k weighs decay^(k-1)."""
+    its scored positions; step k weighs decay^(k-1). Unweighted, it is `ttt.ttt_loss` itself."""
+    if weight is None and (loss == "kl" or _TTT_TAKES_LOSS):
+        return ttt_loss(draft, batch, embed, steps, decay, **({"loss": loss} if _TTT_TAKES_LOSS else {}))
     losses, accs, counts = [], [], []
     scored = batch.loss_mask & batch.valid
     w_all = torch.ones_like(batch.valid, dtype=torch.float32) if weight is None else weight.float()

@@ -41,8 +41,10 @@ def make_batch(lengths, seed=1):
 def test_default_strategy_loss_equals_the_ttt_loss(setup):
     draft, embed = setup
     b = make_batch([12, 9])
-    ref, got = ttt_loss(draft, b, embed, 3, 0.8), strategy_loss(draft, b, embed, 3, 0.8, "kl")
+    ones = torch.ones(2, 12)  # forces the weighted path: with unit weights it must be the plain TTT loss
+    ref, got = ttt_loss(draft, b, embed, 3, 0.8), strategy_loss(draft, b, embed, 3, 0.8, "kl", weight=ones)
     torch.testing.assert_close(got.loss, ref.loss)
+    torch.testing.assert_close(strategy_loss(draft, b, embed, 3, 0.8, "kl").loss, ref.loss)
     torch.testing.assert_close(got.step_acc, ref.step_acc)
     assert not StrategyConfig().custom_loss
 
@@ -52,6 +54,7 @@ def test_tv_is_a_distance_in_0_1_and_zero_at_the_teacher(setup):
     b = make_batch([12, 9])
     tv = strategy_loss(draft, b, embed, 3, 1.0, "tv")
     assert ((tv.step_loss > 0) & (tv.step_loss <= 1)).all()
+    torch.testing.assert_close(strategy_loss(draft, b, embed, 3, 1.0, "tv", weight=torch.ones(2, 12)).loss, tv.loss)
     both = strategy_loss(draft, b, embed, 3, 1.0, "kl+tv")
     kl = strategy_loss(draft, b, embed, 3, 1.0, "kl")
     torch.testing.assert_close(both.loss, kl.loss + tv.loss)
