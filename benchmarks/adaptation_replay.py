@@ -73,7 +73,7 @@ def arm_config(name: str) -> dict:
 
 
 # 1) record ------------------------------------------------------------------------------------
-def record(reward: str, seed: int, steps: int, lr: float, root: Path) -> Path:
+def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides: tuple[str, ...] = ()) -> Path:
     import grpo_toy as recipe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,7 +86,7 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path) -> Path:
     from draftadapt.toy.task import STYLES, style_of
 
     cfg = recipe.load_config(str(ROOT / "recipes" / "grpo_toy.yaml"),
-                             [*REWARDS[reward], f"run.seed={seed}", f"run.steps={steps}", f"optim.lr={lr}"])
+                             [*REWARDS[reward], f"run.seed={seed}", f"run.steps={steps}", f"optim.lr={lr}", *overrides])
     torch.manual_seed(seed)
     policy_dir = toy_policy()
     tok = AutoTokenizer.from_pretrained(policy_dir)
@@ -101,6 +101,7 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path) -> Path:
             b = collate(r, tok.pad_token_id)
             adv = group_advantages(r.rewards, r.group_size, scale=cfg.update.scale_advantages)
             info = {"reward": float(r.rewards.mean()), "accuracy": recipe.accuracy(problems, r),
+                    "generation_seconds": r.seconds, "completion_tokens": r.num_tokens,
                     **{f"style/{s}": sum(style_of(t) == s for t in r.texts) / len(r.texts) for s in STYLES}}
             rec.record(step, policy, StepRollouts(b.input_ids, b.attention_mask, b.completion_mask,
                                                   r.rewards.float(), adv.float()), info)
@@ -150,14 +151,15 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
     from draftadapt.toy.task import STYLES, parse_answer, style_of
 
     traj = Trajectory(traj_dir)
-    draft_dir = toy_draft(toy_policy())
-    tok = AutoTokenizer.from_pretrained(traj.policy_dir(0))
+    tok_dir = toy_policy()  # the trajectory's checkpoints hold weights only
+    draft_dir = toy_draft(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
     policy = AutoModelForCausalLM.from_pretrained(traj.policy_dir(0), dtype=torch.float32).eval()
     adapters = {a: make_adapter(a, draft_dir, policy.get_input_embeddings()) for a in arms}
     frozen = {k: v.clone() for k, v in draft_state_for_push(load_eagle3(draft_dir)).items()}
     problems = eval_problems(args.eval_prompts, seed=4321)
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
-    engine = Engine(EngineConfig(model=str(traj.policy_dir(0)), max_num_seqs=64, seed=0,
+    engine = Engine(EngineConfig(model=str(traj.policy_dir(0)), tokenizer=str(tok_dir), max_num_seqs=64, seed=0,
                                  spec=SpecConfig("eagle3", 3, model=str(draft_dir))))
     swapper, push_version, counters, rows = EngineSwapper(engine), 0, {a: None for a in arms}, []
     try:
@@ -203,7 +205,7 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
                     styles = {s: sum(style_of(t) == s for _, t in texts) / len(texts) for s in STYLES}
             rows.append({"version": v + 1, "al": al, "accuracy": acc, "styles": styles, "train": train,
                          "rollout_completion_tokens": ro.completion_tokens, "oracle_seconds": oracle_s,
-                         "step_seconds_recorded": traj.step_info(v), "replay_seconds": time.perf_counter() - t0})
+                         "recorded": traj.step_info(v), "replay_seconds": time.perf_counter() - t0})
             print(f"  replay {traj_dir.name} v{v + 1}: acc {acc:.3f} formal {styles['formal']:.2f} "
                   + " ".join(f"{k} {x:.3f}" for k, x in al.items()), flush=True)
     finally:
@@ -217,6 +219,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=10, help="GRPO steps per recorded trajectory")
     ap.add_argument("--policy-lr", type=float, default=5e-5)
+    ap.add_argument("--record-override", nargs="*", default=[], help="recipe overrides for recording, e.g. "
+                    "rollout.prompts_per_step=8 (they name the trajectory directory)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per measurement")
     ap.add_argument("--samples", type=int, default=2, help="seeded samples per held-out prompt")
@@ -227,28 +231,40 @@ def main() -> None:
     ap.add_argument("--name", default="adaptation_replay", help="result name under benchmarks/results/")
     ap.add_argument("--reuse", action="store_true", help="re-print the last result JSON instead of measuring")
     ap.add_argument("--rerecord", action="store_true", help="record the trajectories again even if present")
+    ap.add_argument("--combine", nargs="+", metavar="NAME", help="reuse: summarize the per-step results of earlier "
+                    "runs (e.g. one process per seed) under --name, measuring nothing")
     args = ap.parse_args()
     path = RESULTS / f"{args.name}.json"
     if args.reuse:
         res = json.loads(path.read_text())
         print_report(res["summary"])
         return
+    if args.combine:
+        parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
+        runs = {k: v for p in parts for k, v in p["runs"].items()}
+        arms = [a for a in parts[0]["args"]["arms"] if all(a in p["args"]["arms"] for p in parts)]
+        report(runs, arms, args, {"combined": args.combine, "parts_args": [p["args"] for p in parts],
+                                  "parts_stamps": [p["stamp"] for p in parts], "arms": parts[0]["arms"]})
+        return
     torch.set_num_threads(1)
     runs = {}
     for reward in args.rewards:
         for seed in args.seeds:
-            root = TRAJ_ROOT / f"{reward}-s{seed}-n{args.steps}-lr{args.policy_lr:g}"
+            tag = "".join(f"-{o.replace('=', '')}" for o in args.record_override)
+            root = TRAJ_ROOT / f"{reward}-s{seed}-n{args.steps}-lr{args.policy_lr:g}{tag}"
             if args.rerecord or not (root / "trajectory.json").exists() or \
                     json.loads((root / "trajectory.json").read_text()).get("steps") is None:
                 print(f"recording {root.name}", flush=True)
-                record(reward, seed, args.steps, args.policy_lr, root)
+                record(reward, seed, args.steps, args.policy_lr, root, tuple(args.record_override))
             runs[f"{reward}/{seed}"] = replay(root, args.arms, args)
-    summary = summarize(runs, args.arms)
+            report(runs, args.arms, args, {"arms": {a: arm_config(a) for a in args.arms}})  # after every trajectory
+
+
+def report(runs: dict, arms: list[str], args, extra: dict) -> None:
+    summary = summarize(runs, arms)
     print_report(summary)
-    OUT.mkdir(parents=True, exist_ok=True)
     png = plot_curves(runs, OUT / f"{args.name}.png")
-    write_json(args.name, {"args": vars(args), "arms": {a: arm_config(a) for a in args.arms},
-                           "load_average": os.getloadavg(), "shared_machine": True,
+    write_json(args.name, {"args": vars(args), **extra, "load_average": os.getloadavg(), "shared_machine": True,
                            "summary": summary, "runs": runs, "plot": str(png)})
 
 
