@@ -15,12 +15,14 @@ adapter exactly (forward KL, every completion position alike, a fixed step count
   acceptance length fell boost_drop below the adapter's reference (an acceptance-triggered budget).
 
 `StrategyTrainer` is `DraftTrainer` with that loss; `StrategyDraftWorker` is `LocalDraftWorker`
-with that trainer. Time and memory are those of the TTT unroll (O(K T^2) per sequence, K logits
+with that trainer; `UntilBoundaryDraftWorker` trains in a thread until the next step boundary
+instead of a fixed step count. Time and memory are those of the TTT unroll (O(K T^2) per sequence, K logits
 [B, T, Vd] alive at once) plus one no-grad step-1 pass when rejected_weight != 1.
 """
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,7 @@ from torch import nn
 from .batch import DraftBatch
 from .trainer import DraftTrainer, TrainStats
 from .ttt import TTTResult, shift, ttt_loss, unroll
-from .workers import LocalDraftWorker
+from .workers import BackgroundDraftWorker, LocalDraftWorker, TrainResult
 
 LOSSES = ("kl", "tv", "kl+tv")
 # ttt_loss itself takes loss= once the O(T)-memory TTT ([H]) is in: unweighted training then goes through it
@@ -146,3 +148,39 @@ def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float |
     if acceptance is not None and reference is not None and acceptance < reference - strategy.boost_drop:
         return int(round(train_steps * strategy.boost_factor))
     return train_steps
+
+
+class UntilBoundaryDraftWorker(BackgroundDraftWorker):
+    """A BackgroundDraftWorker whose run does not stop after a fixed count: started at boundary v,
+    it trains at least `num_steps` and then keeps going, one optimizer step at a time, until the
+    next boundary asks for its weights (or `max_steps`). The draft compute then follows the step's
+    length (generation + policy update) instead of a number chosen ahead. Its pushes depend on
+    thread timing, so it is not bit-reproducible (the replay lab measures fixed budgets instead)."""
+
+    def __init__(self, inner: LocalDraftWorker, max_steps: int = 10_000):
+        super().__init__(inner)
+        self.max_steps = max_steps
+        self._stop = threading.Event()
+        self._train_fixed = inner.train
+
+    def train(self, num_steps: int) -> TrainResult:
+        stop = threading.Event()  # the new run's flag; the next boundary sets it
+        self.inner.train = lambda n: self._until_boundary(n, stop)
+        result = super().train(num_steps)  # stops and collects the run in flight, starts the new one
+        self._stop = stop
+        return result
+
+    def _collect(self) -> None:
+        self._stop.set()  # every wait for the run in flight (train, state_dict, close) ends it first
+        super()._collect()
+
+    def _until_boundary(self, min_steps: int, stop: threading.Event) -> TrainResult:
+        parts = [self._train_fixed(min_steps)] if min_steps else []
+        while not stop.is_set() and sum(p.steps for p in parts) < self.max_steps:
+            parts.append(self._train_fixed(1))
+        n = max(1, sum(p.steps for p in parts))
+        k = max((len(p.step_acc) for p in parts), default=0)
+        return TrainResult(steps=sum(p.steps for p in parts), loss=sum(p.loss * p.steps for p in parts) / n,
+                           step_acc=tuple(sum(p.step_acc[i] * p.steps for p in parts if p.step_acc) / n for i in range(k)),
+                           tokens=sum(p.tokens for p in parts), grad_norm=sum(p.grad_norm * p.steps for p in parts) / n,
+                           seconds=sum(p.seconds for p in parts))

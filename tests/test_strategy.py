@@ -153,3 +153,22 @@ def test_a_recorded_trajectory_replays_the_same_features(tmp_path):
     assert next(features(again, ad, traj.rollouts(0), 0, min_advantage=0.0)).cu_seqlens.numel() - 1 == 2
     with pytest.raises(ValueError, match="TrajectoryRecorder"):
         Trajectory(tmp_path / "missing")
+
+
+def test_until_boundary_worker_trains_until_the_next_boundary():
+    import time
+
+    from draftadapt.strategy import UntilBoundaryDraftWorker
+
+    policy = tiny_model("llama", layers=8, hidden=64)
+    base = _adapter(policy, StrategyConfig())
+    worker = UntilBoundaryDraftWorker(base.worker, max_steps=500)
+    ad = DraftAdapter.with_worker(worker, base.config)
+    ad.on_rollouts(_capture(ad, policy, 0))
+    assert ad.on_step_end(1).train is None  # the first run has not finished
+    time.sleep(1.0)  # a "long step": the run keeps training past its 2 steps
+    ad.on_rollouts(_capture(ad, policy, 1))
+    first = ad.on_step_end(2).train
+    assert first is not None and first.steps > 2, first
+    worker.close()  # stops the second run at once instead of waiting for max_steps
+    assert worker._last.steps >= 2
