@@ -231,6 +231,7 @@ def main() -> None:
     ap.add_argument("--name", default="adaptation_replay", help="result name under benchmarks/results/")
     ap.add_argument("--reuse", action="store_true", help="re-print the last result JSON instead of measuring")
     ap.add_argument("--rerecord", action="store_true", help="record the trajectories again even if present")
+    ap.add_argument("--record-only", action="store_true", help="record the missing trajectories, replay nothing")
     ap.add_argument("--combine", nargs="+", metavar="NAME", help="reuse: summarize the per-step results of earlier "
                     "runs (e.g. one process per seed) under --name, measuring nothing")
     args = ap.parse_args()
@@ -256,6 +257,8 @@ def main() -> None:
                     json.loads((root / "trajectory.json").read_text()).get("steps") is None:
                 print(f"recording {root.name}", flush=True)
                 record(reward, seed, args.steps, args.policy_lr, root, tuple(args.record_override))
+            if args.record_only:
+                continue
             runs[f"{reward}/{seed}"] = replay(root, args.arms, args)
             report(runs, args.arms, args, {"arms": {a: arm_config(a) for a in args.arms}})  # after every trajectory
 
