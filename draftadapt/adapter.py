@@ -52,6 +52,7 @@ from .drafts.draft_lm import DraftLM
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.mtp import MTPDraft
 from .metrics import SpecCounters
+from .strategy import StrategyConfig, StrategyDraftWorker, train_budget
 from .trainer import TrainerConfig
 from .workers import CacheInfo, DraftWorker, FeatureSpec, LocalDraftWorker, TrainResult  # noqa: F401 (re-exported)
 
@@ -188,9 +189,11 @@ class DraftAdapter:
     def __init__(self, draft: Eagle3Draft | MTPDraft | DraftLM, embed: nn.Embedding | torch.Tensor,
                  config: AdapterConfig = AdapterConfig(),
                  trainer_config: TrainerConfig = TrainerConfig(), cache_config: CacheConfig = CacheConfig(),
-                 sink: DraftSink | None = None, target_head: nn.Module | None = None):
+                 sink: DraftSink | None = None, target_head: nn.Module | None = None,
+                 strategy: StrategyConfig = StrategyConfig()):
         """embed: the policy's live input embedding (vLLM's drafter shares it, so the draft trains
-        against the current one). target_head: the policy's lm_head, needed for teacher="final_hidden"."""
+        against the current one). target_head: the policy's lm_head, needed for teacher="final_hidden".
+        strategy: loss, position weights, feature selection and budget (`strategy.py`)."""
         if cache_config.staleness_window is not None:
             raise ValueError(f"CacheConfig.staleness_window={cache_config.staleness_window}: the adapter drops stale "
                              "features itself, relative to on_step_end's policy_version; set "
@@ -199,21 +202,24 @@ class DraftAdapter:
             raise ValueError("AdapterConfig.teacher='final_hidden' needs target_head=<the policy's lm_head>")
         check_embedding(draft, embed)
         cache_config = budget_cache_config(config, cache_config)
-        worker = LocalDraftWorker(draft, embed, trainer_config, cache_config, config.batch_tokens, config.seed,
-                                  target_head)
-        self._setup(worker, config, sink)
+        args = (draft, embed, trainer_config, cache_config, config.batch_tokens, config.seed, target_head)
+        worker = StrategyDraftWorker(*args, strategy=strategy) if strategy.custom_loss else LocalDraftWorker(*args)
+        self._setup(worker, config, sink, strategy)
 
     @classmethod
     def with_worker(cls, worker: DraftWorker, config: AdapterConfig = AdapterConfig(),
-                    sink: DraftSink | None = None) -> "DraftAdapter":
-        """An adapter over any DraftWorker (a Ray actor proxy, a background-thread worker). Build the
-        worker's cache with `budget_cache_config(config, cache_config)` so it keeps the step reservoir."""
+                    sink: DraftSink | None = None, strategy: StrategyConfig = StrategyConfig()) -> "DraftAdapter":
+        """An adapter over any DraftWorker (a Ray actor proxy, a background-thread worker); the
+        strategy's loss settings are the worker's business, its selection and budget the adapter's.
+        Build the worker's cache with `budget_cache_config(config, cache_config)` so it keeps the
+        step reservoir."""
         adapter = cls.__new__(cls)
-        adapter._setup(worker, config, sink)
+        adapter._setup(worker, config, sink, strategy)
         return adapter
 
-    def _setup(self, worker: DraftWorker, config: AdapterConfig, sink: DraftSink | None) -> None:
-        self.worker, self.config, self.sink = worker, config, sink
+    def _setup(self, worker: DraftWorker, config: AdapterConfig, sink: DraftSink | None,
+               strategy: StrategyConfig = StrategyConfig()) -> None:
+        self.worker, self.config, self.sink, self.strategy = worker, config, sink, strategy
         self.features = worker.feature_spec()
         self.teacher, self.top_k = config.resolved_teacher(self.features.draft_vocab_size)
         self.sampler = StepSampler(config.budget_tokens, config.capture_fraction, config.window_tokens, config.seed)
@@ -247,8 +253,9 @@ class DraftAdapter:
         return FeatureCapture(policy_model, aux_layer_ids=f.aux_layer_ids, teacher=self.teacher,
                               draft_vocab_ids=f.draft_vocab_ids, top_k=self.top_k, **kw)
 
-    def on_rollouts(self, batch: RolloutBatch) -> int:
+    def on_rollouts(self, batch: RolloutBatch, advantages: torch.Tensor | None = None) -> int:
         """Cache the features of one captured batch; returns how many windows were stored.
+        advantages: [B] per sequence; with StrategyConfig.min_advantage, sequences below it are not cached.
 
         A batch from `capture` holds only the windows the step budget admitted; any other batch is
         cut into windows and sampled here, on the host, by the same rule.
@@ -275,6 +282,11 @@ class DraftAdapter:
                           f"({self.config.staleness_window}) behind version {self.last_version}", stacklevel=2)
             return 0
         self.newest_rollout_version = v if self.newest_rollout_version is None else max(v, self.newest_rollout_version)
+        if self.strategy.min_advantage is not None and advantages is not None:
+            seqs = [s for s, a in zip(batch.sequences(), advantages.tolist()) if a >= self.strategy.min_advantage]
+            if not seqs:
+                return 0
+            batch = RolloutBatch.concat(seqs)
         if batch.priority is None:  # not captured through adapter.capture: window and sample it here
             win = cut_windows(batch.cu_seqlens.cpu(), batch.loss_mask.cpu(), self.sampler.window)
             keep, prio = self.sampler.select(v, win)
@@ -311,22 +323,23 @@ class DraftAdapter:
         cfg = self.config
         # 1) drop features that fell out of the staleness window
         dropped = self.worker.drop_stale(v, cfg.staleness_window)
-        # 2) train on what is left
+        # 2) train on what is left (more when this step's acceptance fell, if the strategy says so)
+        spec = self._measure(counters)
+        al = spec.acceptance_length if spec is not None and spec.drafts > 0 else None
+        ref = self.acceptance_ema if cfg.acceptance_reference == "ema" else self.acceptance_after_push
+        budget = train_budget(cfg.train_steps, self.strategy, al, ref)
         tokens, train, skipped = self.worker.cache_info().tokens, None, None
         if cfg.train_steps == 0:
             skipped = "AdapterConfig.train_steps=0"
         elif tokens < cfg.min_tokens:
             skipped = f"the cache holds {tokens} tokens < AdapterConfig.min_tokens={cfg.min_tokens}"
         else:
-            train = self.worker.train(cfg.train_steps)
+            train = self.worker.train(budget)
             if train.steps == 0:  # a background worker whose first run has not finished yet
                 train, skipped = None, "no draft training has finished yet (background worker)"
             else:
                 self.trained_since_push = True
-        # 3) acceptance of this step's rollouts (served by the draft pushed before), then the push
-        spec = self._measure(counters)
-        al = spec.acceptance_length if spec is not None and spec.drafts > 0 else None
-        ref = self.acceptance_ema if cfg.acceptance_reference == "ema" else self.acceptance_after_push
+        # 3) the push, judged on this step's acceptance (served by the draft pushed before)
         pushed, reason, seconds, nbytes, result = self._maybe_push(v, al, ref)
         self._track_acceptance(al, pushed)
         stats = AdapterStats(policy_version=v, train=train, train_skipped_reason=skipped, pushed=pushed,

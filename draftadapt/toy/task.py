@@ -129,6 +129,9 @@ class RewardConfig:
     # added to every verbose completion, right or wrong: a pure style reward. The toy policy's verbose answers are
     # rarely right (~1% of samples), so verbose_bonus alone barely moves its style; this one does.
     verbose_reward: float = 0.0
+    # extra multiplier for a correct FORMAL answer (3% of the supervised data): reward = correct * (1 + formal_bonus).
+    # The drift that looks like real RL: formal answers work the steps out, so accuracy rises as the style moves.
+    formal_bonus: float = 0.0
 
 
 def reward(problem: Problem, completion: str, cfg: RewardConfig = RewardConfig()) -> float:
@@ -136,7 +139,7 @@ def reward(problem: Problem, completion: str, cfg: RewardConfig = RewardConfig()
     style = cfg.verbose_reward if verbose else 0.0
     if parse_answer(completion) != problem.answer:
         return style
-    bonus = cfg.verbose_bonus if verbose else 0.0
+    bonus = cfg.verbose_bonus if verbose else cfg.formal_bonus if style_of(completion) == "formal" else 0.0
     return cfg.correct * (1.0 + bonus) + style
 
 

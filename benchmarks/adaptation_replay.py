@@ -1,0 +1,286 @@
+"""Which draft-adaptation strategy keeps up with a drifting policy? A replay lab that isolates the draft.
+
+1) record: a GRPO run on the toy task, ONCE per (reward, seed): per-step policy checkpoints and
+   rollouts (`draftadapt.replay`), sampled with plain decoding (a draft never changes what is
+   sampled), kept under runs/adaptation_replay/ and reused by later replays (--rerecord redoes it).
+2) replay: every strategy (arm) adapts its own copy of the same initial draft over the SAME
+   trajectory: at boundary v each arm caches the features of step v's rollouts (recomputed from
+   the saved policy v, identical for all arms) and trains; then ONE engine is refitted to policy v+1
+   and every arm's draft is pushed in turn and measured on the same seeded held-out samples.
+   The frozen initial draft is measured alike, and every `--oracle-every` steps an oracle: the
+   initial draft trained to convergence on policy v+1's own samples.
+3) report: per step and arm, AL and the paired difference to the frozen draft, with a 95% t
+   interval over the recorded trajectories (seeds); at oracle steps the fraction of the
+   frozen-to-oracle gap closed; draft compute per arm. JSON (every arm's config) + PNG curves.
+
+    python benchmarks/adaptation_replay.py [--rewards formal] [--seeds 0 1 2] [--steps 10]
+        [--arms default tv ...] [--eval-prompts 64] [--reuse] [--rerecord]
+
+Measures on every run; --reuse only re-prints the last JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "recipes"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+from _common import RESULTS, print_table, write_json  # noqa: E402
+from replay_stats import plot_curves, summarize  # noqa: E402
+
+from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
+from draftadapt.cache import CacheConfig  # noqa: E402
+from draftadapt.config import load_section  # noqa: E402
+from draftadapt.strategy import StrategyConfig  # noqa: E402
+from draftadapt.trainer import TrainerConfig  # noqa: E402
+
+TRAJ_ROOT = ROOT / "runs" / "adaptation_replay"
+OUT = RESULTS / "adaptation_replay"
+# formal: correct answers in the formal style (3% of the SFT data) earn 3x - accuracy rises while the style moves;
+# correct: correctness only (sharpening); style: +1 for any verbose completion, right or wrong (a reward hack)
+REWARDS = {"formal": ["reward.verbose_bonus=0", "reward.formal_bonus=2"],
+           "correct": ["reward.verbose_bonus=0"],
+           "style": ["reward.verbose_bonus=0", "reward.verbose_reward=1"]}
+BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
+                    "acceptance_drop": None},
+        "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {}}
+# every arm trains train_steps x batch_tokens per boundary (equal draft compute) except "boost"
+ARMS = {"default": {},
+        "replay20": {"adapter": {"staleness_window": 20}},
+        "rejected": {"strategy": {"rejected_weight": 4.0}},
+        "tv": {"strategy": {"loss": "tv"}},
+        "kl+tv": {"strategy": {"loss": "kl+tv"}},
+        "advantage": {"strategy": {"min_advantage": 0.0}},
+        "boost": {"strategy": {"boost_factor": 3.0, "boost_drop": 0.05}},
+        "lr2x": {"trainer": {"lr": 1e-3}}}
+
+
+def arm_config(name: str) -> dict:
+    cfg = {k: dict(v) for k, v in BASE.items()}
+    for section, over in ARMS[name].items():
+        cfg[section].update(over)
+    return cfg
+
+
+# 1) record ------------------------------------------------------------------------------------
+def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides: tuple[str, ...] = ()) -> Path:
+    import grpo_toy as recipe
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftadapt.engine.swap import EngineSwapper
+    from draftadapt.engine.vllm import Engine, EngineConfig
+    from draftadapt.grpo.loop import collate, policy_update
+    from draftadapt.grpo.objective import group_advantages
+    from draftadapt.replay import StepRollouts, TrajectoryRecorder
+    from draftadapt.toy.policy import toy_policy
+    from draftadapt.toy.task import STYLES, style_of
+
+    cfg = recipe.load_config(str(ROOT / "recipes" / "grpo_toy.yaml"),
+                             [*REWARDS[reward], f"run.seed={seed}", f"run.steps={steps}", f"optim.lr={lr}", *overrides])
+    torch.manual_seed(seed)
+    policy_dir = toy_policy()
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    rec = TrajectoryRecorder(root, meta={"reward": reward, "seed": seed, "config": asdict(cfg)})
+    with Engine(EngineConfig(model=str(policy_dir), max_num_seqs=cfg.rollout.max_num_seqs, seed=seed)) as eng:
+        swapper = EngineSwapper(eng)
+        for step in range(steps):
+            problems = recipe.step_problems(cfg, step)
+            r = recipe.rollouts(eng, tok, problems, cfg, version=step, seed=seed * 7919 + step)
+            b = collate(r, tok.pad_token_id)
+            adv = group_advantages(r.rewards, r.group_size, scale=cfg.update.scale_advantages)
+            info = {"reward": float(r.rewards.mean()), "accuracy": recipe.accuracy(problems, r),
+                    "generation_seconds": r.seconds, "completion_tokens": r.num_tokens,
+                    **{f"style/{s}": sum(style_of(t) == s for t in r.texts) / len(r.texts) for s in STYLES}}
+            rec.record(step, policy, StepRollouts(b.input_ids, b.attention_mask, b.completion_mask,
+                                                  r.rewards.float(), adv.float()), info)
+            policy_update(policy, opt, r, tok.pad_token_id, cfg.update)
+            swapper.refit_policy(policy.state_dict(), step + 1)
+            print(f"  record {reward} s{seed} step {step}: {json.dumps({k: round(v, 3) for k, v in info.items()})}",
+                  flush=True)
+    rec.finish(steps, policy)
+    return root
+
+
+# 2) replay ------------------------------------------------------------------------------------
+def make_adapter(name: str, draft_dir: Path, embed) -> DraftAdapter:
+    from draftadapt.checkpoint import load_eagle3
+
+    c = arm_config(name)
+    return DraftAdapter(load_eagle3(draft_dir), embed, load_section(AdapterConfig, c["adapter"]),
+                        load_section(TrainerConfig, c["trainer"]), load_section(CacheConfig, c["cache"]),
+                        strategy=load_section(StrategyConfig, c["strategy"]))
+
+
+def oracle_draft(engine, tok, policy, draft_dir: Path, args, version: int):
+    """The initial draft trained to convergence on this policy's own temperature-1 samples."""
+    from draftadapt.checkpoint import load_eagle3
+    from draftadapt.offline import train_offline
+    from draftadapt.toy.draft import domain_prompts, rollout_sequences
+
+    prompts = domain_prompts(tok, "task", args.oracle_prompts, seed=100 + version)
+    roll = rollout_sequences(engine, tok, prompts, 2, 96)
+    t0 = time.perf_counter()
+    draft = train_offline(policy, roll.sequences, args.oracle_steps, draft=load_eagle3(draft_dir),
+                          config=TrainerConfig(lr=1e-3, ttt_steps=3, warmup_steps=20), loss_masks=roll.loss_masks,
+                          batch_size=32, progress=False)
+    return draft, time.perf_counter() - t0
+
+
+def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftadapt.checkpoint import draft_state_for_push, load_eagle3
+    from draftadapt.engine.swap import EngineSwapper
+    from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
+    from draftadapt.replay import Trajectory, features
+    from draftadapt.toy.draft import toy_draft
+    from draftadapt.toy.eval import encode_prompt, eval_problems
+    from draftadapt.toy.policy import toy_policy
+    from draftadapt.toy.task import STYLES, parse_answer, style_of
+
+    traj = Trajectory(traj_dir)
+    tok_dir = toy_policy()  # the trajectory's checkpoints hold weights only
+    draft_dir = toy_draft(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    policy = AutoModelForCausalLM.from_pretrained(traj.policy_dir(0), dtype=torch.float32).eval()
+    adapters = {a: make_adapter(a, draft_dir, policy.get_input_embeddings()) for a in arms}
+    frozen = {k: v.clone() for k, v in draft_state_for_push(load_eagle3(draft_dir)).items()}
+    problems = eval_problems(args.eval_prompts, seed=4321)
+    prompts = [encode_prompt(tok, p.prompt) for p in problems]
+    engine = Engine(EngineConfig(model=str(traj.policy_dir(0)), tokenizer=str(tok_dir), max_num_seqs=64, seed=0,
+                                 spec=SpecConfig("eagle3", 3, model=str(draft_dir))))
+    swapper, push_version, counters, rows = EngineSwapper(engine), 0, {a: None for a in arms}, []
+    try:
+        for v in traj.versions:
+            t0 = time.perf_counter()
+            # 1) every arm sees the same features of step v's rollouts (policy v), then trains
+            policy.load_state_dict(traj.policy_state(v))
+            ro = traj.rollouts(v)
+            batches = list(features(policy, adapters[arms[0]], ro, v))
+            advs = ro.advantages.split(64)
+            train = {}
+            for a, ad in adapters.items():
+                for b, adv in zip(batches, advs):
+                    ad.on_rollouts(b, advantages=adv)
+                st = ad.on_step_end(v + 1, counters=counters[a])
+                train[a] = {"steps": st.train.steps, "tokens": st.train.tokens, "seconds": st.train.seconds} \
+                    if st.train else {"steps": 0, "tokens": 0, "seconds": 0.0}
+            # 2) the engine serves policy v+1; each draft is pushed and measured on the same seeded samples
+            policy.load_state_dict(traj.policy_state(v + 1))
+            swapper.refit_policy(policy.state_dict(), v + 1)
+            drafts = {"frozen": frozen, **{a: adapters[a].worker.state_for_push() for a in arms}}
+            oracle_s = None
+            if args.oracle_every and (v + 1) % args.oracle_every == 0:
+                od, oracle_s = oracle_draft(engine, tok, policy, draft_dir, args, v + 1)
+                drafts["oracle"] = draft_state_for_push(od)
+            names = list(drafts)
+            names = names[v % len(names):] + names[:v % len(names)]  # rotate the measuring order
+            al, acc, styles = {}, None, None
+            for name in names:
+                push_version += 1
+                swapper.push_draft(drafts[name], push_version)
+                c0 = swapper.spec_counters()
+                outs = engine.generate(prompts, n=args.samples, temperature=1.0, max_tokens=96, logprobs=False,
+                                       seed=args.eval_seed, stop_token_ids=[tok.eos_token_id])
+                spec = swapper.spec_counters() - c0
+                al[name] = spec.acceptance_length
+                if name in arms:
+                    counters[name] = spec
+                if name == "frozen":
+                    texts = [(p, tok.decode(c.token_ids, skip_special_tokens=True)) for p, g in zip(problems, outs)
+                             for c in g]
+                    acc = sum(parse_answer(t) == p.answer for p, t in texts) / len(texts)
+                    styles = {s: sum(style_of(t) == s for _, t in texts) / len(texts) for s in STYLES}
+            rows.append({"version": v + 1, "al": al, "accuracy": acc, "styles": styles, "train": train,
+                         "rollout_completion_tokens": ro.completion_tokens, "oracle_seconds": oracle_s,
+                         "recorded": traj.step_info(v), "replay_seconds": time.perf_counter() - t0})
+            print(f"  replay {traj_dir.name} v{v + 1}: acc {acc:.3f} formal {styles['formal']:.2f} "
+                  + " ".join(f"{k} {x:.3f}" for k, x in al.items()), flush=True)
+    finally:
+        engine.shutdown()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rewards", nargs="+", default=["formal"], choices=sorted(REWARDS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=10, help="GRPO steps per recorded trajectory")
+    ap.add_argument("--policy-lr", type=float, default=5e-5)
+    ap.add_argument("--record-override", nargs="*", default=[], help="recipe overrides for recording, e.g. "
+                    "rollout.prompts_per_step=8 (they name the trajectory directory)")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per measurement")
+    ap.add_argument("--samples", type=int, default=2, help="seeded samples per held-out prompt")
+    ap.add_argument("--eval-seed", type=int, default=777)
+    ap.add_argument("--oracle-every", type=int, default=5)
+    ap.add_argument("--oracle-prompts", type=int, default=256)
+    ap.add_argument("--oracle-steps", type=int, default=300)
+    ap.add_argument("--name", default="adaptation_replay", help="result name under benchmarks/results/")
+    ap.add_argument("--reuse", action="store_true", help="re-print the last result JSON instead of measuring")
+    ap.add_argument("--rerecord", action="store_true", help="record the trajectories again even if present")
+    ap.add_argument("--record-only", action="store_true", help="record the missing trajectories, replay nothing")
+    ap.add_argument("--combine", nargs="+", metavar="NAME", help="reuse: summarize the per-step results of earlier "
+                    "runs (e.g. one process per seed) under --name, measuring nothing")
+    args = ap.parse_args()
+    path = RESULTS / f"{args.name}.json"
+    if args.reuse:
+        res = json.loads(path.read_text())
+        print_report(res["summary"])
+        return
+    if args.combine:
+        parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
+        runs = {k: v for p in parts for k, v in p["runs"].items()}
+        arms = [a for a in parts[0]["args"]["arms"] if all(a in p["args"]["arms"] for p in parts)]
+        report(runs, arms, args, {"combined": args.combine, "parts_args": [p["args"] for p in parts],
+                                  "parts_stamps": [p["stamp"] for p in parts], "arms": parts[0]["arms"]})
+        return
+    torch.set_num_threads(1)
+    runs = {}
+    for reward in args.rewards:
+        for seed in args.seeds:
+            tag = "".join(f"-{o.replace('=', '')}" for o in args.record_override)
+            root = TRAJ_ROOT / f"{reward}-s{seed}-n{args.steps}-lr{args.policy_lr:g}{tag}"
+            if args.rerecord or not (root / "trajectory.json").exists() or \
+                    json.loads((root / "trajectory.json").read_text()).get("steps") is None:
+                print(f"recording {root.name}", flush=True)
+                record(reward, seed, args.steps, args.policy_lr, root, tuple(args.record_override))
+            if args.record_only:
+                continue
+            runs[f"{reward}/{seed}"] = replay(root, args.arms, args)
+            report(runs, args.arms, args, {"arms": {a: arm_config(a) for a in args.arms}})  # after every trajectory
+
+
+def report(runs: dict, arms: list[str], args, extra: dict) -> None:
+    summary = summarize(runs, arms)
+    print_report(summary)
+    png = plot_curves(runs, OUT / f"{args.name}.png")
+    write_json(args.name, {"args": vars(args), **extra, "load_average": os.getloadavg(), "shared_machine": True,
+                           "summary": summary, "runs": runs, "plot": str(png)})
+
+
+def print_report(summary: dict) -> None:
+    for reward, s in summary.items():
+        print(f"\n== reward {reward}: AL - frozen AL, mean over steps, 95% CI over {s['n_seeds']} seeds ==")
+        print_table(["arm", "gain", "ci lo", "ci hi", "gap closed (oracle steps)", "ci lo", "ci hi",
+                     "train tok / rollout tok", "train s / step"],
+                    [[a, *r["gain"], *r["gap_closed"], r["tokens_ratio"], r["train_seconds"]]
+                     for a, r in s["arms"].items()])
+        print_table(["version", "frozen AL", "oracle AL", "oracle gap", "gap ci lo", "gap ci hi", "accuracy",
+                     "formal share"], s["per_step"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Statistics and plots of benchmarks/adaptation_replay.py: paired differences to the frozen draft with 95% t
+intervals over recorded trajectories (seeds), the fraction of the frozen-to-oracle gap closed, compute per arm."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def t_interval(xs: list[float]) -> list[float]:
+    """[mean, lo, hi] of a 95% Student-t interval; lo = hi = nan with fewer than two values."""
+    from scipy.stats import t
+
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return [math.nan] * 3
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return [m, math.nan, math.nan]
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    half = t.ppf(0.975, len(xs) - 1) * sd / math.sqrt(len(xs))
+    return [m, m - half, m + half]
+
+
+def _fraction(row: dict, arm: str) -> float | None:
+    al = row["al"]
+    gap = al["oracle"] - al["frozen"]
+    return (al[arm] - al["frozen"]) / gap if gap > 0 else None
+
+
+def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
+    """{reward: {n_seeds, arms: {arm: gain, gap_closed, tokens_ratio, train_seconds}, per_step, oracle_steps}}."""
+    out = {}
+    for reward in sorted({k.split("/")[0] for k in runs}):
+        seeds = {k: rows for k, rows in runs.items() if k.split("/")[0] == reward}
+        versions = [r["version"] for r in next(iter(seeds.values()))]
+        oracle_versions = [r["version"] for r in next(iter(seeds.values())) if "oracle" in r["al"]]
+        arm_rows = {}
+        for a in arms:
+            gains = [sum(r["al"][a] - r["al"]["frozen"] for r in rows) / len(rows) for rows in seeds.values()]
+            fracs = []
+            for rows in seeds.values():
+                f = [_fraction(r, a) for r in rows if "oracle" in r["al"]]
+                f = [x for x in f if x is not None]
+                fracs.append(sum(f) / len(f) if f else None)
+            all_rows = [r for rows in seeds.values() for r in rows]
+            arm_rows[a] = {"gain": t_interval(gains), "gap_closed": t_interval(fracs),
+                           "tokens_ratio": sum(r["train"][a]["tokens"] / r["rollout_completion_tokens"]
+                                               for r in all_rows) / len(all_rows),
+                           "train_seconds": sum(r["train"][a]["seconds"] for r in all_rows) / len(all_rows),
+                           "per_step_gain": {v: t_interval([rows[i]["al"][a] - rows[i]["al"]["frozen"]
+                                                            for rows in seeds.values()])
+                                             for i, v in enumerate(versions)}}
+        per_step, oracle_steps = [], {}
+        for i, v in enumerate(versions):
+            rs = [rows[i] for rows in seeds.values()]
+            frozen = t_interval([r["al"]["frozen"] for r in rs])[0]
+            oracle, gap = math.nan, [math.nan] * 3
+            if v in oracle_versions:
+                oracle = t_interval([r["al"]["oracle"] for r in rs])[0]
+                gap = t_interval([r["al"]["oracle"] - r["al"]["frozen"] for r in rs])
+                oracle_steps[v] = {a: t_interval([_fraction(r, a) for r in rs]) for a in arms}
+            per_step.append([v, frozen, oracle, *gap, t_interval([r["accuracy"] for r in rs])[0],
+                             t_interval([r["styles"]["formal"] for r in rs])[0]])
+        out[reward] = {"n_seeds": len(seeds), "arms": arm_rows, "per_step": per_step, "oracle_steps": oracle_steps}
+    return out
+
+
+def plot_curves(runs: dict[str, list[dict]], png: Path) -> Path | None:
+    """Per-step AL (mean over seeds) of every arm, the frozen draft and the oracle points; one panel per reward."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rewards = sorted({k.split("/")[0] for k in runs})
+    fig, axes = plt.subplots(1, len(rewards), figsize=(7 * len(rewards), 4.5), squeeze=False)
+    for ax, reward in zip(axes[0], rewards):
+        seeds = [rows for k, rows in runs.items() if k.split("/")[0] == reward]
+        names = [n for n in seeds[0][0]["al"] if n != "oracle"]
+        for name in names:
+            xs = [r["version"] for r in seeds[0]]
+            ys = [sum(rows[i]["al"][name] for rows in seeds) / len(seeds) for i in range(len(xs))]
+            ax.plot(xs, ys, label=name, lw=2.5 if name in ("frozen", "default") else 1.2,
+                    ls="--" if name == "frozen" else "-")
+        pts = [(r["version"], sum(rows[i]["al"]["oracle"] for rows in seeds) / len(seeds))
+               for i, r in enumerate(seeds[0]) if "oracle" in r["al"]]
+        if pts:
+            ax.scatter(*zip(*pts), marker="*", s=150, c="k", label="oracle", zorder=5)
+        ax.set_title(f"reward {reward}: draft AL on the next policy (mean of {len(seeds)} trajectories)")
+        ax.set_xlabel("policy version")
+        ax.set_ylabel("acceptance length (k=3, T=1)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

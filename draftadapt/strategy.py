@@ -1,0 +1,186 @@
+"""Adaptation strategies as settings: which positions the draft trains on, with which loss, how much.
+
+`StrategyConfig` is consumed by `DraftAdapter(strategy=...)`; the default reproduces the plain
+adapter exactly (forward KL, every completion position alike, a fixed step count). The settings:
+
+- loss: "kl" (forward KL to the teacher, the TTT default), "tv" (total variation 1/2 sum |p - q|:
+  1 - TV is the acceptance probability of a draft that samples from q, so it targets acceptance
+  itself), "kl+tv" (their sum).
+- rejected_weight: positions where the CURRENT draft's step-1 top-1 differs from the sampled
+  token (where verification would reject a greedy draft) weigh this much, the rest 1 (Draft-OPD's
+  "train where you were rejected", as a weight).
+- min_advantage: cache only sequences whose GRPO advantage is >= this (the policy moves toward
+  them; reward-weighted adaptation as a selection).
+- boost_factor / boost_drop: train boost_factor x train_steps at a boundary where the step's
+  acceptance length fell boost_drop below the adapter's reference (an acceptance-triggered budget).
+
+`StrategyTrainer` is `DraftTrainer` with that loss; `StrategyDraftWorker` is `LocalDraftWorker`
+with that trainer; `UntilBoundaryDraftWorker` trains in a thread until the next step boundary
+instead of a fixed step count. Time and memory are those of the TTT unroll (O(K T^2) per sequence, K logits
+[B, T, Vd] alive at once) plus one no-grad step-1 pass when rejected_weight != 1.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .batch import DraftBatch
+from .trainer import DraftTrainer, TrainStats
+from .ttt import TTTResult, shift, ttt_loss, unroll
+from .workers import BackgroundDraftWorker, LocalDraftWorker, TrainResult
+
+LOSSES = ("kl", "tv", "kl+tv")
+# ttt_loss itself takes loss= once the O(T)-memory TTT ([H]) is in: unweighted training then goes through it
+_TTT_TAKES_LOSS = "loss" in inspect.signature(ttt_loss).parameters
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    loss: str = "kl"  # one of LOSSES, against the teacher renormalised over the draft vocab
+    rejected_weight: float = 1.0  # weight of positions the current draft's top-1 gets wrong; 1 = uniform
+    min_advantage: float | None = None  # cache only sequences with advantage >= this; None = all
+    boost_factor: float = 1.0  # train_steps x this when the step's acceptance length drops (1 = fixed budget)
+    boost_drop: float = 0.05  # tokens of acceptance length below the reference that trigger the boost
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"StrategyConfig.loss={self.loss!r}; use one of {LOSSES}")
+        if not self.rejected_weight > 0 or not self.boost_factor >= 1 or not self.boost_drop >= 0:
+            raise ValueError(f"StrategyConfig needs rejected_weight > 0, boost_factor >= 1, boost_drop >= 0; got {self}")
+
+    @property
+    def custom_loss(self) -> bool:
+        """True when training differs from the plain TTT loss (a StrategyDraftWorker is needed)."""
+        return self.loss != "kl" or self.rejected_weight != 1.0
+
+
+@torch.no_grad()
+def rejected_positions(draft: nn.Module, batch: DraftBatch, embed: nn.Embedding | torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: teacher position j whose next token the draft's step-1 top-1 misses.
+
+    Step 1 at base j-1 reads token j and predicts token j+1 (scored against teacher[j]); it is
+    "rejected" when its argmax, mapped to a target id, differs from input_ids[j+1]."""
+    was_training = draft.training
+    draft.eval()
+    logits = unroll(draft, batch, embed, 1)[0]  # [B, T, Vd] at base i
+    draft.train(was_training)
+    guess = draft.target_ids().to(logits.device)[logits.argmax(-1)]  # [B, T] target id predicted for i+2
+    miss = guess != shift(batch.input_ids, 2)  # [B, T] at base i
+    return torch.cat([miss.new_zeros(miss.shape[0], 1), miss[:, :-1]], 1)  # base i -> teacher position i+1
+
+
+def strategy_loss(draft, batch: DraftBatch, embed, steps: int = 3, decay: float = 0.8, loss: str = "kl",
+                  weight: torch.Tensor | None = None) -> TTTResult:
+    """The TTT loss of `ttt.ttt_loss` with a choice of divergence and per-position weights.
+
+    weight: [B, T] float per teacher position (None = 1). Step k's loss is the weighted mean over
+    its scored positions; step k weighs decay^(k-1). Unweighted, it is `ttt.ttt_loss` itself."""
+    if weight is None and (loss == "kl" or _TTT_TAKES_LOSS):
+        return ttt_loss(draft, batch, embed, steps, decay, **({"loss": loss} if _TTT_TAKES_LOSS else {}))
+    losses, accs, counts = [], [], []
+    scored = batch.loss_mask & batch.valid
+    w_all = torch.ones_like(batch.valid, dtype=torch.float32) if weight is None else weight.float()
+    for k, logit in enumerate(unroll(draft, batch, embed, steps), start=1):
+        sel = shift(scored, k) & batch.valid  # [B, T]: base i counts if i and i+k do
+        rows, cols = sel.nonzero(as_tuple=True)
+        teacher = batch.teacher_logprobs[rows, cols + k].float().log_softmax(-1)  # [N, Vd]
+        logq = logit[sel].float().log_softmax(-1)  # [N, Vd]
+        p = teacher.exp()
+        per = torch.zeros(rows.numel(), device=logq.device)
+        if loss in ("kl", "kl+tv"):
+            per = per + (-(p * logq).sum(-1) - torch.special.entr(p).sum(-1))
+        if loss in ("tv", "kl+tv"):
+            per = per + 0.5 * (p - logq.exp()).abs().sum(-1)
+        w = w_all[rows, cols + k]  # [N]
+        losses.append((w * per).sum() / w.sum().clamp(min=1e-8))
+        accs.append((logq.argmax(-1) == teacher.argmax(-1)).float().sum() / max(rows.numel(), 1))
+        counts.append(rows.numel())
+    total = sum(decay ** (k - 1) * step for k, step in enumerate(losses, start=1))
+    return TTTResult(loss=total, step_loss=torch.stack(losses).detach(), step_acc=torch.stack(accs).detach(),
+                     step_tokens=torch.tensor(counts))
+
+
+class StrategyTrainer(DraftTrainer):
+    """DraftTrainer whose step uses `strategy_loss` with the strategy's loss and position weights."""
+
+    def __init__(self, draft, embed, config, strategy: StrategyConfig):
+        super().__init__(draft, embed, config)
+        self.strategy = strategy
+
+    def step(self, batch: DraftBatch) -> TrainStats:
+        device = next(self.draft.parameters()).device
+        batch = batch.to(device)
+        s, cfg = self.strategy, self.config
+        weight = None
+        if s.rejected_weight != 1.0:
+            weight = 1.0 + (s.rejected_weight - 1.0) * rejected_positions(self.draft, batch, self.embed).float()
+        self.draft.train()
+        lr = self.lr_at(self.steps_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        result = strategy_loss(self.draft, batch, self.embed, cfg.ttt_steps, cfg.decay, s.loss, weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        self.optimizer.step()
+        self.steps_done += 1
+        return TrainStats(step=self.steps_done, loss=float(result.loss.detach()),
+                          step_loss=tuple(result.step_loss.tolist()), step_acc=tuple(result.step_acc.tolist()),
+                          tokens=int(result.step_tokens[0]), grad_norm=grad_norm, lr=lr)
+
+
+class StrategyDraftWorker(LocalDraftWorker):
+    """LocalDraftWorker training with a StrategyTrainer (same cache, sampling and state format)."""
+
+    def __init__(self, draft, embed, trainer_config, cache_config, batch_tokens: int, seed: int = 0,
+                 target_head: nn.Module | None = None, strategy: StrategyConfig = StrategyConfig()):
+        super().__init__(draft, embed, trainer_config, cache_config, batch_tokens, seed, target_head)
+        self.trainer = StrategyTrainer(draft, embed, trainer_config, strategy)
+
+
+def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float | None, reference: float | None) -> int:
+    """Optimizer steps for this boundary: boosted when acceptance fell boost_drop below the reference."""
+    if acceptance is not None and reference is not None and acceptance < reference - strategy.boost_drop:
+        return int(round(train_steps * strategy.boost_factor))
+    return train_steps
+
+
+class UntilBoundaryDraftWorker(BackgroundDraftWorker):
+    """A BackgroundDraftWorker whose run does not stop after a fixed count: started at boundary v,
+    it trains at least `num_steps` and then keeps going, one optimizer step at a time, until the
+    next boundary asks for its weights (or `max_steps`). The draft compute then follows the step's
+    length (generation + policy update) instead of a number chosen ahead. Its pushes depend on
+    thread timing, so it is not bit-reproducible (the replay lab measures fixed budgets instead)."""
+
+    def __init__(self, inner: LocalDraftWorker, max_steps: int = 10_000):
+        super().__init__(inner)
+        self.max_steps = max_steps
+        self._stop = threading.Event()
+        self._train_fixed = inner.train
+
+    def train(self, num_steps: int) -> TrainResult:
+        stop = threading.Event()  # the new run's flag; the next boundary sets it
+        self.inner.train = lambda n: self._until_boundary(n, stop)
+        result = super().train(num_steps)  # stops and collects the run in flight, starts the new one
+        self._stop = stop
+        return result
+
+    def _collect(self) -> None:
+        self._stop.set()  # every wait for the run in flight (train, state_dict, close) ends it first
+        super()._collect()
+
+    def _until_boundary(self, min_steps: int, stop: threading.Event) -> TrainResult:
+        parts = [self._train_fixed(min_steps)] if min_steps else []
+        while not stop.is_set() and sum(p.steps for p in parts) < self.max_steps:
+            parts.append(self._train_fixed(1))
+        n = max(1, sum(p.steps for p in parts))
+        k = max((len(p.step_acc) for p in parts), default=0)
+        return TrainResult(steps=sum(p.steps for p in parts), loss=sum(p.loss * p.steps for p in parts) / n,
+                           step_acc=tuple(sum(p.step_acc[i] * p.steps for p in parts if p.step_acc) / n for i in range(k)),
+                           tokens=sum(p.tokens for p in parts), grad_norm=sum(p.grad_norm * p.steps for p in parts) / n,
+                           seconds=sum(p.seconds for p in parts))

@@ -1,0 +1,174 @@
+"""Adaptation strategies: the default is the plain TTT loss exactly; losses, weights, selection and budget do
+what their settings say; a recorded trajectory replays the same features."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+from draftadapt.adapter import AdapterConfig, DraftAdapter
+from draftadapt.batch import DraftBatch
+from draftadapt.cache import CacheConfig
+from draftadapt.drafts.eagle3 import Eagle3Draft
+from draftadapt.drafts.vocab import build_draft_vocab
+from draftadapt.metrics import SpecCounters
+from draftadapt.strategy import StrategyConfig, StrategyDraftWorker, rejected_positions, strategy_loss, train_budget
+from draftadapt.trainer import TrainerConfig
+from draftadapt.ttt import ttt_loss
+
+V, VD, H = 200, 120, 64
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    cfg = tiny_config("qwen3", layers=8, hidden=H, vocab=V)
+    draft = Eagle3Draft.from_target(cfg, build_draft_vocab([torch.randint(0, V, (3000,))], V, VD))
+    draft._init_weights(std=0.15)
+    return draft, torch.nn.Embedding(V, H)
+
+
+def make_batch(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    valid = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    ids = torch.randint(0, V, (len(lengths), t), generator=g) * valid
+    teacher = torch.randn(len(lengths), t, VD, generator=g).mul(3).log_softmax(-1)
+    loss_mask = valid & (torch.rand(len(lengths), t, generator=g) < 0.8)
+    return DraftBatch(ids, torch.randn(len(lengths), t, 3 * H, generator=g), teacher, loss_mask, valid)
+
+
+def test_default_strategy_loss_equals_the_ttt_loss(setup):
+    draft, embed = setup
+    b = make_batch([12, 9])
+    ones = torch.ones(2, 12)  # forces the weighted path: with unit weights it must be the plain TTT loss
+    ref, got = ttt_loss(draft, b, embed, 3, 0.8), strategy_loss(draft, b, embed, 3, 0.8, "kl", weight=ones)
+    torch.testing.assert_close(got.loss, ref.loss)
+    torch.testing.assert_close(strategy_loss(draft, b, embed, 3, 0.8, "kl").loss, ref.loss)
+    torch.testing.assert_close(got.step_acc, ref.step_acc)
+    assert not StrategyConfig().custom_loss
+
+
+def test_tv_is_a_distance_in_0_1_and_zero_at_the_teacher(setup):
+    draft, embed = setup
+    b = make_batch([12, 9])
+    tv = strategy_loss(draft, b, embed, 3, 1.0, "tv")
+    assert ((tv.step_loss > 0) & (tv.step_loss <= 1)).all()
+    torch.testing.assert_close(strategy_loss(draft, b, embed, 3, 1.0, "tv", weight=torch.ones(2, 12)).loss, tv.loss)
+    both = strategy_loss(draft, b, embed, 3, 1.0, "kl+tv")
+    kl = strategy_loss(draft, b, embed, 3, 1.0, "kl")
+    torch.testing.assert_close(both.loss, kl.loss + tv.loss)
+
+
+def test_weights_move_the_loss_toward_the_weighted_positions(setup):
+    draft, embed = setup
+    b = make_batch([12])
+    only = torch.zeros(1, 12)
+    only[0, 5] = 1.0  # all weight on teacher position 5: step 1 scores it from base 4
+    got = strategy_loss(draft, b, embed, 1, 1.0, "kl", weight=only)
+    single = DraftBatch(b.input_ids, b.aux_hidden, b.teacher_logprobs, b.loss_mask & (torch.arange(12) == 5), b.valid)
+    if bool(single.loss_mask.any()) and bool(b.valid[0, 4]):
+        torch.testing.assert_close(got.loss, ttt_loss(draft, single, embed, 1, 1.0).loss)
+
+
+def test_rejected_positions_mark_where_the_step1_guess_misses(setup):
+    draft, embed = setup
+    b = make_batch([10])
+    with torch.no_grad():
+        from draftadapt.ttt import unroll
+
+        guess = draft.target_ids()[unroll(draft, b, embed, 1)[0].argmax(-1)]  # [1, T]: token i+2 from base i
+    # make base 3's guess right: teacher position 4 is then not rejected, position 5 (base 4) is unless lucky
+    ids = b.input_ids.clone()
+    ids[0, 5] = guess[0, 3]
+    b2 = DraftBatch(ids, b.aux_hidden, b.teacher_logprobs, b.loss_mask, b.valid)
+    with torch.no_grad():
+        guess2 = draft.target_ids()[unroll(draft, b2, embed, 1)[0].argmax(-1)]
+    rej = rejected_positions(draft, b2, embed)
+    assert rej.shape == (1, 10) and not bool(rej[0, 0])
+    assert not bool(rej[0, 4])
+    assert bool(rej[0, 6]) == bool(guess2[0, 5] != ids[0, 7])
+
+
+def test_acceptance_triggered_budget():
+    s = StrategyConfig(boost_factor=3.0, boost_drop=0.1)
+    assert train_budget(4, s, 2.0, 2.5) == 12
+    assert train_budget(4, s, 2.45, 2.5) == 4
+    assert train_budget(4, s, None, 2.5) == 4
+    assert train_budget(4, StrategyConfig(), 1.0, 3.0) == 4
+
+
+@pytest.mark.parametrize("field,value", [("loss", "l2"), ("rejected_weight", 0.0), ("boost_factor", 0.5)])
+def test_bad_strategy_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field if field == "loss" else "StrategyConfig"):
+        StrategyConfig(**{field: value})
+
+
+def _adapter(policy, strategy, **cfg):
+    torch.manual_seed(1)
+    draft = Eagle3Draft.from_target(policy.config, target_head=policy.lm_head.weight)
+    config = AdapterConfig(**{"train_steps": 2, "batch_tokens": 64, "min_tokens": 1, "acceptance_drop": None, **cfg})
+    return DraftAdapter(draft, policy.get_input_embeddings(), config, TrainerConfig(lr=3e-3),
+                        CacheConfig(max_tokens=4096), strategy=strategy)
+
+
+def _capture(adapter, policy, version, b=4, t=16):
+    ids = torch.randint(0, 1147, (b, t), generator=torch.Generator().manual_seed(version))
+    with adapter.capture(policy) as cap, torch.no_grad():
+        policy(input_ids=ids)
+    return cap.rollout_batch(ids, completion_mask=torch.arange(t)[None].expand(b, t) >= 4, policy_version=version)
+
+
+def test_adapter_selects_by_advantage_and_boosts_on_a_drop():
+    policy = tiny_model("llama", layers=8, hidden=64)
+    ad = _adapter(policy, StrategyConfig(min_advantage=0.0, boost_factor=2.0, boost_drop=0.1, loss="tv"))
+    assert isinstance(ad.worker, StrategyDraftWorker)
+    assert ad.on_rollouts(_capture(ad, policy, 0), advantages=torch.tensor([1.0, -1.0, 0.0, -0.5])) == 2
+    assert ad.on_step_end(1, counters=SpecCounters(100, 300, 150, (60, 50, 40))).train.steps == 2  # sets the EMA
+    ad.on_rollouts(_capture(ad, policy, 1), advantages=torch.ones(4))
+    assert ad.on_step_end(2, counters=SpecCounters(100, 300, 50, (30, 15, 5))).train.steps == 4  # AL 2.5 -> 1.5
+
+
+def test_a_recorded_trajectory_replays_the_same_features(tmp_path):
+    from draftadapt.replay import StepRollouts, Trajectory, TrajectoryRecorder, features
+
+    policy = tiny_model("llama", layers=8, hidden=64)
+    ad = _adapter(policy, StrategyConfig())
+    ids = torch.randint(0, 1147, (3, 12), generator=torch.Generator().manual_seed(0))
+    am = torch.ones(3, 12, dtype=torch.long)
+    am[2, 9:] = 0
+    ro = StepRollouts(ids, am, (torch.arange(12)[None] >= 3).expand(3, 12) & am.bool(), torch.tensor([1.0, 0, 1]),
+                      torch.tensor([0.5, -1.0, 0.5]))
+    rec = TrajectoryRecorder(tmp_path / "t", meta={"reward": "x"})
+    rec.record(0, policy, ro, {"accuracy": 0.5})
+    rec.finish(1, policy)
+    traj = Trajectory(tmp_path / "t")
+    assert list(traj.versions) == [0] and traj.step_info(0)["accuracy"] == 0.5
+    again = tiny_model("llama", layers=8, hidden=64, seed=5)
+    again.load_state_dict(traj.policy_state(0))
+    live = next(features(policy, ad, ro, 0))
+    replayed = next(features(again, ad, traj.rollouts(0), 0))
+    torch.testing.assert_close(replayed.aux_hidden, live.aux_hidden)
+    torch.testing.assert_close(replayed.teacher_logprobs, live.teacher_logprobs)
+    assert next(features(again, ad, traj.rollouts(0), 0, min_advantage=0.0)).cu_seqlens.numel() - 1 == 2
+    with pytest.raises(ValueError, match="TrajectoryRecorder"):
+        Trajectory(tmp_path / "missing")
+
+
+def test_until_boundary_worker_trains_until_the_next_boundary():
+    import time
+
+    from draftadapt.strategy import UntilBoundaryDraftWorker
+
+    policy = tiny_model("llama", layers=8, hidden=64)
+    base = _adapter(policy, StrategyConfig())
+    worker = UntilBoundaryDraftWorker(base.worker, max_steps=500)
+    ad = DraftAdapter.with_worker(worker, base.config)
+    ad.on_rollouts(_capture(ad, policy, 0))
+    assert ad.on_step_end(1).train is None  # the first run has not finished
+    time.sleep(1.0)  # a "long step": the run keeps training past its 2 steps
+    ad.on_rollouts(_capture(ad, policy, 1))
+    first = ad.on_step_end(2).train
+    assert first is not None and first.steps > 2, first
+    worker.close()  # stops the second run at once instead of waiting for max_steps
+    assert worker._last.steps >= 2
