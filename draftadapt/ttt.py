@@ -156,13 +156,15 @@ def _chunk_loss(head, h: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor
 
 def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
              decay: float = 0.8, loss: str = "kl", tv_weight: float = 1.0,
-             chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> TTTResult:
+             chunk_elements: int = LOSS_CHUNK_ELEMENTS, normalizer: torch.Tensor | None = None) -> TTTResult:
     """Divergence from the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
 
     loss: "kl" forward KL(teacher || draft); "tv" total variation 0.5 * sum_d |p_d - q_d| (one
     minus the expected acceptance of a single draft token); "kl+tv" = kl + tv_weight * tv.
     Step k at base i is scored against teacher_logprobs[i+k] where loss_mask[i+k] and both i and
-    i+k are real positions. K=1 is plain single-step training. Memory: module docstring (chunks
+    i+k are real positions. K=1 is plain single-step training. `normalizer` ([K] float): divide
+    step k's sums by normalizer[k-1] instead of this batch's own count (data-parallel training
+    passes the count summed over ranks, so the ranks' losses add up to the union batch's). Memory: module docstring (chunks
     of chunk_elements // Vd positions, logits recomputed in backward).
     """
     if loss not in LOSSES:
@@ -184,8 +186,9 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
             else:
                 part, st = _chunk_loss(*args)
             total, stat = total + part, stat + st
-        losses.append(total / max(n, 1))
-        stats.append(stat / max(n, 1))
+        denom = max(n, 1) if normalizer is None else normalizer[k - 1]
+        losses.append(total / denom)
+        stats.append(stat / denom)
         counts.append(n)
     stats_k = torch.stack(stats)  # [K, 3]: kl, tv, acc
     weighted = sum(decay ** (k - 1) * step for k, step in enumerate(losses, start=1))
