@@ -135,3 +135,70 @@ def test_megatron_layouts_are_refused():
 def test_a_flat_shard_is_refused_by_full_weight():
     with pytest.raises(ValueError, match="summon_full_params"):
         full_weight(torch.zeros(0))
+
+
+class _Sink:
+    """Counts pushes (the owner's sink); spec counters stay at zero."""
+
+    def __init__(self):
+        self.pushes: list[int] = []
+
+    def push_draft(self, state, version):
+        from types import SimpleNamespace
+
+        self.pushes.append(version)
+        return SimpleNamespace(pushed=True, skipped_reason=None)
+
+    def spec_counters(self):
+        from draftadapt.metrics import SpecCounters
+
+        return SpecCounters(0, 0, 0, (0, 0, 0))
+
+
+def _fsdp2_owner_run(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    from draftadapt.adapter import AdapterConfig
+    from draftadapt.distributed import DistributedDraftAdapter
+
+    reference = tiny_model("llama", seed=0, layers=4, hidden=64)  # the same weights on every rank
+    policy = tiny_model("llama", seed=0, layers=4, hidden=64).train()
+    for layer in policy.model.layers:
+        fully_shard(layer)
+    fully_shard(policy)
+    embed = policy.get_input_embeddings()
+    sharded_rows = embed.weight.to_local().shape[0]
+    torch.manual_seed(0)
+    draft = Eagle3Draft.from_target(reference.config, aux_layer_ids=(0, 1, 3))
+    sink = _Sink() if rank == 0 else None
+    adapter = DistributedDraftAdapter(draft, embed, AdapterConfig(train_steps=2, min_tokens=0, batch_tokens=256),
+                                      sink=sink, mode="owner")
+    gathered_ok = bool(torch.equal(adapter._embed, reference.get_input_embeddings().weight.detach()))
+    stats, aux_ok = [], []
+    for step in range(2):
+        g = torch.Generator().manual_seed(100 * step + rank)  # each rank its own rollouts
+        ids = torch.randint(0, 1147, (2 + rank, 20), generator=g)
+        with adapter.capture(policy) as cap:
+            logits = policy(input_ids=ids).logits
+            logits.float().logsumexp(-1).mean().backward()  # the policy's own backward runs through the hooks
+        batch = cap.rollout_batch(ids, policy_version=step)
+        with torch.no_grad():
+            hs = reference(input_ids=ids, output_hidden_states=True).hidden_states
+        want = torch.cat([hs[i] for i in adapter.adapter.features.aux_layer_ids], -1).reshape(-1, batch.aux_hidden.shape[-1])
+        aux_ok.append(float((batch.aux_hidden.float() - want).abs().max()))
+        adapter.on_rollouts(batch)
+        stats.append(adapter.on_step_end(step))
+    return {"sharded_rows": sharded_rows, "gathered_ok": gathered_ok, "aux_err": max(aux_ok),
+            "pushes": None if sink is None else sink.pushes,
+            "stats": [(s.policy_version, s.pushed, s.push_reason, s.cache.sequences, s.train.tokens) for s in stats]}
+
+
+def test_fsdp2_ranks_feed_one_owner_that_pushes_once_per_version():
+    r0, r1 = _run(_fsdp2_owner_run)
+    assert r0["sharded_rows"] < 1147 and r1["sharded_rows"] < 1147, "the policy embedding must really be sharded"
+    assert r0["gathered_ok"] and r1["gathered_ok"], "the draft must train against the full gathered embedding"
+    assert r0["aux_err"] < 1e-5 and r1["aux_err"] < 1e-5, "capture under FSDP2 must see the full activations"
+    assert r0["pushes"] == [0, 1] and r1["pushes"] is None, "exactly one pusher, one push per version"
+    assert r0["stats"] == r1["stats"], "every rank reports the owner's stats"
+    # the owner cached both ranks' sequences: 2 (rank 0) + 3 (rank 1) per step, within the staleness window
+    assert [s[3] for s in r0["stats"]] == [5, 10] and all(s[1] for s in r0["stats"])
