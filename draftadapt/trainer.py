@@ -15,7 +15,9 @@ from torch import nn
 from .batch import DraftBatch
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.mtp import MTPDraft
-from .ttt import ttt_loss
+from .ttt import LOSSES, ttt_loss
+
+AUTOCAST = ("auto", "off", "bf16")
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,37 @@ class TrainerConfig:
     ttt_steps: int = 3  # K: draft steps unrolled per position (match the engine's k)
     decay: float = 0.8  # weight of step k is decay^(k-1)
     warmup_steps: int = 0  # linear lr warm-up from lr/warmup_steps to lr
+    loss: str = "kl"  # "kl" | "tv" | "kl+tv": divergence to the teacher over the draft vocab (ttt_loss)
+    tv_weight: float = 1.0  # weight of the TV term in "kl+tv"
+    device: str = "auto"  # where the draft and its batches live; "auto" = CUDA when present, else CPU
+    autocast: str = "auto"  # "bf16": bf16 autocast, fp32 master weights; "off": fp32; "auto" = bf16 on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError(f"TrainerConfig needs lr > 0 and weight_decay, grad_clip, warmup_steps >= 0; got {self}")
         if self.ttt_steps < 1 or not 0 < self.decay <= 1:
             raise ValueError(f"TrainerConfig needs ttt_steps >= 1 and 0 < decay <= 1; got {self}")
+        if self.loss not in LOSSES or self.tv_weight < 0:
+            raise ValueError(f"TrainerConfig.loss={self.loss!r} must be one of {LOSSES} and tv_weight >= 0")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"TrainerConfig.autocast={self.autocast!r}; choose one of {AUTOCAST} (fp16 needs a"
+                             " grad scaler and is not offered)")
         object.__setattr__(self, "betas", tuple(self.betas))
+
+    def resolve_device(self, current: torch.device) -> torch.device:
+        """The device to train on; "auto" keeps a draft already on CUDA where it is."""
+        if self.device != "auto":
+            return torch.device(self.device)
+        if current.type == "cuda":
+            return current
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 or None (fp32). On CPU "auto" means fp32: bf16 autocast measured slower there
+        (benchmarks/ttt_scaling.py)."""
+        if self.autocast == "bf16" or (self.autocast == "auto" and device.type == "cuda"):
+            return torch.bfloat16
+        return None
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,8 @@ class DraftTrainer:
     """Owns the draft's optimizer; `step(batch)` is one update."""
 
     def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, config: TrainerConfig = TrainerConfig()):
+        self.device = config.resolve_device(next(draft.parameters()).device)
+        draft.to(self.device)  # fp32 master weights; the optimizer state follows them
         self.draft, self.embed, self.config = draft, embed, config
         params = [p for p in draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
@@ -72,13 +100,16 @@ class DraftTrainer:
         return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
 
     def step(self, batch: DraftBatch) -> TrainStats:
-        device = next(self.draft.parameters()).device
+        device = self.device
         self.draft.train()
         lr = self.lr_at(self.steps_done)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         cfg = self.config
-        result = ttt_loss(self.draft, batch.to(device), self.embed, steps=cfg.ttt_steps, decay=cfg.decay)
+        dtype = cfg.autocast_dtype(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            result = ttt_loss(self.draft, batch.to(device), self.embed, steps=cfg.ttt_steps, decay=cfg.decay,
+                              loss=cfg.loss, tv_weight=cfg.tv_weight)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -115,7 +146,8 @@ class DraftTrainer:
                 "steps_done": self.steps_done, "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != asdict(self.config):
+        saved = {**asdict(TrainerConfig()), **state["config"]}  # fields added later take their defaults
+        if saved != asdict(self.config):
             raise ValueError(f"trainer state was saved with config {state['config']},"
                              f" this trainer has {asdict(self.config)}")
         self.draft.load_state_dict(state["draft"])

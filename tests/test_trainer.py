@@ -153,3 +153,35 @@ def test_offline_training_lowers_ttt_loss_and_raises_later_step_accuracy(tmp_pat
     assert not any(p.grad is not None for p in target.parameters()), "the target gets no gradient"
     exported = load_eagle3(tmp_path / "draft", target_embed=embed, target_config=target.config)
     assert torch.equal(exported.lm_head.weight, trained.lm_head.weight)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_the_fp32_step():
+    batches = random_batches(3)
+    runs = {}
+    for mode in ("off", "bf16"):
+        trainer = make_trainer(seed=0, autocast=mode)
+        runs[mode] = [trainer.step(b).loss for b in batches]
+        assert all(p.dtype == torch.float32 for p in trainer.draft.parameters())
+        assert all(v.dtype == torch.float32 for st in trainer.optimizer.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0)
+    assert runs["off"] != runs["bf16"], "bf16 autocast must actually run in bf16"
+    for a, b in zip(runs["off"], runs["bf16"]):
+        assert abs(a - b) < 0.02 * abs(a), (runs["off"], runs["bf16"])
+
+
+def test_trainer_device_and_loss_settings(monkeypatch):
+    cfg = TrainerConfig()
+    assert cfg.resolve_device(torch.device("cpu")).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cfg.resolve_device(torch.device("cpu")) == torch.device("cuda")
+    assert cfg.autocast_dtype(torch.device("cuda")) == torch.bfloat16 and cfg.autocast_dtype(torch.device("cpu")) is None
+    assert TrainerConfig(device="cpu").resolve_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.undo()
+    batch = random_batches(1)[0]
+    trainer = make_trainer(loss="kl+tv", tv_weight=0.5, device="cpu")
+    want = ttt_loss(trainer.draft, batch, trainer.embed, steps=3, loss="kl+tv", tv_weight=0.5)
+    assert abs(trainer.step(batch).loss - float(want.loss.detach())) < 1e-5
+    with pytest.raises(ValueError, match="autocast"):
+        TrainerConfig(autocast="fp16")
+    with pytest.raises(ValueError, match="loss"):
+        TrainerConfig(loss="js")

@@ -152,3 +152,123 @@ def test_bad_step_count_is_refused(setup):
     draft, embed = setup
     with pytest.raises(ValueError, match="steps"):
         ttt_loss(draft, make_batch([8]), embed, steps=0)
+
+
+# ---- the O(T) path against the dense oracle (`unroll_dense`) ----------------------------------
+
+def mtp_setup():
+    from draftadapt.drafts.mtp import MTPDraft
+
+    torch.manual_seed(0)
+    cfg = tiny_config("qwen2", layers=2, hidden=H, vocab=V)
+    draft = MTPDraft.from_target(cfg, torch.nn.Linear(H, V, bias=False))
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            p.copy_((1.0 if name.endswith("layernorm.weight") else 0.0) + 0.15 * torch.randn(p.shape))
+    return draft, torch.nn.Embedding(V, H)
+
+
+def layout_batch(kind: str, vd: int, seed: int = 3) -> DraftBatch:
+    """right: right-padded rows; left: left-padded; packed: several sequences per row (positions
+    restart, one is a window starting at position 100), padding between and after them."""
+    g = torch.Generator().manual_seed(seed)
+    t = 24
+    if kind == "packed":
+        spans = [[(0, 7, 0), (7, 13, 0), (13, 21, 100)], [(2, 24, 0)]]  # (start, end, first position)
+        valid, pos = torch.zeros(2, t, dtype=torch.bool), torch.zeros(2, t, dtype=torch.long)
+        for r, row in enumerate(spans):
+            for s, e, p0 in row:
+                valid[r, s:e], pos[r, s:e] = True, torch.arange(p0, p0 + e - s)
+    else:
+        lens = torch.tensor([24, 13])
+        valid = torch.arange(t)[None, :] < lens[:, None]
+        valid = valid if kind == "right" else valid.flip(1)
+        pos = None
+    ids = torch.randint(0, V, (2, t), generator=g)
+    teacher = torch.randn(2, t, vd, generator=g).mul(3).log_softmax(-1)
+    return DraftBatch(ids, torch.randn(2, t, 3 * H, generator=g), teacher, valid & (torch.rand(2, t, generator=g) < 0.8),
+                      valid, final_hidden=torch.randn(2, t, H, generator=g), positions=pos)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "packed"])
+@pytest.mark.parametrize("arch", ["eagle3", "mtp"])
+def test_unroll_equals_the_dense_oracle_for_k_1_to_5_logits_and_gradients(setup, arch, kind):
+    from draftadapt.ttt import unroll_dense, unroll_hidden
+
+    draft, embed = setup if arch == "eagle3" else mtp_setup()
+    b = layout_batch(kind, draft.config.draft_vocab_size)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    for steps in range(1, 6):
+        g = torch.Generator().manual_seed(steps)
+        weights = [torch.randn(2, 24, draft.config.draft_vocab_size, generator=g) for _ in range(steps)]
+        grads = []
+        for run in ("dense", "chunked"):
+            if run == "dense":
+                logits = unroll_dense(draft, b, embed, steps)
+            else:  # chunks of 3 query positions: chunk borders fall inside sequences
+                logits = [draft.logits(h) for h in unroll_hidden(draft, b, embed, steps, chunk_elements=3 * 2 * 4 * 24)]
+            grads.append(torch.autograd.grad(sum((x * w)[b.valid].sum() for x, w in zip(logits, weights)), params))
+            if run == "dense":
+                want = [x[b.valid].detach() for x in logits]
+        for k, (x, w) in enumerate(zip(logits, want)):
+            torch.testing.assert_close(x[b.valid], w, atol=2e-5, rtol=1e-4, msg=f"{arch} {kind} K={steps} step {k + 1}")
+        for gd, gc in zip(*grads):
+            torch.testing.assert_close(gc, gd, atol=1e-4, rtol=1e-4, msg=f"{arch} {kind} K={steps} grads")
+
+
+@torch.no_grad()
+def test_a_packed_row_equals_its_sequences_trained_alone(setup):
+    draft, embed = setup
+    b = layout_batch("packed", VD)
+    packed = unroll(draft, b, embed, 3)
+    for s, e in ((0, 7), (7, 13), (13, 21)):
+        alone = DraftBatch(*(getattr(b, f)[:1, s:e] for f in ("input_ids", "aux_hidden", "teacher_logprobs",
+                                                              "loss_mask", "valid")), positions=b.positions[:1, s:e])
+        for k, single in enumerate(unroll(draft, alone, embed, 3)):
+            ok = slice(0, e - s - k - 1)  # bases whose step-k input token lies inside the sequence
+            torch.testing.assert_close(packed[k][0, s:e][ok], single[0, ok], atol=2e-5, rtol=1e-4)
+
+
+def test_padding_between_tokens_without_positions_is_refused(setup):
+    draft, embed = setup
+    b = make_batch([10])
+    b.valid[0, 4] = False
+    with pytest.raises(ValueError, match="positions"):
+        unroll(draft, b, embed, 2)
+
+
+@pytest.mark.parametrize("arch", ["eagle3", "mtp"])
+@pytest.mark.parametrize("loss", ["kl", "tv", "kl+tv"])
+def test_chunked_loss_equals_one_chunk_loss_and_gradients(setup, arch, loss):
+    draft, embed = setup if arch == "eagle3" else mtp_setup()
+    vd = draft.config.draft_vocab_size
+    b = layout_batch("right", vd)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    out = []
+    for chunk in (5 * vd, 1 << 30):  # 5 positions per chunk vs everything at once
+        res = ttt_loss(draft, b, embed, steps=3, loss=loss, tv_weight=0.7, chunk_elements=chunk)
+        out.append((res, torch.autograd.grad(res.loss, params)))
+    (small, g_small), (whole, g_whole) = out
+    torch.testing.assert_close(small.loss, whole.loss)
+    for field in ("step_loss", "step_acc", "step_kl", "step_tv"):
+        torch.testing.assert_close(getattr(small, field), getattr(whole, field))
+    for a, c in zip(g_small, g_whole):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_tv_loss_is_half_the_l1_distance_between_renormalised_teacher_and_draft(setup):
+    draft, embed = setup
+    b = make_batch([14, 10], t=14)
+    logits = unroll(draft, b, embed, 2)
+    tv = ttt_loss(draft, b, embed, steps=2, loss="tv")
+    kl, mix = ttt_loss(draft, b, embed, steps=2, loss="kl"), ttt_loss(draft, b, embed, steps=2, loss="kl+tv", tv_weight=0.3)
+    for k in range(1, 3):
+        vals = [0.5 * (b.teacher_logprobs[r, i + k].softmax(-1) - logits[k - 1][r, i].softmax(-1)).abs().sum()
+                for r in range(2) for i in range(14 - k)
+                if b.valid[r, i] and b.valid[r, i + k] and b.loss_mask[r, i + k]]
+        torch.testing.assert_close(tv.step_loss[k - 1], torch.stack(vals).mean(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tv.step_tv, tv.step_loss)
+    torch.testing.assert_close(mix.step_loss, kl.step_loss + 0.3 * tv.step_loss)
+    with pytest.raises(ValueError, match="loss"):
+        ttt_loss(draft, b, embed, loss="js")
