@@ -125,7 +125,7 @@ class DataParallelTrainer(DraftTrainer):
 
     def step(self, batch: DraftBatch | None) -> TrainStats:
         cfg, params = self.config, [p for g in self.optimizer.param_groups for p in g["params"]]
-        device = params[0].device
+        device, dtype = self.device, self.config.autocast_dtype(self.device)
         self.draft.train()
         lr = self.lr_at(self.steps_done)
         for g in self.optimizer.param_groups:
@@ -138,8 +138,9 @@ class DataParallelTrainer(DraftTrainer):
         self.optimizer.zero_grad(set_to_none=False)
         k = cfg.ttt_steps
         if batch is not None:
-            result = ttt_loss(self.draft, batch.to(device), self.embed, steps=k, decay=cfg.decay,
-                              normalizer=total.clamp(min=1).to(device), **_loss_options(cfg))
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                result = ttt_loss(self.draft, batch.to(device), self.embed, steps=k, decay=cfg.decay, loss=cfg.loss,
+                                  tv_weight=cfg.tv_weight, normalizer=total.clamp(min=1).to(device))
             result.loss.backward()
             parts = [result.step_loss.float(), result.step_acc.float(), result.loss.detach().float().reshape(1)]
         else:
@@ -158,11 +159,6 @@ class DataParallelTrainer(DraftTrainer):
         self.steps_done += 1
         return TrainStats(step=self.steps_done, loss=loss, step_loss=tuple(step_loss.tolist()),
                           step_acc=tuple(step_acc.tolist()), tokens=int(total[0]), grad_norm=grad_norm, lr=lr)
-
-
-def _loss_options(cfg: TrainerConfig) -> dict:
-    """The loss fields a TrainerConfig carries (loss kind, TV weight), for ttt_loss."""
-    return {k: getattr(cfg, k) for k in ("loss", "tv_weight") if hasattr(cfg, k)}
 
 
 class DataParallelDraftWorker(LocalDraftWorker):
