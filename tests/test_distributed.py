@@ -202,3 +202,29 @@ def test_fsdp2_ranks_feed_one_owner_that_pushes_once_per_version():
     assert r0["stats"] == r1["stats"], "every rank reports the owner's stats"
     # the owner cached both ranks' sequences: 2 (rank 0) + 3 (rank 1) per step, within the staleness window
     assert [s[3] for s in r0["stats"]] == [5, 10] and all(s[1] for s in r0["stats"])
+
+
+@pytest.mark.slow
+def test_two_rank_toy_grpo_has_one_pusher_and_both_ranks_feed_it(toy_policy_dir, tmp_path):
+    """recipes/grpo_toy_dp.py: 2 DDP policy ranks (gloo) + the engine and draft owner on rank 0."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, str(root / "recipes" / "grpo_toy_dp.py"), "--ranks", "2", "--out", str(out),
+           "run.steps=3", "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_tokens=48",
+           "adapter.min_tokens=0", "adapter.train_steps=2", "adapter.batch_tokens=512"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads(out.read_text())["log"]
+    assert [rows[0]["pushed"] for rows in log] == [True, True, True], "the owner pushes each version once"
+    for step, rows in enumerate(log):
+        assert [r["rank"] for r in rows] == [0, 1]
+        assert rows[0]["pushed"] == rows[1]["pushed"] and rows[0]["pushed_version"] == rows[1]["pushed_version"] == step
+        assert all(r["rollout_tokens"] > 0 for r in rows), "each rank trains on its own share of the rollouts"
+        assert rows[0]["owner_train_tokens"] > 0
+    # the owner's cache holds both ranks' tokens: more than rank 0 alone produced in the first step
+    assert log[0][0]["owner_cache_tokens"] > log[0][0]["rollout_tokens"]
