@@ -97,7 +97,8 @@ def run(rank: int, world: int, argv: list[str]) -> dict | None:
         t_draft = time.perf_counter()
         stats = adapter.on_step_end(step, counters=spec)
         t_draft = time.perf_counter() - t_draft
-        row = {"rank": rank, "step": step, "rollout_tokens": r.num_tokens, "reward": float(r.rewards.mean()),
+        row = {"rank": rank, "step": step, "sequences": len(r.completions), "rollout_tokens": r.num_tokens,
+               "reward": float(r.rewards.mean()), "owner_cache_sequences": stats.cache.sequences,
                "loss": upd.loss, "pushed": stats.pushed, "push_reason": stats.push_reason,
                "pushed_version": stats.last_pushed_version, "owner_cache_tokens": stats.cache.tokens,
                "owner_train_tokens": stats.train.tokens if stats.train else 0, "time/draft_exposed": t_draft,

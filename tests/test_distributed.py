@@ -226,5 +226,5 @@ def test_two_rank_toy_grpo_has_one_pusher_and_both_ranks_feed_it(toy_policy_dir,
         assert rows[0]["pushed"] == rows[1]["pushed"] and rows[0]["pushed_version"] == rows[1]["pushed_version"] == step
         assert all(r["rollout_tokens"] > 0 for r in rows), "each rank trains on its own share of the rollouts"
         assert rows[0]["owner_train_tokens"] > 0
-    # the owner's cache holds both ranks' tokens: more than rank 0 alone produced in the first step
-    assert log[0][0]["owner_cache_tokens"] > log[0][0]["rollout_tokens"]
+    # after the first step the owner's cache holds every sequence of both ranks
+    assert log[0][0]["owner_cache_sequences"] == sum(r["sequences"] for r in log[0]) == 16
