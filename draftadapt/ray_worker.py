@@ -39,7 +39,12 @@ class _DraftServer:
     def __init__(self, draft: Eagle3Draft, embed: torch.Tensor, trainer_config: TrainerConfig,
                  cache_config: CacheConfig, batch_tokens: int, seed: int, target_head: nn.Module | None, threads: int):
         torch.set_num_threads(threads)
-        self.embed = embed.clone()  # [V, H]: refreshed in place, the trainer keeps this tensor
+        # the draft's device: a GPU when the actor was given one (RayConfig.actor_gpus > 0), else CPU;
+        # the embedding copy and the draft's batches live there too
+        device = trainer_config.resolve_device(torch.device("cpu"))
+        self.embed = embed.to(device, copy=True)  # [V, H]: refreshed in place, the trainer keeps this tensor
+        if target_head is not None:
+            target_head = target_head.to(device)
         self.cache_lock = threading.Lock()  # the feature cache and its sampling generator
         self.draft_lock = threading.Lock()  # the draft, its optimizer, the policy parts
         self.worker = LocalDraftWorker(draft, self.embed, trainer_config, cache_config, batch_tokens, seed, target_head)
@@ -75,14 +80,17 @@ class _DraftServer:
 
     def state_for_push(self) -> dict[str, torch.Tensor]:
         with self.draft_lock:  # a copy: the live tensors change with the next step
-            return {k: v.clone() for k, v in self.worker.state_for_push().items()}
+            return {k: v.to("cpu", copy=True) for k, v in self.worker.state_for_push().items()}  # host copies
 
     def draft(self) -> Eagle3Draft:
         with self.draft_lock:
-            return copy.deepcopy(self.worker.draft)
+            return copy.deepcopy(self.worker.draft).cpu()
 
     def pid(self) -> int:
         return os.getpid()
+
+    def device(self) -> str:
+        return str(self.worker.trainer.device)
 
 
 _EMPTY = TrainResult(0, float("nan"), (), 0, float("nan"), 0.0)

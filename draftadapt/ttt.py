@@ -12,7 +12,7 @@ embedding is read detached.
 
 Sizes that matter (T tokens in the batch, H hidden, Hq query heads, Vd draft vocab, K steps):
 - `unroll_hidden`: memory O(K T H + B Hq c T) with c = ATTN_CHUNK_ELEMENTS / (B Hq T), i.e. O(T)
-  (`drafts/attention.py`; 2^24 score elements per chunk on CPU, 2^26 on CUDA);
+  (`drafts/attention.py`; 2^22 score elements per chunk on CPU, 2^26 on CUDA);
   time O(K T^2 Hq D / 2) attention + O(K T H^2) layer.
 - `ttt_loss`: head, log-softmax, KL/TV and their gradient over chunks of n = LOSS_CHUNK_ELEMENTS / Vd
   positions, the gradient computed with the logits (`head_loss.py`): memory O(n Vd + K T H + Vd H),
@@ -131,19 +131,22 @@ def unroll_dense(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Emb
 
 def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
              decay: float = 0.8, loss: str = "kl", tv_weight: float = 1.0,
-             chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> TTTResult:
+             chunk_elements: int = LOSS_CHUNK_ELEMENTS, normalizer: torch.Tensor | None = None) -> TTTResult:
     """Divergence from the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
 
     loss: "kl" forward KL(teacher || draft); "tv" total variation 0.5 * sum_d |p_d - q_d| (one
     minus the expected acceptance of a single draft token); "kl+tv" = kl + tv_weight * tv.
     Step k at base i is scored against teacher_logprobs[i+k] where loss_mask[i+k] and both i and
-    i+k are real positions. K=1 is plain single-step training. Memory: module docstring (chunks
-    of chunk_elements // Vd positions; `head_loss`).
+    i+k are real positions. K=1 is plain single-step training. `normalizer` ([K]): divide step k's
+    sums by normalizer[k-1] instead of this batch's own count (data-parallel training passes the
+    count summed over ranks, so the ranks' losses and stats add up to the union batch's). Memory:
+    module docstring (chunks of chunk_elements // Vd positions; `head_loss`).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
     scored = batch.loss_mask & batch.valid
     hidden = unroll_hidden(draft, batch, embed, steps)
+    denoms = None if normalizer is None else [float(d) for d in normalizer]
     xs, rows, cols, step, row_weight, counts = [], [], [], [], [], []
     for k, h in enumerate(hidden, start=1):
         sel = shift(scored, k) & batch.valid  # [B, T]: base i counts if i and i+k do
@@ -153,7 +156,8 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
         rows.append(r)
         cols.append(c + k)  # step k at base i is scored against the teacher at i+k
         step.append(torch.full_like(r, k - 1))
-        row_weight.append(torch.full(r.shape, decay ** (k - 1) / max(n, 1), device=r.device))
+        denom = max(n, 1) if denoms is None else denoms[k - 1]
+        row_weight.append(torch.full(r.shape, decay ** (k - 1) / denom, device=r.device))
         counts.append(n)
     x = torch.cat(xs)  # [N, H]: every scored position of every step
     if isinstance(draft, MTPDraft):  # the policy's shared head, frozen; the layer output is already normed
@@ -162,7 +166,8 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
         x, weight = draft.norm(x), draft.lm_head.weight
     total, sums = head_loss(x, weight, batch.teacher_logprobs, torch.cat(rows), torch.cat(cols), torch.cat(step),
                             torch.cat(row_weight), steps, loss, tv_weight, chunk_elements)
-    per = sums / torch.tensor(counts, device=sums.device).clamp(min=1)[:, None]  # [K, 3]: kl, tv, acc means
+    denom = torch.tensor(counts if denoms is None else denoms, device=sums.device, dtype=sums.dtype)
+    per = sums / denom.clamp(min=1)[:, None]  # [K, 3]: kl, tv, acc means
     kl, tv = per[:, 0], per[:, 1]
     step_loss = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
     return TTTResult(loss=total, step_loss=step_loss, step_acc=per[:, 2], step_tokens=torch.tensor(counts),
