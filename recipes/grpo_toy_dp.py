@@ -61,6 +61,9 @@ def run(rank: int, world: int, argv: list[str]) -> dict | None:
     from draftadapt.toy.policy import toy_policy
 
     # 2) the same policy replica on every rank; the engine and the draft's sink on rank 0 only
+    if rank == 0:  # builds (and caches) the toy policy and first draft once; the others then read the cache
+        toy_draft(toy_policy(progress=False), cfg.draft, progress=False)
+    dist.barrier()
     policy_dir = toy_policy(progress=False)
     draft_dir = toy_draft(policy_dir, cfg.draft, progress=False)
     tok = AutoTokenizer.from_pretrained(policy_dir)
