@@ -61,10 +61,7 @@ def run(rank: int, world: int, argv: list[str]) -> dict | None:
     from draftadapt.toy.policy import toy_policy
 
     # 2) the same policy replica on every rank; the engine and the draft's sink on rank 0 only
-    if rank == 0:  # builds (and caches) the toy policy and first draft once; the others then read the cache
-        toy_draft(toy_policy(progress=False), cfg.draft, progress=False)
-    dist.barrier()
-    policy_dir = toy_policy(progress=False)
+    policy_dir = toy_policy(progress=False)  # cached by prepare() before the process group formed
     draft_dir = toy_draft(policy_dir, cfg.draft, progress=False)
     tok = AutoTokenizer.from_pretrained(policy_dir)
     torch.manual_seed(cfg.run.seed)
@@ -77,8 +74,9 @@ def run(rank: int, world: int, argv: list[str]) -> dict | None:
         from draftadapt.engine.swap import EngineSwapper
 
         spec = SpecConfig("eagle3", cfg.rollout.num_speculative_tokens, model=str(draft_dir))
+        # its own process: an in-process vLLM would build its groups on this process group and hang
         engine = Engine(EngineConfig(model=str(policy_dir), spec=spec, max_num_seqs=cfg.rollout.max_num_seqs,
-                                     max_model_len=512, seed=cfg.run.seed))
+                                     max_model_len=512, seed=cfg.run.seed, multiprocessing=True))
         swapper = EngineSwapper([engine])
     adapter = DistributedDraftAdapter(load_eagle3(draft_dir), policy.get_input_embeddings(), cfg.adapter, cfg.trainer,
                                       cfg.cache, sink=swapper, mode=args.mode)
@@ -123,9 +121,21 @@ def swapper_pushes(log: list[list[dict]]) -> list[int]:
     return [rows[0]["step"] for rows in log if rows[0]["pushed"]]
 
 
+def prepare(argv: list[str]) -> None:
+    """Build (or find cached) the toy policy and first draft, BEFORE the process group forms: their
+    builders start an in-process vLLM engine, which would take the recipe's process group for its own."""
+    from draftadapt.toy.draft import toy_draft
+    from draftadapt.toy.policy import toy_policy
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "recipes" / "grpo_toy.yaml"))
+    ap.add_argument("--mode", default="owner")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args(argv)
+    toy_draft(toy_policy(), load_config(args.config, args.overrides).draft)
+
+
 def _spawned(rank: int, world: int, store: str, argv: list[str], out: str) -> None:
-    # the engine runs its core in a child process: its own torch.distributed world never meets ours
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         result = run(rank, world, argv)
@@ -142,8 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/grpo_toy_dp/result.json")
     known, rest = ap.parse_known_args(argv)
     Path(known.out).parent.mkdir(parents=True, exist_ok=True)
-    if "RANK" in os.environ:  # torchrun
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    if "RANK" in os.environ:  # torchrun: the other ranks wait in init_process_group while rank 0 prepares
+        if os.environ["RANK"] == "0":
+            prepare(rest)
         dist.init_process_group("gloo")
         result = run(dist.get_rank(), dist.get_world_size(), rest)
         if dist.get_rank() == 0:
@@ -152,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     import torch.multiprocessing as mp
 
+    prepare(rest)
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_spawned, args=(known.ranks, os.path.join(tmp, "store"), rest, known.out),
                            nprocs=known.ranks, start_method="spawn")
