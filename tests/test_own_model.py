@@ -137,6 +137,17 @@ def test_an_engine_without_the_worker_extension_names_the_fix():
         EngineSwapper(NoExtension())
 
 
+def test_an_external_engine_without_stats_names_the_fix():
+    from draftadapt.engine.vllm import ExternalLLM
+
+    class NoStats:
+        def get_metrics(self):
+            raise AssertionError("Stat logging disabled")
+
+    with pytest.raises(RuntimeError, match="disable_log_stats=False"):
+        ExternalLLM(NoStats()).spec_counters()
+
+
 # ------------------------------------------------------------------ 3) drafts that do not fit
 
 

@@ -234,8 +234,9 @@ def _completion(out, c) -> Completion:
 
 
 class ExternalLLM:
-    """A `vllm.LLM` someone else started (e.g. TRL's colocated engine) seen as an engine by
-    `EngineSwapper`: public LLM calls only. It needs our worker extension for pushes."""
+    """A `vllm.LLM` someone else started (you, or TRL's colocated engine) seen as an engine by
+    `EngineSwapper` (which wraps a raw LLM in it itself): public LLM calls only. Pushes need our
+    worker extension, counters `disable_log_stats=False`."""
 
     def __init__(self, llm):
         self.llm = llm
@@ -247,4 +248,9 @@ class ExternalLLM:
         return bool(self.llm.reset_prefix_cache())
 
     def spec_counters(self) -> SpecCounters:
-        return SpecCounters.from_vllm_metrics(self.llm.get_metrics())
+        try:
+            metrics = self.llm.get_metrics()
+        except AssertionError as exc:  # vLLM asserts "Stat logging disabled"
+            raise RuntimeError(f"the engine keeps no counters ({exc}): start it with LLM(..., "
+                               "disable_log_stats=False)") from exc
+        return SpecCounters.from_vllm_metrics(metrics)
