@@ -169,8 +169,15 @@ def check_draft_fits(cfg: EngineConfig) -> None:
     with another vocabulary. (An MTP drafter lives in the target's own checkpoint: nothing to check.)"""
     if cfg.spec is None or cfg.spec.method not in ("eagle3", "draft_model"):
         return
+    if not Path(cfg.spec.model).is_dir():  # a hub id: vLLM fetches it, nothing local to check
+        log.warning("spec.model=%r is not a local dir: its fit to the target is not checked", cfg.spec.model)
+        return
     target = _read_json_config(cfg.model, "EngineConfig.model")
     target = SimpleNamespace(**target.get("text_config", target))
+    if not all(hasattr(target, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")):
+        log.warning("%s/config.json names no vocab_size/hidden_size/num_hidden_layers: the draft's fit is not checked",
+                    cfg.model)
+        return
     try:
         if cfg.spec.method == "eagle3":
             from ..checkpoint import read_eagle3_config
