@@ -135,7 +135,8 @@ def main(argv=None) -> dict:
         swapper = EngineSwapper(engine)
         adapter = DraftAdapter(load_eagle3(draft_dir), policy.get_input_embeddings(),
                                AdapterConfig(train_steps=30, batch_tokens=1024, min_tokens=256, staleness_window=2),
-                               TrainerConfig(lr=3e-3, warmup_steps=5, lr_schedule="linear", lr_decay_steps=30 * args.steps),
+                               TrainerConfig(lr=3e-3, warmup_steps=5, lr_schedule="linear",
+                                             lr_decay_steps=30 * args.steps),
                                sink=swapper)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
         als = []

@@ -168,7 +168,8 @@ def test_an_engine_refuses_a_draft_for_another_target_before_it_starts(served, t
         Engine(EngineConfig(model=str(served.model_dir), tokenizer=str(served.tok_dir),
                             spec=SpecConfig(method, 3, model=str(draft))))
 
-    other = _draft_for(tiny_config("llama", layers=4, hidden=64, vocab=500), tmp_path / "other", aux_layer_ids=(1, 2, 3))
+    other = _draft_for(tiny_config("llama", layers=4, hidden=64, vocab=500), tmp_path / "other",
+                       aux_layer_ids=(1, 2, 3))
     with pytest.raises(ValueError, match=r"\(500, 64\), the target's \(vocab_size, hidden_size\) = \(1147, 128\)"
                                          r".*Eagle3Draft.from_target"):
         start(other)
