@@ -59,9 +59,9 @@ def check_against_target(cfg: Eagle3Config, target_config) -> None:
     target = (tc.vocab_size, tc.hidden_size)
     if draft != target:
         raise ValueError(f"the draft was built for another target: draft (vocab_size, target_hidden_size) = {draft}, "
-                         f"the target's (vocab_size, hidden_size) = {target}; build the draft from this target's config "
-                         "(Eagle3Draft.from_target(AutoConfig.from_pretrained(target_dir))) and train it, or serve it "
-                         "with the target it was trained for")
+                         f"the target's (vocab_size, hidden_size) = {target}; build the draft from this target's "
+                         "config (Eagle3Draft.from_target(AutoConfig.from_pretrained(target_dir))) and train it, or "
+                         "serve it with the target it was trained for")
     try:
         check_aux_layer_ids(cfg.aux_layer_ids, tc.num_hidden_layers)
     except ValueError as exc:

@@ -63,7 +63,8 @@ def train_offline(target, sequences: Sequence[Sequence[int]], steps: int, draft:
                   batch_size: int = 8, out_dir: str | os.PathLike | None = None, progress: bool = True) -> Eagle3Draft:
     """Train an EAGLE-3 draft for `target` (a transformers causal LM) on token sequences.
 
-    1) draft vocab: the `draft_vocab_size` most frequent tokens of `sequences` (None = full)
+    1) draft vocab: the `draft_vocab_size` most frequent tokens the draft is trained to predict
+       (the tokens after masked-in positions of `sequences`; None = the full vocab)
     2) draft: from the target config, lm_head initialised from the target head's rows
     3) features: one no-grad target forward per batch, kept in memory (O(N T n_aux H) floats:
        for large sets use the sharded pre-init, `draftadapt.preinit`)
@@ -118,7 +119,7 @@ def _train(target, sequences, steps, draft, draft_vocab_size, aux_layer_ids, con
     if draft is None:
         vocab = None
         if draft_vocab_size is not None and draft_vocab_size < tc.vocab_size:
-            vocab = build_draft_vocab(sequences, tc.vocab_size, draft_vocab_size)
+            vocab = build_draft_vocab(_predicted(sequences, loss_masks), tc.vocab_size, draft_vocab_size)
         head = target.get_output_embeddings()
         draft = Eagle3Draft.from_target(tc, vocab, aux_layer_ids, target_head=None if head is None else head.weight)
     draft = draft.to(next(target.parameters()).device)
@@ -130,3 +131,10 @@ def _train(target, sequences, steps, draft, draft_vocab_size, aux_layer_ids, con
     if out_dir is not None:
         save_eagle3(draft, out_dir, tc)
     return draft, history
+
+
+def _predicted(sequences: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[bool]] | None) -> list[list[int]]:
+    """The tokens training predicts: s[i + 1] where mask[i] (all but the first without masks)."""
+    if loss_masks is None:
+        return [list(s[1:]) for s in sequences]
+    return [[int(s[i + 1]) for i in range(len(s) - 1) if m[i]] for s, m in zip(sequences, loss_masks)]

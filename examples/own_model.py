@@ -70,7 +70,7 @@ def encode(tok, text: str) -> list[int]:
     return [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
 
 
-def build_policy(tok, steps: int = 150, seed: int = 0):
+def build_policy(tok, steps: int = 300, seed: int = 0):
     """A tied Qwen2 from a config, then a short supervised run on the task (your model skips this)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
                              worker_extension=None)) as engine:
         result = train_from_own_samples(
             engine, policy, first, steps=120, n=4, max_tokens=ANSWER + 1, stop_token_ids=stop,
-            draft_vocab_size=48,  # the 48 most frequent tokens of the samples (vLLM maps them back with d2t)
+            draft_vocab_size=64,  # the 64 most frequent completion tokens (of 73; vLLM maps them back with d2t)
             aux_layer_ids=(1, 2, 3),  # hidden_states the draft reads; default (2, L//2, L-3) needs L >= 7
             config=TrainerConfig(lr=3e-3, warmup_steps=10, lr_schedule="cosine", lr_decay_steps=110),
             batch_size=32, out_dir=draft_dir, progress=False)
@@ -134,8 +134,9 @@ def main(argv=None) -> dict:
         # "draftadapt.engine.swap_worker.DraftSwapExtension" and disable_log_stats=False.
         swapper = EngineSwapper(engine)
         adapter = DraftAdapter(load_eagle3(draft_dir), policy.get_input_embeddings(),
-                               AdapterConfig(train_steps=20, batch_tokens=1024, min_tokens=256, staleness_window=1),
-                               TrainerConfig(lr=1e-3, warmup_steps=5, lr_schedule="linear", lr_decay_steps=20 * args.steps),
+                               AdapterConfig(train_steps=30, batch_tokens=1024, min_tokens=256, staleness_window=2),
+                               TrainerConfig(lr=3e-3, warmup_steps=5, lr_schedule="linear",
+                                             lr_decay_steps=30 * args.steps),
                                sink=swapper)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
         als = []

@@ -175,7 +175,8 @@ def test_wrong_target_is_refused(tmp_path):
     out = save_eagle3(draft, tmp_path / "d", cfg)
     with pytest.raises(ValueError, match=r"target embedding has shape \(300, 32\)"):
         load_eagle3(out, target_embed=torch.nn.Embedding(V, 32))
-    with pytest.raises(ValueError, match=r"draft \(vocab_size, target_hidden_size\) = \(300, 64\), the target's \(vocab_size, hidden_size\) = \(300, 128\)"):
+    with pytest.raises(ValueError, match=r"draft \(vocab_size, target_hidden_size\) = \(300, 64\), "
+                                         r"the target's \(vocab_size, hidden_size\) = \(300, 128\)"):
         load_eagle3(out, target_config=tiny_config("qwen3", layers=8, hidden=128, vocab=V))
     with pytest.raises(ValueError, match=r"= \(300, 64\), the target's \(vocab_size, hidden_size\) = \(400, 64\)"):
         save_eagle3(draft, tmp_path / "e", tiny_config("qwen3", layers=8, hidden=H, vocab=400))

@@ -137,6 +137,17 @@ def test_an_engine_without_the_worker_extension_names_the_fix():
         EngineSwapper(NoExtension())
 
 
+def test_an_external_engine_without_stats_names_the_fix():
+    from draftadapt.engine.vllm import ExternalLLM
+
+    class NoStats:
+        def get_metrics(self):
+            raise AssertionError("Stat logging disabled")
+
+    with pytest.raises(RuntimeError, match="disable_log_stats=False"):
+        ExternalLLM(NoStats()).spec_counters()
+
+
 # ------------------------------------------------------------------ 3) drafts that do not fit
 
 
@@ -157,7 +168,8 @@ def test_an_engine_refuses_a_draft_for_another_target_before_it_starts(served, t
         Engine(EngineConfig(model=str(served.model_dir), tokenizer=str(served.tok_dir),
                             spec=SpecConfig(method, 3, model=str(draft))))
 
-    other = _draft_for(tiny_config("llama", layers=4, hidden=64, vocab=500), tmp_path / "other", aux_layer_ids=(1, 2, 3))
+    other = _draft_for(tiny_config("llama", layers=4, hidden=64, vocab=500), tmp_path / "other",
+                       aux_layer_ids=(1, 2, 3))
     with pytest.raises(ValueError, match=r"\(500, 64\), the target's \(vocab_size, hidden_size\) = \(1147, 128\)"
                                          r".*Eagle3Draft.from_target"):
         start(other)

@@ -440,8 +440,8 @@ def _info(engine: Any, i: int) -> list:
     try:
         return engine.collective_rpc("draftadapt_info")
     except (AttributeError, NotImplementedError, RuntimeError, ValueError) as exc:
-        raise RuntimeError(f"engine {i} ({type(engine).__name__}) does not answer draftadapt_info ({exc}): an engine you "
-                           "start yourself needs LLM(worker_extension_cls='draftadapt.engine.swap_worker."
+        raise RuntimeError(f"engine {i} ({type(engine).__name__}) does not answer draftadapt_info ({exc}): an engine "
+                           "you start yourself needs LLM(worker_extension_cls='draftadapt.engine.swap_worker."
                            "DraftSwapExtension', disable_log_stats=False)") from exc
 
 

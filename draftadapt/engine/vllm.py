@@ -282,8 +282,15 @@ def check_draft_fits(cfg: EngineConfig) -> None:
     with another vocabulary. (An MTP drafter lives in the target's own checkpoint: nothing to check.)"""
     if cfg.spec is None or cfg.spec.method not in ("eagle3", "draft_model"):
         return
+    if not Path(cfg.spec.model).is_dir():  # a hub id: vLLM fetches it, nothing local to check
+        log.warning("spec.model=%r is not a local dir: its fit to the target is not checked", cfg.spec.model)
+        return
     target = _read_json_config(cfg.model, "EngineConfig.model")
     target = SimpleNamespace(**target.get("text_config", target))
+    if not all(hasattr(target, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")):
+        log.warning("%s/config.json names no vocab_size/hidden_size/num_hidden_layers: the draft's fit is not checked",
+                    cfg.model)
+        return
     try:
         if cfg.spec.method == "eagle3":
             from ..checkpoint import read_eagle3_config
@@ -353,8 +360,9 @@ def _completion(out, c) -> Completion:
 
 
 class ExternalLLM:
-    """A `vllm.LLM` someone else started (e.g. TRL's colocated engine) seen as an engine by
-    `EngineSwapper`: public LLM calls only. It needs our worker extension for pushes."""
+    """A `vllm.LLM` someone else started (you, or TRL's colocated engine) seen as an engine by
+    `EngineSwapper` (which wraps a raw LLM in it itself): public LLM calls only. Pushes need our
+    worker extension, counters `disable_log_stats=False`."""
 
     def __init__(self, llm):
         self.llm = llm
@@ -403,4 +411,9 @@ class ExternalLLM:
         return bool(self.llm.llm_engine.is_sleeping())
 
     def spec_counters(self) -> SpecCounters:
-        return SpecCounters.from_vllm_metrics(self.llm.get_metrics())
+        try:
+            metrics = self.llm.get_metrics()
+        except AssertionError as exc:  # vLLM asserts "Stat logging disabled"
+            raise RuntimeError(f"the engine keeps no counters ({exc}): start it with LLM(..., "
+                               "disable_log_stats=False)") from exc
+        return SpecCounters.from_vllm_metrics(metrics)
