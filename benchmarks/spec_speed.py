@@ -97,7 +97,8 @@ def summarise(rows, args):
             per_pos = [sum(a["accepted_per_pos"][i] for a in arms if len(a["accepted_per_pos"]) > i)
                        for i in range(k)]
             # every round yields 1 + accepted tokens, drafted or not (n-gram skips rounds without a match)
-            rounds = b * args.rounds * (args.max_tokens - 1) - accepted
+            # a model drafter drafts every round (rounds = drafts); accepted tokens past max_tokens are dropped
+            rounds = max(drafts, b * args.rounds * (args.max_tokens - 1) - accepted)
             rounds_per_req = rounds / (b * args.rounds)
             out[(b, k)] = {
                 "b": b, "k": k, "tok_s": statistics.median(b * args.max_tokens / a["seconds"] for a in arms),
@@ -186,6 +187,21 @@ def _toy_base():
     return base, {"target": str(policy), "draft": str(draft)}, prompts
 
 
+def reanalyse(method, old, args):
+    """The analysis of `run_method` on rows an earlier run measured (--from-json); nothing is re-measured."""
+    summary = summarise(old["rows"], args)
+    costs, acc, check = model_check(summary, args)
+    rich = _acceptance(summary, max(args.ks), args.batches)
+    schedule = choose_schedule(costs, rich, max(args.ks), max(args.batches + [len(old["rollout_lengths"])]))
+    times, lengths = old["rollout_seconds"], old["rollout_lengths"]
+    traj = trajectory_from_lengths(lengths, max(args.batches + [len(lengths)])) if lengths else []
+    predicted = {a: rollout_time(costs, rich, traj, schedule_k(old["schedule"]) if a == "chosen" else int(a[2:]))
+                 for a in times}
+    return {**old, "summary": list(summary.values()), "costs": costs_to_dict(costs), "fit_ks": args.fit_ks,
+            "acceptance_k3": list(acc.rates), "acceptance_kmax": list(rich.rates), "model_check": check,
+            "schedule_reanalysed": schedule, "rollout_predicted_s": predicted}
+
+
 def run_method(method, base, prompts, args, lengths):
     from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
 
@@ -252,11 +268,20 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per request in the sweep (<= the trained 64)")
     ap.add_argument("--methods", default="eagle3,ngram")
     ap.add_argument("--rollout-requests", type=int, default=16, help="0 = skip the tapering-rollout comparison")
+    ap.add_argument("--from-json", help="re-analyse the rows of an earlier run's JSON (explicit reuse: measures nothing)")
     ap.add_argument("--toy-trajectory", action="store_true", help="also measure a toy policy rollout's trajectory")
     args = ap.parse_args()
     global CLOCK
     CLOCK = args.clock
     t0 = time.time()
+    if args.from_json:
+        old = json.loads(Path(args.from_json).read_text())
+        for key in ("batches", "ks", "max_tokens", "rounds", "methods", "target", "clock"):
+            setattr(args, key, old["args"][key])
+        CLOCK = args.clock
+        for m, res in old["methods"].items():
+            report(m, reanalyse(m, res, args))
+        return
     if args.target == "toy":  # the toy policy and its EAGLE-3 draft: a verifier too cheap to dominate
         base, build_info, prompts = _toy_base()
     else:
