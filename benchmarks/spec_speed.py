@@ -115,7 +115,7 @@ def summarise(rows, args):
 def _acceptance(summary, k, batches) -> Acceptance:
     """Per-position rates (per round) of arm k, pooled over `batches` (each b runs its own prompts)."""
     rates = [statistics.mean(summary[(b, k)]["rates"][i] for b in batches) for i in range(k)]
-    rates = [min(rates[: i + 1]) for i in range(len(rates))]  # rounding can break monotonicity
+    rates = [min([1.0] + rates[: i + 1]) for i in range(len(rates))]  # rounding can break monotonicity
     return Acceptance(tuple(max(r, 1e-6) for r in rates))
 
 
