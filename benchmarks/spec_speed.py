@@ -105,7 +105,7 @@ def summarise(rows, args):
                 "wall_speedup": statistics.median(p["wall_s"] / a["wall_s"] for p, a in zip(plain, arms)),
                 "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
                 "al": 1 + accepted / drafts if drafts else 1.0, "tokens_per_round": 1 + accepted / rounds,
-                "drafted_share": drafts / rounds, "proposed_per_draft": sum(a["draft_tokens"] for a in arms) / max(drafts, 1),
+                "drafted_share": drafts / rounds, "proposed_per_round": sum(a["draft_tokens"] for a in arms) / rounds, "proposed_per_draft": sum(a["draft_tokens"] for a in arms) / max(drafts, 1),
                 "rates": [p / rounds for p in per_pos],  # per ROUND: rounds without a draft count as rejections
                 "plain_step_s": plain_step,
                 "round_s": statistics.median(a["decode_s"] for a in arms) / rounds_per_req}
@@ -120,7 +120,9 @@ def _acceptance(summary, k, batches) -> Acceptance:
 
 
 def model_check(summary, args):
-    fit = [Measured(b, k, s["plain_step_s"], s["round_s"]) for (b, k), s in summary.items() if k in args.fit_ks]
+    prop = lambda s: s["proposed_per_round"] if s["k"] else None  # noqa: E731
+    fit = [Measured(b, k, s["plain_step_s"], s["round_s"], proposed=prop(s)) for (b, k), s in summary.items()
+           if k in args.fit_ks]
     costs = calibrate(fit)
     k_acc = max(args.fit_ks)  # acceptance from a fitted arm at the same b (same prompts), geometric tail
     acc = _acceptance(summary, k_acc, args.batches)
@@ -128,8 +130,11 @@ def model_check(summary, args):
     for (b, k), s in sorted(summary.items()):
         if k == 0:
             continue
-        pred = costs.speedup(_acceptance(summary, k_acc, [b]), b, k)
-        pred_al = costs.plain(b) * s["tokens_per_round"] / costs.round(b, k)  # this arm's measured AL: the cost model alone
+        # proposed tokens past the fitted k are unknown before measuring: a drafter that filled its k at the
+        # fitted arm fills any k (EAGLE); one that proposed fewer (n-gram: short matches) keeps that many
+        p_fit = prop(summary[(b, k_acc)])
+        pred = costs.speedup(_acceptance(summary, k_acc, [b]), b, k, k if p_fit >= 0.95 * k_acc else min(k, p_fit))
+        pred_al = costs.plain(b) * s["tokens_per_round"] / costs.round(b, k, prop(s))  # this arm's measured AL: the cost model alone
         rows.append({"b": b, "k": k, "fitted": k in args.fit_ks, "measured": s["speedup"], "predicted": pred,
                      "error": pred / s["speedup"] - 1, "predicted_with_arm_al": pred_al,
                      "error_with_arm_al": pred_al / s["speedup"] - 1})
@@ -240,6 +245,8 @@ def report(method, res):
     print(f"calibrated on k in {res['fit_ks']}: verify(T) = {c['verify']['fixed']:.4f} + {c['verify']['per_token']:.5f} T s; "
           f"draft step(b) = {c['draft']['fixed']:.4f} + {c['draft']['per_token']:.5f} b s; "
           f"round overhead(b) = {c['overhead']['fixed']:.4f} + {c['overhead']['per_token']:.5f} b s")
+    print("predicted: costs fitted on the fit ks + acceptance of the largest fit k at the same b (geometric tail);\n"
+          "pred. w/ arm AL: the same costs with this arm's measured tokens per round and proposed tokens (cost model alone)")
     print_table(["b", "k", "fit?", "measured", "predicted", "error", "pred. w/ arm AL", "error"],
                 [[m["b"], m["k"], "fit" if m["fitted"] else "-", m["measured"], m["predicted"], f"{m['error']:+.1%}",
                   m["predicted_with_arm_al"], f"{m['error_with_arm_al']:+.1%}"] for m in res["model_check"]])

@@ -100,14 +100,17 @@ class Costs:
     def plain(self, b: int) -> float:
         return self.verify(b)
 
-    def round(self, b: int, k: int) -> float:
+    def round(self, b: int, k: int, proposed: float | None = None) -> float:
+        """proposed: tokens actually drafted per sequence and round (a model drafter: k; n-gram
+        proposes fewer when its match is short), which sets the verify length."""
         if k == 0:
             return self.plain(b)
-        return k * self.draft(b) + self.verify(b * (k + 1)) + self.overhead(b)
+        n = k if proposed is None else proposed
+        return k * self.draft(b) + self.verify(b * (n + 1)) + self.overhead(b)
 
-    def speedup(self, acc: Acceptance, b: int, k: int) -> float:
+    def speedup(self, acc: Acceptance, b: int, k: int, proposed: float | None = None) -> float:
         """Tokens/s with speculation over tokens/s without, at a constant batch b."""
-        return self.plain(b) * acc.length(k) / self.round(b, k)
+        return self.plain(b) * acc.length(k) / self.round(b, k, proposed)
 
 
 def rollout_time(costs: Costs, acc: Acceptance, trajectory: Sequence[int], k: int | Callable[[int], int]) -> float:
@@ -218,6 +221,7 @@ class Measured:
     plain_step_s: float  # seconds per plain decode step at batch b
     spec_round_s: float  # seconds per spec round (wall / verification rounds)
     rates: tuple[float, ...] = ()  # per-position acceptance measured in this config
+    proposed: float | None = None  # draft tokens per sequence and round (None = k)
 
 
 def calibrate(fit: Sequence[Measured]) -> Costs:
@@ -229,7 +233,8 @@ def calibrate(fit: Sequence[Measured]) -> Costs:
         a.append((1.0, m.b, 0.0, 0.0, 0.0, 0.0))
         y.append(m.plain_step_s)
     for m in fit:
-        a.append((1.0, m.b * (m.k + 1), m.k, m.k * m.b, 1.0, m.b))
+        n = m.k if m.proposed is None else m.proposed
+        a.append((1.0, m.b * (n + 1), m.k, m.k * m.b, 1.0, m.b))
         y.append(m.spec_round_s)
     w = [1.0 / max(v, 1e-12) for v in y]
     c = _lstsq([tuple(x * wi for x in r) for r, wi in zip(a, w)], [v * wi for v, wi in zip(y, w)])
