@@ -12,7 +12,7 @@ embedding is read detached.
 
 Sizes that matter (T tokens in the batch, H hidden, Hq query heads, Vd draft vocab, K steps):
 - `unroll_hidden`: memory O(K T H + B Hq c T) with c = ATTN_CHUNK_ELEMENTS / (B Hq T), i.e. O(T)
-  (`drafts/attention.py`; 2^24 score elements per chunk on CPU, 2^26 on CUDA);
+  (`drafts/attention.py`; 2^22 score elements per chunk on CPU, 2^26 on CUDA);
   time O(K T^2 Hq D / 2) attention + O(K T H^2) layer.
 - `ttt_loss`: head, log-softmax, KL/TV and their gradient over chunks of n = LOSS_CHUNK_ELEMENTS / Vd
   positions, the gradient computed with the logits (`head_loss.py`): memory O(n Vd + K T H + Vd H),

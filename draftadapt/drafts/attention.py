@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-# Elements of one query chunk's score tensor [B, Hq, c, keys]: 2^24 fp32 = 64 MiB on CPU (a few copies
-# alive); 4x that on CUDA, where per-chunk launch overhead, not memory, is what a small chunk costs.
-ATTN_CHUNK_ELEMENTS = 1 << 24
+# Elements of one query chunk's score tensor [B, Hq, c, keys]: 2^22 fp32 = 16 MiB on CPU (a few copies
+# alive); 16x that on CUDA, where per-chunk launch overhead, not memory, is what a small chunk costs.
+ATTN_CHUNK_ELEMENTS = 1 << 22
 ATTN_CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
