@@ -120,7 +120,7 @@ def _chunk(qc: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, segment: torch.
     qc: [B, h, g, c, D]; k1, v1: [B, h, T, D]; segment: [B, T]; ek, ev: [J, B, h, c, D] or None.
     Returns [B, h, g, c, D].
     """
-    c, e = qc.shape[3], s + qc.shape[3]
+    e = s + qc.shape[3]
     scale = qc.shape[-1] ** -0.5
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qc, k1[:, :, lo:e]).float() * scale  # [B, h, g, c, e-lo]
     qi = torch.arange(s, e, device=qc.device)
