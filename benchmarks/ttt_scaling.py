@@ -252,6 +252,11 @@ def main() -> None:
         base = (2.5 if hidden == 1024 else 9.0) + t * (DRAFT_VOCAB * 4 + 12 * hidden) / 1e9  # weights, Adam, batch
         need = base + (predict(arm, t) if impl == "old" else 1.0 + t * 0.2e-3) + 1.0  # + what the step adds + margin
         avail = wait_for_memory(need, args.memory_patience) if args.device == "cpu" else None
+        if avail is not None and avail < need:
+            skipped.append(dict(impl=impl, hidden=hidden, tokens=t, dtype=dtype,
+                                why=f"needs ~{need:.1f} GB, {avail:.1f} GB free on the shared machine"))
+            print(f"skip {impl} H={hidden} T={t} {dtype}: {skipped[-1]['why']}", flush=True)
+            continue
         r = spawn(impl, hidden, t, dtype, args.device, args.timeout)
         r["load_avg"], r["mem_available_gb_before"] = os.getloadavg()[0], avail
         results.append(r)
