@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .batch import DraftBatch
 from .drafts.attention import causal_attend, layout, ttt_attend
@@ -66,14 +67,31 @@ def _check_steps(steps: int) -> None:
         raise ValueError(f"steps={steps} must be >= 1")
 
 
+def _draft_step(draft, weight: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                lay, chunk_elements: int | None, *prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One draft step over every base: (output [B, T, H], key, value [B, Hkv, T, D]).
+    prev: keys of steps 1..k-1, then their values (empty at step 1)."""
+    tok = _tokens(weight, ids, hidden)  # [B, T, H]
+    q, key, value, residual = draft.midlayer.project(tok, hidden, positions)
+    j = len(prev) // 2
+    if j == 0:
+        att = causal_attend(q, key, value, lay, chunk_elements)
+    else:
+        keys, values = list(prev[:j]) + [key], list(prev[j:]) + [value]
+        att = ttt_attend(q, keys[0], values[0], keys[1:], values[1:], lay, chunk_elements)
+    return draft.midlayer.finish(att, residual), key, value
+
+
 def unroll_hidden(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int,
-                  chunk_elements: int | None = None) -> list[torch.Tensor]:
+                  chunk_elements: int | None = None, recompute: bool = True) -> list[torch.Tensor]:
     """The draft layer's output for steps 1..K at every base position: K tensors [B, T, H]
     (EAGLE-3: pre-norm state; MTP: post final_layernorm), what `draft.logits` reads.
 
     Step k at base i reads token input_ids[i+k] at RoPE position pos[i]+k-1 and predicts token
     i+k+1; pos = batch.positions, or 0, 1, ... over each row's valid tokens. Memory O(K T H) plus
-    one attention chunk (module docstring); no T x T tensor.
+    one attention chunk (module docstring); no T x T tensor. recompute: keep only each step's
+    output, key and value for backward (3 x [T, H] per step instead of ~37: norms, RoPE, MLP) and
+    recompute the layer in backward, one step at a time (~+1/3 of the layer's FLOPs).
     """
     _check_steps(steps)
     weight = _embed_weight(embed)
@@ -81,15 +99,14 @@ def unroll_hidden(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Em
     hidden = draft.fuse(batch.final_hidden if isinstance(draft, MTPDraft) else batch.aux_hidden)  # [B, T, H]
     keys, values, out = [], [], []
     for k in range(1, steps + 1):
-        tok = _tokens(weight, shift(batch.input_ids, k), hidden)  # [B, T, H]
-        q, key, value, residual = draft.midlayer.project(tok, hidden, lay.positions + (k - 1))
+        args = (draft, weight, shift(batch.input_ids, k), hidden, lay.positions + (k - 1), lay, chunk_elements,
+                *keys, *values)
+        if recompute and torch.is_grad_enabled():
+            hidden, key, value = checkpoint(_draft_step, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            hidden, key, value = _draft_step(*args)
         keys.append(key)
         values.append(value)
-        if k == 1:
-            att = causal_attend(q, key, value, lay, chunk_elements)
-        else:
-            att = ttt_attend(q, keys[0], values[0], keys[1:], values[1:], lay, chunk_elements)
-        hidden = draft.midlayer.finish(att, residual)
         out.append(hidden)
     return out
 
@@ -131,19 +148,19 @@ def unroll_dense(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Emb
 
 def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
              decay: float = 0.8, loss: str = "kl", tv_weight: float = 1.0,
-             chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> TTTResult:
+             chunk_elements: int = LOSS_CHUNK_ELEMENTS, recompute: bool = True) -> TTTResult:
     """Divergence from the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
 
     loss: "kl" forward KL(teacher || draft); "tv" total variation 0.5 * sum_d |p_d - q_d| (one
     minus the expected acceptance of a single draft token); "kl+tv" = kl + tv_weight * tv.
     Step k at base i is scored against teacher_logprobs[i+k] where loss_mask[i+k] and both i and
     i+k are real positions. K=1 is plain single-step training. Memory: module docstring (chunks
-    of chunk_elements // Vd positions; `head_loss`).
+    of chunk_elements // Vd positions; `head_loss`); recompute: see `unroll_hidden`.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
     scored = batch.loss_mask & batch.valid
-    hidden = unroll_hidden(draft, batch, embed, steps)
+    hidden = unroll_hidden(draft, batch, embed, steps, recompute=recompute)
     xs, rows, cols, step, row_weight, counts = [], [], [], [], [], []
     for k, h in enumerate(hidden, start=1):
         sel = shift(scored, k) & batch.valid  # [B, T]: base i counts if i and i+k do
