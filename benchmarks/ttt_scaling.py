@@ -5,7 +5,8 @@ unchunked loss (K x [T, Vd] fp32 logits alive); `new` = `ttt.ttt_loss` (SDPA cau
 chunked causal+diagonal steps 2..K, loss in chunks recomputed in backward). Each in fp32 and under
 bf16 autocast (fp32 master weights). Shapes: a Qwen3-0.6B-shaped draft (hidden 1024, 16/8 heads,
 head_dim 128, MLP 3072) and a Qwen3-8B-shaped one (hidden 4096, 32/8 heads, MLP 12288); draft
-vocab 32k; the target embedding 151,936 x H (bf16, frozen); one sequence of T tokens.
+vocab 32k (an fp16 draft-vocab teacher); the target embedding 151,936 x H (bf16, frozen); one
+sequence of T tokens. The new arm runs with TrainerConfig's defaults (layer recompute on).
 
 Each point runs in a FRESH subprocess: build, one warm-up step at 64 tokens (allocates AdamW
 state), then reset the peak-RSS counter (/proc/self/clear_refs 5), run the measured step and
@@ -82,7 +83,7 @@ def run_point(impl: str, hidden: int, t: int, dtype: str, device: str) -> dict:
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-5, foreach=False)
 
     def batch_of(n: int) -> DraftBatch:
-        teacher = torch.empty(1, n, DRAFT_VOCAB, device=dev)
+        teacher = torch.empty(1, n, DRAFT_VOCAB, device=dev, dtype=torch.float16)  # a 64 KB/token fp16 teacher
         for a in range(0, n, 512):  # in place, no [T, Vd] temporaries
             teacher[0, a:a + 512] = torch.randn(min(512, n - a), DRAFT_VOCAB, device=dev).mul_(3).log_softmax(-1)
         ones = torch.ones(1, n, dtype=torch.bool, device=dev)
@@ -249,7 +250,7 @@ def main() -> None:
             skipped.append(dict(impl=impl, hidden=hidden, tokens=t, dtype=dtype, why=why))
             print(f"skip {impl} H={hidden} T={t} {dtype}: {why}", flush=True)
             continue
-        base = (2.5 if hidden == 1024 else 9.0) + t * (DRAFT_VOCAB * 4 + 12 * hidden) / 1e9  # weights, Adam, batch
+        base = (2.5 if hidden == 1024 else 9.0) + t * (DRAFT_VOCAB * 2 + 12 * hidden) / 1e9  # weights, Adam, batch
         need = base + (predict(arm, t) if impl == "old" else 1.0 + t * 0.2e-3) + 1.0  # + what the step adds + margin
         avail = wait_for_memory(need, args.memory_patience) if args.device == "cpu" else None
         if avail is not None and avail < need:
