@@ -67,19 +67,39 @@ def _check_steps(steps: int) -> None:
         raise ValueError(f"steps={steps} must be >= 1")
 
 
+LAYER_CHUNK_ELEMENTS = 1 << 22  # positions x hidden per recomputed chunk of the layer's position-wise parts
+
+
+def _by_positions(fn, recompute: bool, c: int, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """fn over chunks of c positions (dim 1 of every x [B, T, ...]); outputs concatenated along T
+    (dim 2 for [B, heads, T, D], dim 1 otherwise). With recompute, each chunk keeps only its inputs
+    for backward and reruns in backward."""
+    if not recompute or xs[0].shape[1] <= c:
+        return list(fn(*xs))
+    parts = [checkpoint(fn, *chunk, use_reentrant=False, preserve_rng_state=False)
+             for chunk in zip(*(x.split(c, 1) for x in xs))]
+    return [torch.cat(p, 2 if p[0].dim() == 4 else 1) for p in zip(*parts)]
+
+
 def _draft_step(draft, weight: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                lay, chunk_elements: int | None, *prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                lay, chunk_elements: int | None, recompute: bool, keys: list, values: list) -> tuple[torch.Tensor, ...]:
     """One draft step over every base: (output [B, T, H], key, value [B, Hkv, T, D]).
-    prev: keys of steps 1..k-1, then their values (empty at step 1)."""
-    tok = _tokens(weight, ids, hidden)  # [B, T, H]
-    q, key, value, residual = draft.midlayer.project(tok, hidden, positions)
-    j = len(prev) // 2
-    if j == 0:
+
+    keys, values: those of steps 1..k-1 (empty at step 1). The position-wise parts (embedding,
+    norms, q/k/v + RoPE before the attention; o_proj, norm, MLP after it) run in position chunks
+    recomputed in backward, so a step keeps ~8 [T, H]-sized tensors for backward, not ~37."""
+    c = max(1, LAYER_CHUNK_ELEMENTS // (ids.shape[0] * hidden.shape[-1]))
+
+    def before(ids_c, hidden_c, pos_c):
+        return tuple(draft.midlayer.project(_tokens(weight, ids_c, hidden_c), hidden_c, pos_c))
+
+    q, key, value, residual = _by_positions(before, recompute, c, ids, hidden, positions)
+    if not keys:
         att = causal_attend(q, key, value, lay, chunk_elements)
     else:
-        keys, values = list(prev[:j]) + [key], list(prev[j:]) + [value]
-        att = ttt_attend(q, keys[0], values[0], keys[1:], values[1:], lay, chunk_elements)
-    return draft.midlayer.finish(att, residual), key, value
+        att = ttt_attend(q, keys[0], values[0], keys[1:] + [key], values[1:] + [value], lay, chunk_elements)
+    (out,) = _by_positions(lambda a, r: (draft.midlayer.finish(a, r),), recompute, c, att, residual)
+    return out, key, value
 
 
 def unroll_hidden(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int,
@@ -89,22 +109,19 @@ def unroll_hidden(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Em
 
     Step k at base i reads token input_ids[i+k] at RoPE position pos[i]+k-1 and predicts token
     i+k+1; pos = batch.positions, or 0, 1, ... over each row's valid tokens. Memory O(K T H) plus
-    one attention chunk (module docstring); no T x T tensor. recompute: keep only each step's
-    output, key and value for backward (3 x [T, H] per step instead of ~37: norms, RoPE, MLP) and
-    recompute the layer in backward, one step at a time (~+1/3 of the layer's FLOPs).
+    one attention chunk (module docstring); no T x T tensor. recompute: the layer's position-wise
+    parts run in chunks of LAYER_CHUNK_ELEMENTS // (B H) positions recomputed in backward: ~8
+    [T, H]-sized tensors kept per step instead of ~37 (norms, RoPE, MLP), ~+1/3 of the layer's FLOPs.
     """
     _check_steps(steps)
     weight = _embed_weight(embed)
     lay = layout(batch.valid, batch.positions)
     hidden = draft.fuse(batch.final_hidden if isinstance(draft, MTPDraft) else batch.aux_hidden)  # [B, T, H]
     keys, values, out = [], [], []
+    recompute = recompute and torch.is_grad_enabled()
     for k in range(1, steps + 1):
-        args = (draft, weight, shift(batch.input_ids, k), hidden, lay.positions + (k - 1), lay, chunk_elements,
-                *keys, *values)
-        if recompute and torch.is_grad_enabled():
-            hidden, key, value = checkpoint(_draft_step, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            hidden, key, value = _draft_step(*args)
+        hidden, key, value = _draft_step(draft, weight, shift(batch.input_ids, k), hidden, lay.positions + (k - 1),
+                                         lay, chunk_elements, recompute, keys, values)
         keys.append(key)
         values.append(value)
         out.append(hidden)
