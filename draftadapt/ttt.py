@@ -67,14 +67,14 @@ def _check_steps(steps: int) -> None:
         raise ValueError(f"steps={steps} must be >= 1")
 
 
-LAYER_CHUNK_ELEMENTS = 1 << 22  # positions x hidden per recomputed chunk of the layer's position-wise parts
+LAYER_CHUNK_ELEMENTS = 1 << 20  # positions x hidden per recomputed chunk of the layer's position-wise parts
 
 
 def _by_positions(fn, recompute: bool, c: int, *xs: torch.Tensor) -> list[torch.Tensor]:
     """fn over chunks of c positions (dim 1 of every x [B, T, ...]); outputs concatenated along T
     (dim 2 for [B, heads, T, D], dim 1 otherwise). With recompute, each chunk keeps only its inputs
     for backward and reruns in backward."""
-    if not recompute or xs[0].shape[1] <= c:
+    if not recompute:
         return list(fn(*xs))
     parts = [checkpoint(fn, *chunk, use_reentrant=False, preserve_rng_state=False)
              for chunk in zip(*(x.split(c, 1) for x in xs))]
