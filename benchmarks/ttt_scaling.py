@@ -5,7 +5,8 @@ unchunked loss (K x [T, Vd] fp32 logits alive); `new` = `ttt.ttt_loss` (SDPA cau
 chunked causal+diagonal steps 2..K, loss in chunks recomputed in backward). Each in fp32 and under
 bf16 autocast (fp32 master weights). Shapes: a Qwen3-0.6B-shaped draft (hidden 1024, 16/8 heads,
 head_dim 128, MLP 3072) and a Qwen3-8B-shaped one (hidden 4096, 32/8 heads, MLP 12288); draft
-vocab 32k; the target embedding 151,936 x H (bf16, frozen); one sequence of T tokens.
+vocab 32k (an fp16 draft-vocab teacher); the target embedding 151,936 x H (bf16, frozen); one
+sequence of T tokens. The new arm runs with TrainerConfig's defaults (layer recompute on).
 
 Each point runs in a FRESH subprocess: build, one warm-up step at 64 tokens (allocates AdamW
 state), then reset the peak-RSS counter (/proc/self/clear_refs 5), run the measured step and
@@ -82,7 +83,7 @@ def run_point(impl: str, hidden: int, t: int, dtype: str, device: str) -> dict:
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-5, foreach=False)
 
     def batch_of(n: int) -> DraftBatch:
-        teacher = torch.empty(1, n, DRAFT_VOCAB, device=dev)
+        teacher = torch.empty(1, n, DRAFT_VOCAB, device=dev, dtype=torch.float16)  # a 64 KB/token fp16 teacher
         for a in range(0, n, 512):  # in place, no [T, Vd] temporaries
             teacher[0, a:a + 512] = torch.randn(min(512, n - a), DRAFT_VOCAB, device=dev).mul_(3).log_softmax(-1)
         ones = torch.ones(1, n, dtype=torch.bool, device=dev)
@@ -118,6 +119,21 @@ def run_point(impl: str, hidden: int, t: int, dtype: str, device: str) -> dict:
             "params_m": sum(p.numel() for p in draft.parameters()) / 1e6}
 
 
+def mem_available_gb() -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1e6
+    return float("inf")
+
+
+def wait_for_memory(need_gb: float, patience_s: float) -> float:
+    """On a shared machine: wait (up to patience_s) until need_gb is available; returns what is."""
+    deadline = time.time() + patience_s
+    while mem_available_gb() < need_gb and time.time() < deadline:
+        time.sleep(5)
+    return mem_available_gb()
+
+
 def spawn(impl: str, hidden: int, t: int, dtype: str, device: str, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--child", impl, str(hidden), str(t), dtype, device]
     if device == "cpu":
@@ -128,7 +144,7 @@ def spawn(impl: str, hidden: int, t: int, dtype: str, device: str, timeout: floa
         return {"impl": impl, "hidden": hidden, "tokens": t, "dtype": dtype, "device": device, "error": "timeout"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not lines:
-        err = (out.stderr.strip().splitlines() or ["?"])[-1]
+        err = (out.stderr.strip().splitlines() or [f"exit code {out.returncode} (-9: killed, e.g. out of memory)"])[-1]
         return {"impl": impl, "hidden": hidden, "tokens": t, "dtype": dtype, "device": device, "error": err[-200:]}
     return json.loads(lines[-1])
 
@@ -195,6 +211,7 @@ def main() -> None:
     ap.add_argument("--old-max-gb", type=float, default=8.0, help="skip old points predicted above this")
     ap.add_argument("--max-tokens-bf16", type=int, default=1 << 30, help="skip bf16 points above this T")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per point")
+    ap.add_argument("--memory-patience", type=float, default=300.0, help="seconds to wait for free memory per point")
     ap.add_argument("--ab", type=int, default=2, help="extra interleaved fp32/bf16 pairs at H=1024, T=2048")
     ap.add_argument("--points", default="", help="explicit H:T:impl:dtype,... in this order (overrides the grid)")
     ap.add_argument("--name", default="ttt_scaling")
@@ -219,19 +236,30 @@ def main() -> None:
         saved = json.loads(partial.read_text())
         results, skipped = saved["results"], saved["skipped"]
         done = {(r["hidden"], r["tokens"], r["impl"], r["dtype"]) for r in results}
+        if not args.report_only:  # failed points are retried
+            results = [r for r in results if "error" not in r]
+            done = {(r["hidden"], r["tokens"], r["impl"], r["dtype"]) for r in results}
         points = [] if args.report_only else [p for p in points if p not in done]
         args.ab = 0 if args.report_only else args.ab
     for hidden, t, impl, dtype in points:
         arm = [r for r in results if (r["hidden"], r["impl"], r["dtype"]) == (hidden, impl, dtype)]
-        why = "a smaller point failed" if any("error" in r for r in arm) else None
-        if why is None and impl == "old" and predict(arm, t) > args.old_max_gb:
+        why = None
+        if impl == "old" and predict(arm, t) > args.old_max_gb:
             why = f"predicted {predict(arm, t):.1f} GB > {args.old_max_gb} GB"
         if why:
             skipped.append(dict(impl=impl, hidden=hidden, tokens=t, dtype=dtype, why=why))
             print(f"skip {impl} H={hidden} T={t} {dtype}: {why}", flush=True)
             continue
+        base = (2.5 if hidden == 1024 else 9.0) + t * (DRAFT_VOCAB * 2 + 12 * hidden) / 1e9  # weights, Adam, batch
+        need = base + (predict(arm, t) if impl == "old" else 1.0 + t * 0.2e-3) + 1.0  # + what the step adds + margin
+        avail = wait_for_memory(need, args.memory_patience) if args.device == "cpu" else None
+        if avail is not None and avail < need:
+            skipped.append(dict(impl=impl, hidden=hidden, tokens=t, dtype=dtype,
+                                why=f"needs ~{need:.1f} GB, {avail:.1f} GB free on the shared machine"))
+            print(f"skip {impl} H={hidden} T={t} {dtype}: {skipped[-1]['why']}", flush=True)
+            continue
         r = spawn(impl, hidden, t, dtype, args.device, args.timeout)
-        r["load_avg"] = os.getloadavg()[0]
+        r["load_avg"], r["mem_available_gb_before"] = os.getloadavg()[0], avail
         results.append(r)
         print(json.dumps(r), flush=True)
         partial.write_text(json.dumps({"results": results, "skipped": skipped}))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 LOSSES = ("kl", "tv", "kl+tv")
-LOSS_CHUNK_ELEMENTS = 1 << 23  # rows x Vd per chunk: 32 MiB per fp32 [n, Vd] tensor
+LOSS_CHUNK_ELEMENTS = 1 << 22  # rows x Vd per chunk: 16 MiB per fp32 [n, Vd] tensor
 
 
 class _HeadLoss(torch.autograd.Function):

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .batch import DraftBatch
 from .drafts.attention import causal_attend, layout, ttt_attend
@@ -66,30 +67,63 @@ def _check_steps(steps: int) -> None:
         raise ValueError(f"steps={steps} must be >= 1")
 
 
+LAYER_CHUNK_ELEMENTS = 1 << 20  # positions x hidden per recomputed chunk of the layer's position-wise parts
+
+
+def _by_positions(fn, recompute: bool, c: int, *xs: torch.Tensor) -> list[torch.Tensor]:
+    """fn over chunks of c positions (dim 1 of every x [B, T, ...]); outputs concatenated along T
+    (dim 2 for [B, heads, T, D], dim 1 otherwise). With recompute, each chunk keeps only its inputs
+    for backward and reruns in backward."""
+    if not recompute:
+        return list(fn(*xs))
+    parts = [checkpoint(fn, *chunk, use_reentrant=False, preserve_rng_state=False)
+             for chunk in zip(*(x.split(c, 1) for x in xs))]
+    return [torch.cat(p, 2 if p[0].dim() == 4 else 1) for p in zip(*parts)]
+
+
+def _draft_step(draft, weight: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                lay, chunk_elements: int | None, recompute: bool, keys: list, values: list) -> tuple[torch.Tensor, ...]:
+    """One draft step over every base: (output [B, T, H], key, value [B, Hkv, T, D]).
+
+    keys, values: those of steps 1..k-1 (empty at step 1). The position-wise parts (embedding,
+    norms, q/k/v + RoPE before the attention; o_proj, norm, MLP after it) run in position chunks
+    recomputed in backward, so a step keeps ~8 [T, H]-sized tensors for backward, not ~37."""
+    c = max(1, LAYER_CHUNK_ELEMENTS // (ids.shape[0] * hidden.shape[-1]))
+
+    def before(ids_c, hidden_c, pos_c):
+        return tuple(draft.midlayer.project(_tokens(weight, ids_c, hidden_c), hidden_c, pos_c))
+
+    q, key, value, residual = _by_positions(before, recompute, c, ids, hidden, positions)
+    if not keys:
+        att = causal_attend(q, key, value, lay, chunk_elements)
+    else:
+        att = ttt_attend(q, keys[0], values[0], keys[1:] + [key], values[1:] + [value], lay, chunk_elements)
+    (out,) = _by_positions(lambda a, r: (draft.midlayer.finish(a, r),), recompute, c, att, residual)
+    return out, key, value
+
+
 def unroll_hidden(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int,
-                  chunk_elements: int | None = None) -> list[torch.Tensor]:
+                  chunk_elements: int | None = None, recompute: bool = True) -> list[torch.Tensor]:
     """The draft layer's output for steps 1..K at every base position: K tensors [B, T, H]
     (EAGLE-3: pre-norm state; MTP: post final_layernorm), what `draft.logits` reads.
 
     Step k at base i reads token input_ids[i+k] at RoPE position pos[i]+k-1 and predicts token
     i+k+1; pos = batch.positions, or 0, 1, ... over each row's valid tokens. Memory O(K T H) plus
-    one attention chunk (module docstring); no T x T tensor.
+    one attention chunk (module docstring); no T x T tensor. recompute: the layer's position-wise
+    parts run in chunks of LAYER_CHUNK_ELEMENTS // (B H) positions recomputed in backward: ~8
+    [T, H]-sized tensors kept per step instead of ~37 (norms, RoPE, MLP), ~+1/3 of the layer's FLOPs.
     """
     _check_steps(steps)
     weight = _embed_weight(embed)
     lay = layout(batch.valid, batch.positions)
     hidden = draft.fuse(batch.final_hidden if isinstance(draft, MTPDraft) else batch.aux_hidden)  # [B, T, H]
     keys, values, out = [], [], []
+    recompute = recompute and torch.is_grad_enabled()
     for k in range(1, steps + 1):
-        tok = _tokens(weight, shift(batch.input_ids, k), hidden)  # [B, T, H]
-        q, key, value, residual = draft.midlayer.project(tok, hidden, lay.positions + (k - 1))
+        hidden, key, value = _draft_step(draft, weight, shift(batch.input_ids, k), hidden, lay.positions + (k - 1),
+                                         lay, chunk_elements, recompute, keys, values)
         keys.append(key)
         values.append(value)
-        if k == 1:
-            att = causal_attend(q, key, value, lay, chunk_elements)
-        else:
-            att = ttt_attend(q, keys[0], values[0], keys[1:], values[1:], lay, chunk_elements)
-        hidden = draft.midlayer.finish(att, residual)
         out.append(hidden)
     return out
 
@@ -131,7 +165,8 @@ def unroll_dense(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Emb
 
 def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
              decay: float = 0.8, loss: str = "kl", tv_weight: float = 1.0,
-             chunk_elements: int = LOSS_CHUNK_ELEMENTS, normalizer: torch.Tensor | None = None) -> TTTResult:
+             chunk_elements: int = LOSS_CHUNK_ELEMENTS, recompute: bool = True,
+             normalizer: torch.Tensor | None = None) -> TTTResult:
     """Divergence from the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
 
     loss: "kl" forward KL(teacher || draft); "tv" total variation 0.5 * sum_d |p_d - q_d| (one
@@ -140,12 +175,13 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
     i+k are real positions. K=1 is plain single-step training. `normalizer` ([K]): divide step k's
     sums by normalizer[k-1] instead of this batch's own count (data-parallel training passes the
     count summed over ranks, so the ranks' losses and stats add up to the union batch's). Memory:
-    module docstring (chunks of chunk_elements // Vd positions; `head_loss`).
+    module docstring (chunks of chunk_elements // Vd positions; `head_loss`); recompute: see
+    `unroll_hidden`.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
     scored = batch.loss_mask & batch.valid
-    hidden = unroll_hidden(draft, batch, embed, steps)
+    hidden = unroll_hidden(draft, batch, embed, steps, recompute=recompute)
     denoms = None if normalizer is None else [float(d) for d in normalizer]
     xs, rows, cols, step, row_weight, counts = [], [], [], [], [], []
     for k, h in enumerate(hidden, start=1):

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-# Elements of one query chunk's score tensor [B, Hq, c, keys]: 2^24 fp32 = 64 MiB on CPU (a few copies
-# alive); 4x that on CUDA, where per-chunk launch overhead, not memory, is what a small chunk costs.
-ATTN_CHUNK_ELEMENTS = 1 << 24
+# Elements of one query chunk's score tensor [B, Hq, c, keys]: 2^22 fp32 = 16 MiB on CPU (a few copies
+# alive); 16x that on CUDA, where per-chunk launch overhead, not memory, is what a small chunk costs.
+ATTN_CHUNK_ELEMENTS = 1 << 22
 ATTN_CHUNK_ELEMENTS_CUDA = 1 << 26
 
 
@@ -120,7 +120,7 @@ def _chunk(qc: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, segment: torch.
     qc: [B, h, g, c, D]; k1, v1: [B, h, T, D]; segment: [B, T]; ek, ev: [J, B, h, c, D] or None.
     Returns [B, h, g, c, D].
     """
-    c, e = qc.shape[3], s + qc.shape[3]
+    e = s + qc.shape[3]
     scale = qc.shape[-1] ** -0.5
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qc, k1[:, :, lo:e]).float() * scale  # [B, h, g, c, e-lo]
     qi = torch.arange(s, e, device=qc.device)
