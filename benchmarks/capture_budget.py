@@ -10,7 +10,7 @@ projected from the per-token byte formula the measurement checks.
 Arms, interleaved in every round (machine load hits all alike): off (plain forward + backward), all
 (capture keeps every row: the old path's volume), budget (StepSampler keeps --fraction of the positions).
 Each arm runs the same micro-batches: forward, rollout_batch, backward (rollout_batch before backward,
-as the adapter docs say). Run: nice -n 5 python benchmarks/capture_budget.py [--layers 4 --tokens 1024]
+as the adapter docs say). Run: nice -n 5 python benchmarks/capture_budget.py [--layers 4 --tokens 256]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def step(policy, ids, comp, arm: str, fraction: float, version: int) -> tuple[fl
     sampler = None
     if arm == "budget":
         total = sum(x.numel() for x in ids)
-        sampler = StepSampler(tokens=max(1, int(fraction * total)), window=256, seed=0)
+        sampler = StepSampler(tokens=max(1, int(fraction * total)), window=64, seed=0)
     kept = nbytes = 0
     policy.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -47,7 +47,7 @@ def step(policy, ids, comp, arm: str, fraction: float, version: int) -> tuple[fl
         if cap is not None:
             cap.attach()
         logits = policy(input_ids=x, use_cache=False).logits
-        lp = logits[:, :-1].log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        lp = logits[:, :-1].float().log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
         del logits
         if cap is not None:
             batch = cap.rollout_batch(input_ids=x, completion_mask=c, policy_version=version)
@@ -81,16 +81,17 @@ def projection(fractions=(1.0, 0.01, 0.001), step_seconds=(300, 1200)) -> list[l
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=1024, help="positions per micro-batch (one sequence)")
+    ap.add_argument("--tokens", type=int, default=256, help="positions per micro-batch (one sequence)")
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", help="policy dtype (bf16: what RL policies train in; half the RSS)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    policy = AutoModelForCausalLM.from_config(target_config(args.layers), dtype=torch.float32).train()
+    policy = AutoModelForCausalLM.from_config(target_config(args.layers), dtype=getattr(torch, args.dtype)).train()
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, 151936, (1, args.tokens), generator=g) for _ in range(args.micro_batches)]
     comp = [torch.arange(args.tokens)[None] >= 64 for _ in ids]
