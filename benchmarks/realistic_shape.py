@@ -5,7 +5,7 @@ with the step budget, TTT at a 32k draft vocab, export, push into the running en
 shape on this CPU, and what does each stage cost in time and memory? One run (no arms: it measures
 stages, not a comparison); the machine is shared, so times are contended and the load average is
 recorded. Run: nice -n 5 python benchmarks/realistic_shape.py [--layers 4 --rollouts 1 --tokens 2048]
-(the defaults are the slow test's shape: 4 of the 28 layers, one 2048-token rollout, k=1, bf16 policy)
+(the defaults are the slow test's shape: 4 of the 28 layers, one 2048-token rollout, k=1, bf16 policy and engine)
 """
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=2)
     ap.add_argument("--policy-dtype", default="bfloat16")
+    ap.add_argument("--engine-dtype", default="bfloat16")
     ap.add_argument("--backward", action="store_true", help="also run the policy backward under capture")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = RealisticConfig(layers=args.layers, rollouts=args.rollouts, completion_tokens=args.tokens, k=args.k,
                           capture_tokens=args.capture_tokens, window_tokens=args.window, batch_tokens=args.window,
-                          train_steps=args.train_steps, backward=args.backward, policy_dtype=args.policy_dtype,
+                          train_steps=args.train_steps, backward=args.backward, policy_dtype=args.policy_dtype, engine_dtype=args.engine_dtype,
                           after_tokens=64)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:

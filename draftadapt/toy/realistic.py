@@ -38,6 +38,7 @@ class RealisticConfig:
     train_steps: int = 2
     backward: bool = True  # run the policy's backward under capture, as the RL loss does
     policy_dtype: str = "float32"  # dtype of the HF policy that runs the captured forward
+    engine_dtype: str = "float32"  # dtype the engine serves in (bfloat16: half the weights' RSS; pushes are cast)
     after_tokens: int = 256  # rollout length served by the pushed draft
     kv_cache_gib: int = 1
     temperature: float = 1.0
@@ -113,6 +114,7 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
     # 2) the engine, with the draft speculating
     ecfg = EngineConfig(model=str(target_dir), spec=SpecConfig("eagle3", cfg.k, model=str(draft_dir)),
                         max_model_len=cfg.max_model_len, max_num_seqs=cfg.rollouts, kv_cache_gib=cfg.kv_cache_gib,
+                        dtype=cfg.engine_dtype,
                         seed=cfg.seed, extra={"skip_tokenizer_init": True})
     engine = st.run("engine_start", lambda: Engine(ecfg))
     try:
