@@ -32,7 +32,8 @@ QWEN3_8B = dict(hidden=4096, layers=36, prompts=512, samples=16)
 
 
 def step(policy, ids, comp, arm: str, fraction: float, version: int) -> tuple[float, int, int]:
-    """One policy step over the micro-batches `ids`: (seconds, kept tokens, bytes off the forward)."""
+    """One policy step over the micro-batches `ids`: (seconds, tokens copied off the forward, their bytes).
+    With the budget a later micro-batch may push out windows an earlier one copied: copied >= kept."""
     sampler = None
     if arm == "budget":
         total = sum(x.numel() for x in ids)
@@ -107,11 +108,11 @@ def main() -> None:
     for a in arms:
         ratio = [s / o for (s, _, _), o in zip(runs[a], off)]
         sec, kept, nb = runs[a][-1]
-        results[a] = {"seconds": [s for s, _, _ in runs[a]], "ratio_to_off": ratio, "kept_tokens": kept,
-                      "bytes_off_forward": nb, "bytes_per_kept_token": nb / kept if kept else None}
+        results[a] = {"seconds": [s for s, _, _ in runs[a]], "ratio_to_off": ratio, "copied_tokens": kept,
+                      "bytes_off_forward": nb, "bytes_per_copied_token": nb / kept if kept else None}
         table.append([a, statistics.median(s for s, _, _ in runs[a]), statistics.median(ratio), min(ratio),
                       max(ratio), kept, nb / 2**20, nb / kept if kept else 0.0])
-    print_table(["arm", "median s", "x off", "min x", "max x", "kept tok", "MiB off fwd", "B/kept tok"], table)
+    print_table(["arm", "median s", "x off", "min x", "max x", "copied tok", "MiB off fwd", "B/copied tok"], table)
     formula = bytes_per_token(1024, "topk64_fp32")
     print(f"\nbytes/token formula at hidden 1024, top-64: {formula} (measured above: ids, mask, aux, teacher, positions)")
     proj = projection()
