@@ -114,7 +114,7 @@ def main() -> None:
                       max(ratio), kept, nb / 2**20, nb / kept if kept else 0.0])
     print_table(["arm", "median s", "x off", "min x", "max x", "copied tok", "MiB off fwd", "B/copied tok"], table)
     formula = bytes_per_token(1024, "topk64_fp32")
-    print(f"\nbytes/token formula at hidden 1024, top-64: {formula} (measured above: ids, mask, aux, teacher, positions)")
+    print(f"\nbytes/token formula at hidden 1024, top-64: {formula} (ids, mask, aux, teacher, positions)")
     proj = projection()
     print("\nQwen3-8B projection (hidden 4096, draft vocab 32k, 512 x 16 rollouts per step)")
     print_table(["rollout", "tokens/step", "kept frac", "kept tok", "teacher", "GB off device/step",

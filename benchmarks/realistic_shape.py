@@ -36,7 +36,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = RealisticConfig(layers=args.layers, rollouts=args.rollouts, completion_tokens=args.tokens, k=args.k,
                           capture_tokens=args.capture_tokens, window_tokens=args.window, batch_tokens=args.window,
-                          train_steps=args.train_steps, backward=args.backward, policy_dtype=args.policy_dtype, engine_dtype=args.engine_dtype,
+                          train_steps=args.train_steps, backward=args.backward, policy_dtype=args.policy_dtype,
+                          engine_dtype=args.engine_dtype,
                           after_tokens=64)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:

@@ -66,7 +66,8 @@ class FeatureCapture:
     the step's reservoir admits are copied; without one every real token is kept, one row per
     sequence. Only hooks run while the top-level forward is active are recorded, so
     gradient-checkpoint recomputation in backward is ignored. Each forward is one pending capture;
-    `rollout_batch` consumes them oldest first. `teacher`: "draft_vocab" (log-probs at `draft_vocab_ids`, the full vocab when None),
+    `rollout_batch` consumes them oldest first. `teacher`: "draft_vocab" (log-probs at
+    `draft_vocab_ids`, the full vocab when None),
     "topk" (`top_k` ids + log-probs), or "final_hidden" (no logits work during the forward; the
     teacher and the top-token check come later from the frozen target head, in to_draft_batch).
     `final_prenorm=True` keeps the residual ENTERING the final norm as `final_hidden` (what vLLM
@@ -274,7 +275,8 @@ class FeatureCapture:
         return out.copy_(x, non_blocking=True)
 
 
-def _gather_cat(xs: list[torch.Tensor], src: torch.Tensor, dtype: torch.dtype | None, like: torch.Tensor) -> torch.Tensor:
+def _gather_cat(xs: list[torch.Tensor], src: torch.Tensor, dtype: torch.dtype | None,
+                like: torch.Tensor) -> torch.Tensor:
     """[M, sum of H] in `dtype`, on the tensors' device: rows `src` of each x [B, T, H], side by side (no aux
     layers: [M, 0]). Written into one buffer, so the host copy that follows is a single one."""
     width = sum(x.shape[-1] for x in xs)

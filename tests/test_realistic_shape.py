@@ -14,7 +14,8 @@ def test_a_2k_rollout_at_the_real_vocab_is_captured_within_budget_trained_and_pu
     from draftadapt.toy.realistic import RealisticConfig, run_realistic
 
     cfg = RealisticConfig(layers=4, rollouts=1, completion_tokens=2048, k=1, capture_tokens=1024, window_tokens=512,
-                          batch_tokens=512, train_steps=1, backward=False, policy_dtype="bfloat16", engine_dtype="bfloat16",
+                          batch_tokens=512, train_steps=1, backward=False, policy_dtype="bfloat16",
+                          engine_dtype="bfloat16",
                           after_tokens=32)
     out = run_realistic(cfg, tmp_path)
     fig, stages = out["figures"], out["stages"]
