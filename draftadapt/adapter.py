@@ -447,7 +447,8 @@ class DraftAdapter:
         if state.get("format") != FORMAT:
             raise ValueError(f"adapter state has format {state.get('format')!r}, expected {FORMAT!r}")
         self.worker.load_state_dict(state["worker"])
-        self.sampler.load_state_dict(state["sampler"])
+        if "sampler" in state:  # states saved before the step budget existed have none
+            self.sampler.load_state_dict(state["sampler"])
         for k in self._COUNTERS:
             setattr(self, k, state[k])
 

@@ -186,7 +186,8 @@ class RolloutBatch:
 
     def _tensors(self) -> dict:
         """The per-token tensors ([N, ...]); cu_seqlens and the per-row priority are not among them."""
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor) and k not in ("cu_seqlens", "priority")}
+        return {k: v for k, v in vars(self).items()
+                if isinstance(v, torch.Tensor) and k not in ("cu_seqlens", "priority")}
 
     def default_positions(self) -> torch.Tensor:  # [N] int64
         """`positions`, or 0, 1, ... inside each row when None."""

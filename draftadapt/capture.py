@@ -66,7 +66,8 @@ class FeatureCapture:
     the step's reservoir admits are copied; without one every real token is kept, one row per
     sequence. Only hooks run while the top-level forward is active are recorded, so
     gradient-checkpoint recomputation in backward is ignored. Each forward is one pending capture;
-    `rollout_batch` consumes them oldest first. `teacher`: "draft_vocab" (log-probs at `draft_vocab_ids`, the full vocab when None),
+    `rollout_batch` consumes them oldest first. `teacher`: "draft_vocab" (log-probs at
+    `draft_vocab_ids`, the full vocab when None),
     "topk" (`top_k` ids + log-probs), or "final_hidden" (no logits work during the forward; the
     teacher and the top-token check come later from the frozen target head, in to_draft_batch).
     `final_prenorm=True` keeps the residual ENTERING the final norm as `final_hidden` (what vLLM
@@ -238,9 +239,7 @@ class FeatureCapture:
             rows, pos, lens, prio = torch.arange(flat.numel(), device=dev), None, cu.diff(), None
         src = flat[rows]  # [M] index of each kept token in the B*T grid
         # 4) gather, teacher and storage dtype on the device, one copy to the host
-        aux = [self._gather(p["aux"][i][0], src, self.store_dtype) for i in self.aux_layer_ids]
-        if not aux:
-            aux = [first.new_zeros(src.numel(), 0, dtype=self.store_dtype or first.dtype)]  # no aux layers (MTP)
+        aux = self._host(_gather_cat([p["aux"][i][0] for i in self.aux_layer_ids], src, self.store_dtype, first))
         kw, mask = {}, loss_mask[rows]
         if "logits" in p:
             logits, has = p["logits"][0], src % t >= t - t_l  # [M]: the forward kept logits there
@@ -255,8 +254,8 @@ class FeatureCapture:
                     full[has] = x
                     kw[name] = self._host(full if x.dtype == torch.int64 else full.to(self.teacher_dtype or x.dtype))
         if self.keep_final:
-            kw["final_hidden"] = self._gather(p["final"][0], src, self.store_dtype)
-        out = RolloutBatch(input_ids=self._host(ids.to(dev).long().reshape(-1)[src]), aux_hidden=torch.cat(aux, -1),
+            kw["final_hidden"] = self._host(_gather_cat([p["final"][0]], src, self.store_dtype, first))
+        out = RolloutBatch(input_ids=self._host(ids.to(dev).long().reshape(-1)[src]), aux_hidden=aux,
                            cu_seqlens=torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(self._where(dev)),
                            loss_mask=self._host(mask), policy_version=int(policy_version),
                            positions=None if pos is None else self._host(pos),
@@ -268,16 +267,25 @@ class FeatureCapture:
     def _where(self, dev: torch.device) -> torch.device:
         return torch.device("cpu") if self.offload_to_cpu else dev
 
-    def _gather(self, x: torch.Tensor, src: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        """Rows `src` of x [B, T, H] as [M, H] in `dtype`, on the host when offloading."""
-        return self._host(x.reshape(-1, x.shape[-1]).index_select(0, src).to(dtype or x.dtype))
-
     def _host(self, x: torch.Tensor) -> torch.Tensor:
         """x itself on its device, or ONE copy to the host (pinned + non_blocking from CUDA)."""
         if not self.offload_to_cpu or x.device.type == "cpu":
             return x
         out = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.device.type == "cuda")
         return out.copy_(x, non_blocking=True)
+
+
+def _gather_cat(xs: list[torch.Tensor], src: torch.Tensor, dtype: torch.dtype | None,
+                like: torch.Tensor) -> torch.Tensor:
+    """[M, sum of H] in `dtype`, on the tensors' device: rows `src` of each x [B, T, H], side by side (no aux
+    layers: [M, 0]). Written into one buffer, so the host copy that follows is a single one."""
+    width = sum(x.shape[-1] for x in xs)
+    out = torch.empty(src.numel(), width, dtype=dtype or like.dtype, device=like.device)
+    col = 0
+    for x in xs:
+        out[:, col:col + x.shape[-1]] = x.reshape(-1, x.shape[-1]).index_select(0, src)
+        col += x.shape[-1]
+    return out
 
 
 def measure_capture_overhead(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5,

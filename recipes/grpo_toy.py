@@ -38,7 +38,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes an auth to
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
+from draftadapt.adapter import AdapterConfig, DraftAdapter, budget_cache_config  # noqa: E402
 from draftadapt.cache import CacheConfig  # noqa: E402
 from draftadapt.config import apply_overrides, load_section  # noqa: E402
 from draftadapt.engine.ray_pool import make_engines  # noqa: E402
@@ -218,8 +218,9 @@ def main(argv=None) -> dict:
         if cfg.run.draft_worker == "thread":  # the same worker, its training moved off the step
             adapter = DraftAdapter.with_worker(BackgroundDraftWorker(adapter.worker), cfg.adapter, sink=swapper)
         elif cfg.run.draft_worker == "ray":  # the draft and its cache live in a Ray actor
-            worker = RayDraftWorker(mech.load_draft(policy), policy.get_input_embeddings(), cfg.trainer, cfg.cache,
-                                    cfg.adapter.batch_tokens, cfg.adapter.seed, ray_cfg=cfg.ray)
+            worker = RayDraftWorker(mech.load_draft(policy), policy.get_input_embeddings(), cfg.trainer,
+                                    budget_cache_config(cfg.adapter, cfg.cache), cfg.adapter.batch_tokens,
+                                    cfg.adapter.seed, ray_cfg=cfg.ray)
             adapter = DraftAdapter.with_worker(worker, cfg.adapter, sink=swapper)
     held_out = eval_problems(cfg.run.eval_prompts, seed=4321, cfg=cfg.task)
     # 3) resume: restore policy/optimizer/draft, then refit and push them into the fresh engine

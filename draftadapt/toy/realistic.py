@@ -37,6 +37,9 @@ class RealisticConfig:
     batch_tokens: int = 1024  # positions per TTT batch
     train_steps: int = 2
     backward: bool = True  # run the policy's backward under capture, as the RL loss does
+    policy_dtype: str = "float32"  # dtype of the HF policy that runs the captured forward
+    engine_dtype: str = "float32"  # dtype the engine serves in (bfloat16: half the weights' RSS; pushes are cast)
+    after_tokens: int = 256  # rollout length served by the pushed draft
     kv_cache_gib: int = 1
     temperature: float = 1.0
     seed: int = 0
@@ -111,6 +114,7 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
     # 2) the engine, with the draft speculating
     ecfg = EngineConfig(model=str(target_dir), spec=SpecConfig("eagle3", cfg.k, model=str(draft_dir)),
                         max_model_len=cfg.max_model_len, max_num_seqs=cfg.rollouts, kv_cache_gib=cfg.kv_cache_gib,
+                        dtype=cfg.engine_dtype,
                         seed=cfg.seed, extra={"skip_tokenizer_init": True})
     engine = st.run("engine_start", lambda: Engine(ecfg))
     try:
@@ -126,7 +130,8 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
         fig.update(completion_lengths=lens, acceptance_length_before=(c1 - c0).acceptance_length,
                    drafts_before=(c1 - c0).drafts)
         # 3) the policy's log-prob forward (+ backward) under capture, one sequence per micro-batch
-        policy = st.run("load_policy", lambda: AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32))
+        policy = st.run("load_policy", lambda: AutoModelForCausalLM.from_pretrained(
+            target_dir, dtype=getattr(torch, cfg.policy_dtype)))
         adapter = DraftAdapter(draft, policy.get_input_embeddings(),
                                AdapterConfig(train_steps=cfg.train_steps, batch_tokens=cfg.batch_tokens, min_tokens=1,
                                              capture_tokens=cfg.capture_tokens, window_tokens=cfg.window_tokens,
@@ -139,13 +144,16 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
         fig["budget"] = stats.budget._asdict()
         fig["train"] = {"steps": stats.train.steps, "tokens": stats.train.tokens, "seconds": stats.train.seconds,
                         "loss": stats.train.loss}
+        cache = adapter.worker.cache
         fig.update(pushed=stats.pushed, push_seconds=stats.push_seconds, push_mb=stats.push_bytes / 2**20,
-                   cache_bytes_per_token=stats.cache.bytes / max(1, stats.cache.tokens))
+                   cache_bytes_per_token=cache.num_bytes / max(1, cache.num_tokens),
+                   cache_windows=[(int(e.positions[0]), e.num_tokens) for e in cache._entries])
         st.run("export_draft", lambda: save_eagle3(adapter.worker.draft, work / "draft1", tc))
         # 5) the engine serves the pushed draft: the counters keep moving
         c2 = engine.spec_counters()
         st.run("rollouts_after_push", lambda: engine.generate(prompts, temperature=cfg.temperature, logprobs=False,
-                                                               max_tokens=256, ignore_eos=True, seed=cfg.seed + 1))
+                                                               max_tokens=cfg.after_tokens, ignore_eos=True,
+                                                               seed=cfg.seed + 1))
         after = engine.spec_counters() - c2
         fig.update(acceptance_length_after=after.acceptance_length, drafts_after=after.drafts,
                    draft_version_served=adapter.sink.draft_version)
@@ -160,9 +168,10 @@ def _capture(policy, adapter, prompts, outs, cfg: RealisticConfig) -> None:
     for prompt, out in zip(prompts, outs):
         ids = torch.tensor([prompt + out[0].token_ids])  # [1, T]
         comp = torch.arange(ids.shape[1])[None] >= len(prompt)
-        with adapter.capture(policy) as cap:
+        with adapter.capture(policy) as cap, torch.set_grad_enabled(cfg.backward):
             logits = policy(input_ids=ids, use_cache=False).logits  # [1, T, V]
-            lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            lp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) \
+                if cfg.backward else None
         batch = cap.rollout_batch(input_ids=ids, completion_mask=comp, policy_version=0)
         del logits
         if cfg.backward:
