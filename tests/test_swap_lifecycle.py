@@ -156,3 +156,11 @@ def test_a_push_never_lands_on_a_sleeping_engine_and_wake_up_restores_the_latest
     report = swapper.wake_up()
     assert report["draft"] == ["ok"], report  # the deferred push replaced the lost weights
     assert _same(_served(engine), new) and swapper.draft_version == 4
+
+
+def test_native_transport_is_refused_where_the_engine_cannot_do_it_and_auto_falls_back():
+    from draftadapt.engine.swap import EngineSwapper
+
+    assert EngineSwapper(FreshEngine()).transport == "inplace"
+    with pytest.raises(ValueError, match="transport='native' is unavailable: an engine's worker has no native"):
+        EngineSwapper(FreshEngine(), transport="native")
