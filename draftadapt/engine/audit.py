@@ -191,8 +191,11 @@ def audit(model: str, drafters: Mapping[str, SpecConfig], prompts: Sequence[Sequ
 
     # 1) the reference: plain sampling; 2) each drafter on the same prompts and settings
     plain = _run_arm(cfg(None, 1), prompts, samples, max_tokens, samplings, task)
+    # EAGLE-3 engines run last: after one, vLLM 0.32 loads a later draft_model Llama draft in the
+    # same process as an EAGLE-3 layer ("no module or parameter named 'model' in LlamaModel")
+    order = sorted(drafters.items(), key=lambda kv: kv[1].method == "eagle3")
     arms = {name: _run_arm(cfg(spec, 2 + i), prompts, samples, max_tokens, samplings, task)
-            for i, (name, spec) in enumerate(drafters.items())}
+            for i, (name, spec) in enumerate(order)}
     # 3) tests, then one Bonferroni threshold over the whole family
     token = [TokenTest(d, s, [], [], 0.0, 1.0, [], arm.errors[s]) if s in arm.errors else
              _token_test(d, s, plain.tokens[s], arm.tokens[s], max_tokens, arm.counters[s])
