@@ -64,21 +64,22 @@ def _check_unfixed(rep, drafters, samplings=("T1", "top_p", "top_k"), sequence: 
 
 
 def test_eagle3_draft_model_and_ngram_are_lossless_and_the_unfixed_sampler_is_caught(
-        toy_policy_dir, toy_draft_dir, tmp_path):
+        toy_policy_dir, toy_draft_dir, tmp_path_factory):
     from draftadapt.engine.audit import audit, toy_task
     from draftadapt.engine.vllm import SpecConfig
     from draftadapt.toy.policy import perturbed_copy
 
     cpu_only("the expand-kernel bug and its fix")
+    tmp = tmp_path_factory.mktemp("audit")  # not tmp_path: its name holds "eagle3" (see test_guard.py)
     drafters = {"eagle3": SpecConfig("eagle3", 3, model=str(toy_draft_dir)),
-                "draft_model": SpecConfig("draft_model", 3, model=str(perturbed_copy(toy_policy_dir, tmp_path / "dm"))),
+                "draft_model": SpecConfig("draft_model", 3, model=str(perturbed_copy(toy_policy_dir, tmp / "dm"))),
                 "ngram": SpecConfig("ngram", 3)}
     task = toy_task(str(toy_policy_dir), SEQ_PROBLEMS, SEQ_SAMPLES)
     prompts = list(toy_task(str(toy_policy_dir), PROMPTS, 1, seed=7).prompts)
     rep = audit(str(toy_policy_dir), drafters, prompts, samples=SAMPLES, max_tokens=POSITIONS, alpha=ALPHA, task=task)
     assert rep.cpu_fix_applied
     _check_fixed(rep, drafters, sequence=True)
-    bad = _unfixed(toy_policy_dir, toy_policy_dir, drafters, tmp_path, "--sequence-problems", str(SEQ_PROBLEMS),
+    bad = _unfixed(toy_policy_dir, toy_policy_dir, drafters, tmp, "--sequence-problems", str(SEQ_PROBLEMS),
                    "--sequence-samples", str(SEQ_SAMPLES))
     _check_unfixed(bad, drafters, sequence=True)
 
