@@ -27,7 +27,17 @@ def stamp() -> dict:
         sha = None
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_sha": sha, "machine": platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "vllm": vllm_version, "processor": platform.processor()}
+            "torch": torch.__version__, "vllm": vllm_version, "processor": platform.processor(),
+            "load_average": os.getloadavg(), "git_dirty": _dirty()}
+
+
+def _dirty() -> bool | None:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def print_table(header: list[str], rows: list[list]) -> None:

@@ -49,10 +49,11 @@ def ceiling(run_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--reuse", action="store_true", help="read a run's ceiling.json back instead of re-measuring")
     args = ap.parse_args()
     rows = []
     for run in args.runs:
-        c = json.loads((run / "ceiling.json").read_text()) if (run / "ceiling.json").exists() else ceiling(run)
+        c = json.loads((run / "ceiling.json").read_text()) if args.reuse and (run / "ceiling.json").exists() else ceiling(run)
         share = None
         if c["adapted"] is not None and c["retrained"] != c["frozen"]:
             share = (c["adapted"] - c["frozen"]) / (c["retrained"] - c["frozen"])

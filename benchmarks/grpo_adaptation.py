@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,14 +30,18 @@ REWARDS = {"style": ["reward.verbose_bonus=0", "reward.verbose_reward=1"],
            "correct": ["reward.verbose_bonus=0", "reward.verbose_reward=0"]}
 
 
-def run_arm(out: Path, steps: int, seed: int, overrides: list[str]) -> dict:
-    if not (out / "result.json").exists():
-        cmd = [sys.executable, str(RECIPE), f"run.out_dir={out}", f"run.steps={steps}", f"run.seed={seed}",
-               "run.checkpoint_every=5", "--resume", *overrides]
+def run_arm(out: Path, steps: int, seed: int, overrides: list[str], reuse: bool = False) -> dict:
+    """Runs the arm from scratch unless `reuse` (then a finished run in `out` is read back)."""
+    cmd = [sys.executable, str(RECIPE), f"run.out_dir={out}", f"run.steps={steps}", f"run.seed={seed}",
+           "run.checkpoint_every=5", "--resume", *overrides]
+    reused = reuse and (out / "result.json").exists()
+    if not reused:
+        shutil.rmtree(out, ignore_errors=True)  # a benchmark measures when it runs
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"rows": rows, "result": json.loads((out / "result.json").read_text())}
+    return {"rows": rows, "result": json.loads((out / "result.json").read_text()), "command": cmd[1:],
+            "reused": reused}
 
 
 def mean(xs):
@@ -51,6 +56,7 @@ def main() -> None:
     ap.add_argument("--rewards", nargs="+", default=["style", "correct"], choices=sorted(REWARDS))
     ap.add_argument("--generic", action="store_true", help="also: generic (chat) initial draft, adapted")
     ap.add_argument("--no-spec", action="store_true", help="also: plain decoding arm (k=0)")
+    ap.add_argument("--reuse", action="store_true", help="read finished arms back instead of re-running them")
     args = ap.parse_args()
     base = RESULTS / "grpo_adaptation"
     arms = {"adapted": ["run.adapt=true"], "frozen": ["run.adapt=false"]}
@@ -64,7 +70,7 @@ def main() -> None:
         for seed in args.seeds:
             first = reward == args.rewards[0] and seed == args.seeds[0]
             for arm, ov in {**arms, **(extra if first else {})}.items():
-                r = run_arm(base / f"{reward}-{arm}-s{seed}", args.steps, seed, [*REWARDS[reward], *ov])
+                r = run_arm(base / f"{reward}-{arm}-s{seed}", args.steps, seed, [*REWARDS[reward], *ov], args.reuse)
                 runs[f"{reward}/{arm}/{seed}"] = r
                 rows, res = r["rows"], r["result"]
                 final = res.get("adapted") or res.get("frozen") or {}
@@ -84,7 +90,8 @@ def main() -> None:
     write_json("grpo_adaptation", {"args": vars(args), "table": table,
                                    "curves": {k: [(x["step"], x.get("spec_acceptance_length")) for x in v["rows"]]
                                               for k, v in runs.items()},
-                                   "results": {k: v["result"] for k, v in runs.items()}})
+                                   "results": {k: v["result"] for k, v in runs.items()},
+                                   "arms": {k: {"command": v["command"], "reused": v["reused"]} for k, v in runs.items()}})
 
 
 def plot(runs: dict, png: Path) -> None:

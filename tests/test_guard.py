@@ -60,6 +60,19 @@ def test_a_running_engines_config_is_checked_too():
     assert guard.check_vllm_config(ok) == []
 
 
+def test_a_draft_model_under_an_eagle3_path_is_refused_before_vllm_switches_its_method():
+    """vLLM 0.32 picks method='eagle3' for any draft whose path contains 'eagle3' (found by the
+    audit: a pytest tmp dir named after the test turned a draft_model arm into EAGLE-3)."""
+    from vllm.config.speculative import SpeculativeConfig
+    import inspect
+
+    assert '"eagle3" in self.draft_model_config.model.lower()' in inspect.getsource(SpeculativeConfig)
+    with pytest.raises(ValueError, match="method='eagle3' instead of 'draft_model'.*path without 'eagle3'"):
+        guard.check_engine_kwargs({"speculative_config": {"method": "draft_model", "model": "/x/test_eagle3_0/dm"}})
+    assert guard.check_engine_kwargs({"speculative_config": {"method": "eagle3", "model": "/x/eagle3"},
+                                      "logprobs_mode": "processed_logprobs"}) == []
+
+
 @pytest.mark.vllm
 def test_the_engine_wrapper_refuses_a_lossy_sampler_before_starting(tmp_path):
     from draftadapt.engine import vllm as engine_mod

@@ -43,6 +43,11 @@ LOGPROBS_MODE_WARNINGS = {
 SAFE_LOGPROBS_MODE = "processed_logprobs"
 
 
+# vLLM 0.32 (config/speculative.py) switches a draft model's method by a substring of its PATH:
+# method="draft_model" with a draft under ".../x-eagle3-y/" silently runs as EAGLE-3
+METHOD_BY_PATH = {"eagle-": "eagle", "eagle3": "eagle3", "dflash": "dflash", "dspark": "dspark"}
+
+
 class LossySamplingError(ValueError):
     """A vLLM setting that makes speculative sampling differ from the policy's distribution."""
 
@@ -73,6 +78,7 @@ def check_engine_kwargs(kwargs: Mapping[str, Any]) -> list[str]:
             "refusing a lossy speculative sampler (the engine would not sample the policy): " + "; ".join(bad)
             + ". Fix: use rejection_sample_method='standard' (the default) or 'block', and drop the "
               "synthetic_acceptance_* fields.")
+    _check_method_by_path(spec)
     warnings = []
     mode = kwargs.get("logprobs_mode", "raw_logprobs")  # vLLM's default
     if mode in LOGPROBS_MODE_WARNINGS:
@@ -81,6 +87,17 @@ def check_engine_kwargs(kwargs: Mapping[str, Any]) -> list[str]:
     for w in warnings:
         log.warning("draftadapt: %s", w)
     return warnings
+
+
+def _check_method_by_path(spec: Mapping[str, Any] | None) -> None:
+    if not spec or spec.get("method") in (None, "eagle", "eagle3", "dflash", "dspark") or not spec.get("model"):
+        return
+    path = str(spec["model"]).lower()
+    for needle, method in METHOD_BY_PATH.items():
+        if needle in path:
+            raise ValueError(f"speculative_config.model={spec['model']!r} contains {needle!r}: vLLM would run it with "
+                             f"method={method!r} instead of {spec['method']!r}. Fix: move the draft to a path "
+                             f"without {needle!r}")
 
 
 def check_vllm_config(vllm_config) -> list[str]:
