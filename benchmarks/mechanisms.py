@@ -42,13 +42,15 @@ TRAINABLE = ("eagle3", "mtp", "draft_model")
 
 def arms_of(methods, plain: bool) -> dict[str, list[str]]:
     """arm name -> recipe overrides."""
-    arms = {"plain": ["rollout.num_speculative_tokens=0"]} if plain else {}  # first: the tok/s reference
-    for m in methods:
+    arms = {}
+    for m in methods:  # in the order given: on a busy machine the first arms finish first
         if m in TRAINABLE:
             arms[f"{m}-adapted"] = [f"rollout.method={m}", "run.adapt=true"]
             arms[f"{m}-frozen"] = [f"rollout.method={m}", "run.adapt=false"]
         else:
             arms[m] = [f"rollout.method={m}", "run.adapt=false"]
+    if plain:  # the tok/s reference
+        arms["plain"] = ["rollout.num_speculative_tokens=0"]
     return arms
 
 
@@ -125,6 +127,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--eval-prompts", type=int, default=64)
+    ap.add_argument("--group-size", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--min-tokens", type=int, default=256,
+                    help="adapter.min_tokens: the recipe's 2048 is more than a short run's cache ever holds")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--long", action="store_true", help="30 steps, 32 prompts per step, 200 eval prompts, seeds 0 1")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-decoding (k=0) arm")
@@ -135,7 +140,8 @@ def main() -> None:
     if args.long:
         args.steps, args.prompts_per_step, args.eval_prompts, args.seeds = 30, 32, 200, [0, 1]
     common = [f"run.steps={args.steps}", "run.checkpoint_every=0", f"run.eval_prompts={args.eval_prompts}",
-              f"rollout.prompts_per_step={args.prompts_per_step}"]
+              f"rollout.prompts_per_step={args.prompts_per_step}", f"rollout.group_size={args.group_size}",
+              f"adapter.min_tokens={args.min_tokens}"]
     refused = {}
     if "suffix" in args.methods:
         reason = suffix_refusal(args.suffix_python)
