@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-from _common import RESULTS, print_table, write_json  # noqa: E402
+from _common import RESULTS, print_table, stamp, write_json  # noqa: E402
 from replay_stats import plot_curves, summarize  # noqa: E402
 
 from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
@@ -206,6 +206,9 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             rows.append({"version": v + 1, "al": al, "accuracy": acc, "styles": styles, "train": train,
                          "rollout_completion_tokens": ro.completion_tokens, "oracle_seconds": oracle_s,
                          "recorded": traj.step_info(v), "replay_seconds": time.perf_counter() - t0})
+            partial = {"stamp": stamp(), "args": vars(args), "arms": {a: arm_config(a) for a in arms},
+                       "runs": {f"{traj.meta['reward']}/{traj.meta['seed']}": rows}}
+            (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(partial, default=str))  # --combine reads it
             print(f"  replay {traj_dir.name} v{v + 1}: acc {acc:.3f} formal {styles['formal']:.2f} "
                   + " ".join(f"{k} {x:.3f}" for k, x in al.items()), flush=True)
     finally:

@@ -32,6 +32,8 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
     out = {}
     for reward in sorted({k.split("/")[0] for k in runs}):
         seeds = {k: rows for k, rows in runs.items() if k.split("/")[0] == reward}
+        n = min(len(rows) for rows in seeds.values())  # partial runs: the steps every trajectory reached
+        seeds = {k: rows[:n] for k, rows in seeds.items()}
         versions = [r["version"] for r in next(iter(seeds.values()))]
         oracle_versions = [r["version"] for r in next(iter(seeds.values())) if "oracle" in r["al"]]
         arm_rows = {}
@@ -61,7 +63,7 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
                 oracle_steps[v] = {a: t_interval([_fraction(r, a) for r in rs]) for a in arms}
             per_step.append([v, frozen, oracle, *gap, t_interval([r["accuracy"] for r in rs])[0],
                              t_interval([r["styles"]["formal"] for r in rs])[0]])
-        out[reward] = {"n_seeds": len(seeds), "arms": arm_rows, "per_step": per_step, "oracle_steps": oracle_steps}
+        out[reward] = {"n_seeds": len(seeds), "steps": n, "arms": arm_rows, "per_step": per_step, "oracle_steps": oracle_steps}
     return out
 
 
@@ -78,6 +80,7 @@ def plot_curves(runs: dict[str, list[dict]], png: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(rewards), figsize=(7 * len(rewards), 4.5), squeeze=False)
     for ax, reward in zip(axes[0], rewards):
         seeds = [rows for k, rows in runs.items() if k.split("/")[0] == reward]
+        seeds = [rows[:min(len(r) for r in seeds)] for rows in seeds]
         names = [n for n in seeds[0][0]["al"] if n != "oracle"]
         for name in names:
             xs = [r["version"] for r in seeds[0]]

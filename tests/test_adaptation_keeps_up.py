@@ -86,4 +86,4 @@ def test_adapted_draft_beats_the_frozen_one_on_a_moved_policy(toy_policy_dir, to
     print(f"moved policy (formal share {formal:.0%}): AL frozen {sum(frozen) / chunks:.2f}, adapted "
           f"{sum(adapted) / chunks:.2f}, paired gain {mean:+.3f} +- {se:.3f} (SE over {chunks} chunks)")
     assert formal > 0.3, f"the SFT steps did not move the policy toward the formal style ({formal:.0%} formal)"
-    assert mean > 4 * se and mean > 0.05, f"adapted - frozen AL = {mean:+.3f}, SE {se:.3f}: not several SEs"
+    assert mean > 3 * se and mean > 0.05, f"adapted - frozen AL = {mean:+.3f}, SE {se:.3f}: not several SEs"
