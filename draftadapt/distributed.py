@@ -275,6 +275,10 @@ class DistributedDraftAdapter:
         return self.adapter.worker
 
     def capture(self, policy_model: nn.Module, **capture_kwargs):
+        """adapter.capture on this rank's policy; a DDP wrapper is looked through (its forward runs
+        the wrapped module's, so the hooks fire; the logits head is the wrapped module's)."""
+        if isinstance(policy_model, nn.parallel.DistributedDataParallel):
+            policy_model = policy_model.module
         check_policy_layout(policy_model)
         return self.adapter.capture(policy_model, **capture_kwargs)
 
