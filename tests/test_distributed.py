@@ -185,6 +185,7 @@ def _fsdp2_owner_run(rank, world):
         with torch.no_grad():
             hs = reference(input_ids=ids, output_hidden_states=True).hidden_states
         want = torch.cat([hs[i] for i in adapter.adapter.features.aux_layer_ids], -1).reshape(-1, batch.aux_hidden.shape[-1])
+        want = want.to(batch.aux_hidden.dtype).float()  # the capture stores its storage dtype (fp16/bf16)
         aux_ok.append(float((batch.aux_hidden.float() - want).abs().max()))
         adapter.on_rollouts(batch)
         stats.append(adapter.on_step_end(step))
@@ -197,7 +198,8 @@ def test_fsdp2_ranks_feed_one_owner_that_pushes_once_per_version():
     r0, r1 = _run(_fsdp2_owner_run)
     assert r0["sharded_rows"] < 1147 and r1["sharded_rows"] < 1147, "the policy embedding must really be sharded"
     assert r0["gathered_ok"] and r1["gathered_ok"], "the draft must train against the full gathered embedding"
-    assert r0["aux_err"] < 1e-5 and r1["aux_err"] < 1e-5, "capture under FSDP2 must see the full activations"
+    # one storage-dtype ulp at most (fp32 reduction order may flip a rounding); a shard or a wrong layer is O(1) off
+    assert r0["aux_err"] < 5e-3 and r1["aux_err"] < 5e-3, "capture under FSDP2 must see the full activations"
     assert r0["pushes"] == [0, 1] and r1["pushes"] is None, "exactly one pusher, one push per version"
     assert r0["stats"] == r1["stats"], "every rank reports the owner's stats"
     # the owner cached both ranks' sequences: 2 (rank 0) + 3 (rank 1) per step, within the staleness window
