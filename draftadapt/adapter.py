@@ -282,7 +282,13 @@ class DraftAdapter:
                           f"({self.config.staleness_window}) behind version {self.last_version}", stacklevel=2)
             return 0
         self.newest_rollout_version = v if self.newest_rollout_version is None else max(v, self.newest_rollout_version)
+        if batch.cu_seqlens.numel() < 2:  # the step budget kept no window of this micro-batch
+            return 0
         if self.strategy.min_advantage is not None and advantages is not None:
+            if advantages.numel() != batch.cu_seqlens.numel() - 1:
+                raise ValueError(f"on_rollouts: {advantages.numel()} advantages for {batch.cu_seqlens.numel() - 1} "
+                                 "sequences; StrategyConfig.min_advantage needs one advantage per captured sequence "
+                                 "(capture with window_tokens >= the longest sequence so windows are sequences)")
             seqs = [s for s, a in zip(batch.sequences(), advantages.tolist()) if a >= self.strategy.min_advantage]
             if not seqs:
                 return 0
@@ -292,6 +298,8 @@ class DraftAdapter:
             keep, prio = self.sampler.select(v, win)
             rows, _, lens = win.rows(keep)
             batch = batch.select_rows(rows, lens, prio[keep])
+            if batch.cu_seqlens.numel() < 2:  # no window with a training target (e.g. all-masked)
+                return 0
         lm = batch.loss_mask.cpu().long().cumsum(0)
         ends = batch.cu_seqlens.cpu()
         targets = torch.cat([lm.new_zeros(1), lm])[ends[1:]] - torch.cat([lm.new_zeros(1), lm])[ends[:-1]]

@@ -145,6 +145,8 @@ class HiddenStateCache:
                              "DraftAdapter.capture (a StepSampler draws it) or set version_tokens=None")
         v = batch.policy_version
         old = [i for i, e in enumerate(self._entries) if e.policy_version == v]
+        if not old and not entries:
+            return entries, sizes
         prio = torch.cat([self._entries[i].priority for i in old] + [e.priority for e in entries])
         n = torch.tensor([self._entries[i].num_tokens for i in old] + [e.num_tokens for e in entries])
         keep, self.floors[v] = reservoir_keep(prio, n, self.config.version_tokens, self.floors.get(v, -float("inf")))

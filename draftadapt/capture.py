@@ -283,6 +283,8 @@ def _gather_cat(xs: list[torch.Tensor], src: torch.Tensor, dtype: torch.dtype | 
     out = torch.empty(src.numel(), width, dtype=dtype or like.dtype, device=like.device)
     col = 0
     for x in xs:
+        if x.shape[-1] == 0:  # a zero-width state (a draft LM keeps no hidden state): nothing to gather
+            continue
         out[:, col:col + x.shape[-1]] = x.reshape(-1, x.shape[-1]).index_select(0, src)
         col += x.shape[-1]
     return out

@@ -114,7 +114,7 @@ class TeacherCapture(FeatureCapture):
 
     def _grab_final(self, module, args, output) -> None:
         if self._current is not None and "final" not in self._current:
-            self._current["final"] = output.detach()[..., :0].to("cpu" if self.offload_to_cpu else output.device)
+            self._current["final"] = self._ref(output[..., :0])  # a reference: rows are gathered later
 
     def rollout_batch(self, *args, **kwargs):
         batch = super().rollout_batch(*args, **kwargs)

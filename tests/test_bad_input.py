@@ -70,10 +70,18 @@ def test_a_nonfinite_loss_skips_the_update_keeps_the_last_good_weights_and_count
 def test_empty_and_all_masked_batches(policy):
     adapter = make_adapter(policy)
     _, batch = add_rollouts(adapter, policy, 0)
-    with pytest.raises(ValueError, match="drop empty sequences"):
-        dataclasses.replace(batch, input_ids=batch.input_ids[:0], cu_seqlens=torch.zeros(1, dtype=torch.long),
-                            aux_hidden=batch.aux_hidden[:0], loss_mask=batch.loss_mask[:0],
-                            teacher_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None)
+    # an empty batch (every window of a micro-batch left out by the step budget) is valid and stores nothing
+    empty = dataclasses.replace(batch, input_ids=batch.input_ids[:0], cu_seqlens=torch.zeros(1, dtype=torch.long),
+                                aux_hidden=batch.aux_hidden[:0], loss_mask=batch.loss_mask[:0],
+                                teacher_logprobs=None if batch.teacher_logprobs is None else batch.teacher_logprobs[:0],
+                                teacher_topk_ids=None if batch.teacher_topk_ids is None else batch.teacher_topk_ids[:0],
+                                teacher_topk_logprobs=None if batch.teacher_topk_logprobs is None
+                                else batch.teacher_topk_logprobs[:0],
+                                positions=None if batch.positions is None else batch.positions[:0],
+                                priority=None if batch.priority is None else batch.priority[:0])
+    assert make_adapter(policy).on_rollouts(empty) == 0
+    with pytest.raises(ValueError, match="drop empty sequences"):  # an empty sequence inside a batch is refused
+        dataclasses.replace(batch, cu_seqlens=torch.cat([batch.cu_seqlens[:1], batch.cu_seqlens]), priority=None)
     fresh = make_adapter(policy)
     good = _weights(fresh)
     assert fresh.on_rollouts(dataclasses.replace(batch, loss_mask=torch.zeros_like(batch.loss_mask))) == 0
