@@ -47,7 +47,7 @@ def test_adapted_draft_beats_the_frozen_one_on_a_moved_policy(toy_policy_dir, to
     moved_dir = tmp_path / "moved"
     policy = move_toward_formal(toy_policy_dir, moved_dir)
     eos = toy_tokenizer.eos_token_id
-    heldout = domain_prompts(toy_tokenizer, "task", 128, seed=999)
+    heldout = domain_prompts(toy_tokenizer, "task", 256, seed=999)
     chunks = 8
     cfg = EngineConfig(model=str(moved_dir), max_num_seqs=64, spec=SpecConfig("eagle3", 3, model=str(toy_draft_dir)))
     with Engine(cfg) as eng:
@@ -55,7 +55,7 @@ def test_adapted_draft_beats_the_frozen_one_on_a_moved_policy(toy_policy_dir, to
         version = iter(range(1, 100))
 
         def acceptance(state):
-            """AL of each held-out chunk (16 prompts x 2 seeded samples) with `state` pushed."""
+            """AL of each held-out chunk (32 prompts x 2 seeded samples) with `state` pushed."""
             swapper.push_draft(state, next(version))
             out = []
             for j in range(chunks):
@@ -66,12 +66,12 @@ def test_adapted_draft_beats_the_frozen_one_on_a_moved_policy(toy_policy_dir, to
             return out
 
         # the moved policy's own rollouts, captured as the RL loop's log-prob recompute would
-        r = collect_rollouts(eng, domain_prompts(toy_tokenizer, "task", 128, seed=31), lambda i, t: 0.0,
+        r = collect_rollouts(eng, domain_prompts(toy_tokenizer, "task", 256, seed=31), lambda i, t: 0.0,
                              toy_tokenizer.decode, 2, 1.0, 96, [eos], 0, seed=5)
         formal = sum(style_of(toy_tokenizer.decode(c)) == "formal" for c in r.completions) / len(r.completions)
         b = collate(r, toy_tokenizer.pad_token_id)
         adapter = DraftAdapter(load_eagle3(toy_draft_dir), policy.get_input_embeddings(),
-                               AdapterConfig(train_steps=30, batch_tokens=2048, min_tokens=512, acceptance_drop=None),
+                               AdapterConfig(train_steps=60, batch_tokens=2048, min_tokens=512, acceptance_drop=None),
                                TrainerConfig(lr=1e-3, ttt_steps=3, warmup_steps=5))
         zeros = torch.zeros(b.input_ids.shape[0])
         for batch in features(policy, adapter, StepRollouts(b.input_ids, b.attention_mask, b.completion_mask, zeros,
