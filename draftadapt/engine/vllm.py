@@ -378,31 +378,6 @@ class ExternalLLM:
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
         return self.llm.collective_rpc(method, args=args, kwargs=kwargs or {})
 
-    def set_spec_schedule(self, schedule) -> None:
-        """Change k by batch size between generate() calls, without a restart.
-
-        vLLM 0.32 reads `num_speculative_tokens_per_batch_size` once, into the scheduler's dense
-        batch-size -> k lookup; workers size their buffers for num_speculative_tokens and take the
-        per-step k from the scheduler. So a new schedule (k <= num_speculative_tokens, k=0 = off) is
-        a new lookup in the scheduler. It lives in the engine-core process: in-process engines only;
-        a multiprocessing engine needs a rebuild with the new SpecConfig."""
-        from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
-
-        spec = self.cfg.spec
-        if spec is None or spec.num_speculative_tokens_per_batch_size is None:
-            raise RuntimeError("build the engine with SpecConfig(num_speculative_tokens_per_batch_size=...) "
-                               "first: vLLM pads every step to k without a schedule")
-        rows = check_schedule(schedule, spec.num_speculative_tokens)
-        core = getattr(getattr(self.llm.llm_engine, "engine_core", None), "engine_core", None)
-        sched = getattr(core, "scheduler", None)
-        if sched is None or getattr(sched, "dynamic_sd_lookup", None) is None:
-            raise RuntimeError("no in-process scheduler with a k schedule (multiprocessing engine?): rebuild the "
-                               "Engine with the new SpecConfig.num_speculative_tokens_per_batch_size")
-        sched.dynamic_sd_lookup = build_dynamic_sd_schedule_lookup(
-            [list(r) for r in rows], vllm_max_batch_size=sched.scheduler_config.max_num_seqs,
-            vllm_num_speculative_tokens=spec.num_speculative_tokens)
-        self.spec_schedule = rows
-
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
 
