@@ -70,8 +70,10 @@ class TrainerConfig:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """bf16 or None (fp32). On CPU "auto" means fp32: bf16 autocast measured slower there
-        (benchmarks/ttt_scaling.py)."""
+        """bf16 or None (fp32). On CPU "auto" keeps fp32: the toy demo and parity tests are fp32, and
+        bf16 autocast, though faster on this avx512_bf16 CPU (one TTT-3 step at H=1024, 2k tokens:
+        101 s vs 217 s, contended, not tightly interleaved; benchmarks/ttt_scaling.py), changes the
+        numbers; ask for it with autocast="bf16"."""
         if self.autocast == "bf16" or (self.autocast == "auto" and device.type == "cuda"):
             return torch.bfloat16
         return None
