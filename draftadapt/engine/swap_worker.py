@@ -285,9 +285,7 @@ class DraftSwapExtension(NativeTransferWorker):
         """FAULT INJECTION (tests, the draft-health watchdog): zero every drafter weight a push
         carries, as vLLM's level-2 sleep discards them on GPUs (on CPU sleep is a no-op), leaving
         the recorded versions untouched - what a silent weight loss looks like to the swapper."""
-        model, layout = self._draftadapt_layout("draft")
-        zeros = {n: torch.zeros(s.shape, dtype=getattr(s.module, s.param).dtype) for n, s in layout.items()}
-        self._draftadapt_reload("draft", model, zeros, None)
+        self.draftadapt_inject_fault("draft", "zero")
 
     def draftadapt_inject_fault(self, kind: str = "draft", fault: str = "zero") -> dict:
         """Fault injection for the watchdog's tests: change the served weights underneath the
@@ -296,7 +294,7 @@ class DraftSwapExtension(NativeTransferWorker):
         if fault != "zero":
             raise ValueError(f"fault={fault!r}; choose 'zero'")
         model, layout = self._draftadapt_layout(kind)
-        zeros = {n: torch.zeros_like(t) for n, t in _read_back(layout).items()}
+        zeros = {n: torch.zeros(s.shape, dtype=getattr(s.module, s.param).dtype) for n, s in layout.items()}
         self._draftadapt_reload(kind, model, zeros, None)
         return {"faulted": kind, "tensors": len(zeros), "version": self._draftadapt_state()["versions"][kind]}
 
