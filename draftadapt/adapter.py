@@ -37,16 +37,16 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from .budget import BudgetStats, StepSampler, cut_windows
+from .budget import StepSampler, cut_windows
 from .cache import _DTYPES, CacheConfig
-from .capture import TEACHERS, FeatureCapture, RolloutBatch
+from .capture import FeatureCapture, RolloutBatch
 from .distill import TeacherCapture
 from .drafts.draft_lm import DraftLM
 from .drafts.eagle3 import Eagle3Draft
@@ -57,130 +57,8 @@ from .trainer import TrainerConfig
 from .workers import CacheInfo, DraftWorker, FeatureSpec, LocalDraftWorker, TrainResult  # noqa: F401 (re-exported)
 
 FORMAT = "draftadapt.adapter/1"
-REFERENCES = ("ema", "last_push")
-# teacher="auto": the dense draft-vocab teacher up to this draft vocab (<= 32 KB/token in fp32), top-k above it
-AUTO_DENSE_MAX_VOCAB = 8192
-AUTO_TOP_K = 64  # ids kept by an automatic top-k teacher: 64 x (8 B id + 4 B log-prob) = 768 B/token
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    train_steps: int = 4  # draft optimizer steps per policy step
-    batch_tokens: int = 8192  # tokens per training batch sampled from the cache (whole sequences, >= 1)
-    min_tokens: int = 2048  # skip training while the cache holds fewer tokens than this
-    staleness_window: int = 2  # train on features of policy versions >= current - window only
-    push_every: int = 1  # push once this many versions passed since the last push; 0 = never on cadence
-    acceptance_drop: float | None = 0.2  # also push when the step's acceptance length is this many
-    #   tokens below the reference; None = never on acceptance
-    acceptance_reference: str = "ema"  # "ema" of the past steps' acceptance length, or "last_push":
-    #   the first acceptance length measured after the last push (the fresh draft's)
-    ema_decay: float = 0.8  # weight of the past in the acceptance EMA
-    teacher: str = "auto"  # FeatureCapture teacher: "draft_vocab", "topk", "final_hidden", or "auto":
-    #   draft_vocab when the draft vocab has <= AUTO_DENSE_MAX_VOCAB ids, else topk (top_k, or AUTO_TOP_K when 0)
-    top_k: int = 0  # ids per position when teacher="topk" (or "auto" picks top-k)
-    seed: int = 0  # seed of the cache-sampling generator and of the step budget's window priorities
-    capture_tokens: int | None = None  # positions captured per step at most; None = train_steps x batch_tokens
-    capture_fraction: float | None = None  # also keep only this fraction of the step's completion tokens
-    window_tokens: int = 2048  # longest window a sequence is trained as (longer ones are cut, true positions kept)
-
-    @property
-    def budget_tokens(self) -> int:
-        """Positions kept per step: capture_tokens, or what one step trains on."""
-        return self.capture_tokens if self.capture_tokens is not None else max(1, self.train_steps) * self.batch_tokens
-
-    def __post_init__(self) -> None:
-        for name, low in (("train_steps", 0), ("batch_tokens", 1), ("min_tokens", 0), ("staleness_window", 0),
-                          ("push_every", 0), ("top_k", 0), ("seed", 0), ("window_tokens", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"AdapterConfig.{name}={value!r}; set it to an int >= {low}")
-        if self.acceptance_drop is not None and not self.acceptance_drop >= 0:
-            raise ValueError(f"AdapterConfig.acceptance_drop={self.acceptance_drop!r}; use tokens >= 0 or None")
-        if self.acceptance_reference not in REFERENCES:
-            raise ValueError(f"AdapterConfig.acceptance_reference={self.acceptance_reference!r}; use one of {REFERENCES}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"AdapterConfig.ema_decay={self.ema_decay!r}; use a value in [0, 1)")
-        if self.teacher != "auto" and (self.teacher not in TEACHERS or (self.teacher == "topk") != (self.top_k > 0)):
-            raise ValueError(f"AdapterConfig.teacher={self.teacher!r} with top_k={self.top_k}; use 'auto' or one of "
-                             f"{TEACHERS}, and top_k > 0 exactly when teacher='topk'")
-        if self.capture_tokens is not None and (not isinstance(self.capture_tokens, int) or self.capture_tokens < 1):
-            raise ValueError(f"AdapterConfig.capture_tokens={self.capture_tokens!r}; use positions >= 1 or None")
-        if self.capture_fraction is not None and not 0 < self.capture_fraction <= 1:
-            raise ValueError(f"AdapterConfig.capture_fraction={self.capture_fraction!r}; use a value in (0, 1] or None")
-
-    def resolved_teacher(self, draft_vocab_size: int) -> tuple[str, int]:
-        """(teacher, top_k) with "auto" decided for a draft vocab of `draft_vocab_size` ids."""
-        if self.teacher != "auto":
-            return self.teacher, self.top_k
-        if draft_vocab_size <= AUTO_DENSE_MAX_VOCAB:
-            return "draft_vocab", 0
-        return "topk", self.top_k or AUTO_TOP_K
-
-
-def check_embedding(draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor) -> None:
-    """The policy's input embedding fits the draft: [vocab_size, hidden_size] of the draft's config
-    (the draft reads it for every input token; a mismatch would fail or mis-train later)."""
-    weight = embed.weight if isinstance(embed, nn.Module) else embed
-    want = (draft.config.vocab_size, draft.config.hidden_size)
-    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != want:
-        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(embed).__name__
-        raise ValueError(f"DraftAdapter: the embedding has shape {got}, the draft expects (vocab_size, hidden_size) = "
-                         f"{want}; pass the policy's own policy.get_input_embeddings() and a draft built from the "
-                         "policy's config (Eagle3Draft.from_target(policy.config)), or load the draft that was "
-                         "trained for this policy")
-
-
-class DraftSink(Protocol):
-    """Where drafts go and counters come from: the engine swapper, or a fake in tests."""
-
-    def push_draft(self, state: dict[str, torch.Tensor], version: int) -> Any: ...  # has .pushed, .skipped_reason
-    def spec_counters(self) -> SpecCounters: ...  # cumulative, summed over engines
-
-
-@dataclass(frozen=True)
-class AdapterStats:
-    policy_version: int  # the version on_step_end was called with
-    train: TrainResult | None  # None when training was skipped
-    train_skipped_reason: str | None  # why it was skipped
-    pushed: bool  # the sink accepted a push of this version
-    push_reason: str  # why it pushed ("cadence", "acceptance ..."), or why not
-    push_seconds: float  # wall time of state_for_push + push_draft; 0.0 without an attempt
-    push_bytes: int  # bytes of the pushed tensors; 0 without an attempt
-    push_result: Any  # what the sink returned, None without an attempt
-    last_pushed_version: int | None  # newest version the sink accepted, this step included
-    cache: CacheInfo  # after this step's drop and training
-    dropped_stale: int  # cached sequences dropped this step for falling out of the window
-    dropped_rollouts: int  # sequences on_rollouts refused as stale since the previous on_step_end
-    spec: SpecCounters | None  # spec-decode counters of this step's rollouts (delta), when known
-    acceptance_reference: float | None  # what this step's acceptance length was compared with
-    budget: BudgetStats | None = None  # rollout vs captured vs kept tokens of this step
-
-    def as_dict(self) -> dict[str, float]:
-        """Flat floats under the names RL users chart; unknown values are left out, not NaN.
-        `draft/acc-step-{k}` is 0-based, like `spec_acceptance_rate-pos-{k}` it predicts."""
-        c = self.cache
-        out = {"draft/policy_version": float(self.policy_version), "draft/trained": float(self.train is not None),
-               "draft/pushed": float(self.pushed), "draft/push_seconds": self.push_seconds,
-               "draft/push_bytes": float(self.push_bytes), "draft/cache_tokens": float(c.tokens),
-               "draft/cache_bytes": float(c.bytes), "draft/cache_sequences": float(c.sequences),
-               "draft/dropped_stale": float(self.dropped_stale), "draft/dropped_rollouts": float(self.dropped_rollouts)}
-        if self.train is not None:
-            t = self.train
-            out.update({"draft/loss": t.loss, "draft/train_steps": float(t.steps), "draft/train_tokens": float(t.tokens),
-                        "draft/train_seconds": t.seconds, "draft/grad_norm": t.grad_norm})
-            out.update({f"draft/acc-step-{k}": a for k, a in enumerate(t.step_acc)})
-        if c.newest_version is not None:
-            out["draft/cache_lag_newest"] = float(self.policy_version - c.newest_version)
-            out["draft/cache_lag_oldest"] = float(self.policy_version - c.oldest_version)
-        if self.last_pushed_version is not None:
-            out["draft/pushed_version"] = float(self.last_pushed_version)
-        if self.acceptance_reference is not None:
-            out["draft/acceptance_reference"] = self.acceptance_reference
-        if self.spec is not None and self.spec.drafts > 0:
-            out.update(self.spec.as_dict())
-        if self.budget is not None:
-            out.update(self.budget.as_dict())
-        return out
+from .adapter_config import (AUTO_DENSE_MAX_VOCAB, AUTO_TOP_K, REFERENCES, AdapterConfig,  # noqa: E402,F401 (re-exported)
+                             AdapterStats, DraftSink, budget_cache_config, check_embedding)
 
 
 class DraftAdapter:
@@ -459,15 +337,6 @@ class DraftAdapter:
             self.sampler.load_state_dict(state["sampler"])
         for k in self._COUNTERS:
             setattr(self, k, state[k])
-
-
-def budget_cache_config(config: AdapterConfig, cache_config: CacheConfig) -> CacheConfig:
-    """The cache bounds that follow from the step budget: the step reservoir (version_tokens) and at most
-    (staleness_window + 2) x budget positions in all - the window's versions plus the step being captured,
-    whose features arrive before on_step_end drops the oldest (less if cache_config says so)."""
-    cap = config.budget_tokens
-    return replace(cache_config, version_tokens=cap,
-                   max_tokens=min(cache_config.max_tokens, (config.staleness_window + 2) * cap))
 
 
 def _nonfinite_fields(batch: RolloutBatch) -> list[str]:

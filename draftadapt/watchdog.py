@@ -98,7 +98,7 @@ class DraftWatchdog:
     def push_draft(self, state: Mapping[str, torch.Tensor], version: int, **kw) -> Any:
         result = self.swapper.push_draft(state, version, **kw)
         if result.pushed or self.latest is None or version >= self.latest[0]:
-            from .engine.swap import check_push, checksum
+            from .engine.payload import check_push, checksum
 
             cast = check_push(state, self.swapper.expected("draft"), "draft")
             self.latest = (version, {k: v.detach().clone() for k, v in cast.items()}, checksum(cast))
@@ -127,7 +127,7 @@ class DraftWatchdog:
         """Served version and read-back digest of every engine against the latest push."""
         if self.latest is None:
             return Health(True)
-        from .engine.swap import checksum, tensors_from_bytes
+        from .engine.payload import checksum, tensors_from_bytes
 
         version, _, digest = self.latest
         alarms = []

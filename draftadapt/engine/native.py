@@ -108,7 +108,7 @@ class NativeTransferWorker:
                               verify: str = "probe", two_phase: bool = False, failure: str | None = None) -> dict:
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        from .swap import checksum
+        from .payload import checksum
         from .swap_verify import verify as verify_rank
 
         rank, st = get_tensor_model_parallel_rank(), self._draftadapt_state()

@@ -23,7 +23,8 @@ import torch
 
 from ..metrics import SpecCounters
 from ..ray_utils import RayConfig, actor_options, import_ray, init_ray, is_actor_death, wait_started
-from .swap import EngineSwapper, PushResult, read_safetensors_dir
+from .payload import read_safetensors_dir
+from .swap import EngineSwapper, PushResult
 from .vllm import Completion, Engine, EngineConfig, request_seed
 
 

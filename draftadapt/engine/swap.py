@@ -37,7 +37,6 @@ sleep, faults: `ensure_latest`); the swapper keeps the last push to re-send it a
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import warnings
@@ -50,120 +49,8 @@ import torch
 from ..metrics import SpecCounters
 from . import native
 
-KINDS = ("draft", "policy")
-MTP_PREFIX = "model.mtp_layers."  # checkpoint names of a policy's own MTP layers (MiMo)
-Spec = dict[str, tuple[tuple[int, ...], str]]  # checkpoint name -> (shape, dtype name)
-
-
-def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-
-
-def tensors_from_bytes(payload: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(payload)
-
-
-def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the `*.safetensors` files (one or sharded) in a checkpoint dir."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path} holds no *.safetensors file; save the policy with safe_serialization=True")
-    return {k: v for f in files for k, v in load_file(str(f)).items()}
-
-
-def checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Order-independent digest of names, shapes, dtypes and the bytes of the values (no float32
-    copy: hashing bf16 weights as float32 doubled the bytes and cost a conversion pass - at hidden
-    2048 the two digests of a push took longer than the probe). Compare tensors in one dtype."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
-    return h.hexdigest()[:16]
-
-
-def check_push(state: Mapping[str, torch.Tensor], spec: Spec, kind: str, forbidden: Mapping[str, str] | None = None,
-               vocab_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Validate a push against the engine's spec; return it in the engine's dtypes.
-
-    Floating tensors are cast to the engine's float dtype; anything else must match exactly.
-    Raises ValueError naming every forbidden, unknown, missing, mis-shaped, mis-typed or
-    non-finite tensor (and a d2t that maps outside the vocab), before any weight is touched.
-    """
-    forbidden = dict(forbidden or {})
-    problems = [f"{n}: {forbidden[n]}" for n in sorted(state) if n in forbidden]
-    unknown = sorted(set(state) - set(spec) - set(forbidden))
-    missing = sorted(set(spec) - set(state))
-    if unknown:
-        problems.append(f"unknown tensors {unknown}: the engine's {kind} has no such weights")
-    if missing:
-        problems.append(f"missing tensors {missing}: a push carries every tensor, or layers would load half-new")
-    for name in sorted(set(state) & set(spec)):
-        t, (shape, dtype) = state[name], spec[name]
-        want_float = _dtype(dtype).is_floating_point
-        if tuple(t.shape) != tuple(shape):
-            problems.append(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
-        elif t.is_floating_point() != want_float or (not want_float and t.dtype != _dtype(dtype)):
-            problems.append(f"{name}: dtype {t.dtype}, expected {dtype}")
-        elif want_float and not bool(torch.isfinite(t).all()):
-            problems.append(f"{name}: non-finite values")
-        elif name == "d2t" and vocab_size is not None:
-            ids = torch.arange(len(t)) + t.cpu()
-            if len(t) and (ids.min() < 0 or ids.max() >= vocab_size or ids.unique().numel() != len(ids)):
-                problems.append(f"d2t: maps draft ids outside 0..{vocab_size - 1} or onto one target id twice")
-    if problems:
-        raise ValueError(f"refused {kind} push (the engine keeps serving its current weights): " + "; ".join(problems))
-    return {k: state[k].detach().to(_dtype(spec[k][1])).contiguous().cpu() for k in spec}
-
-
-TIED = (("lm_head.weight", "model.embed_tokens.weight"),)  # (output head, input embedding) a tied model shares
-
-
-def drop_aliases(state: Mapping[str, torch.Tensor], spec: Spec) -> dict[str, torch.Tensor]:
-    """`state` without the second names of shared tensors the engine loads once.
-
-    A tied policy's `state_dict()` carries `lm_head.weight` and `model.embed_tokens.weight`, one
-    storage; vLLM's model ties them and lists only the embedding. A name the engine does not list
-    is dropped when its tensor is another listed name's tensor (same data_ptr, shape, stride and
-    dtype: any alias), or when it is a tied output head equal to the input embedding (a state read
-    from a file holds two copies). A head that differs from the embedding the engine ties it to
-    is refused, naming both: the engine cannot serve it.
-    """
-    extra = [n for n in state if n not in spec]
-    if not extra:
-        return dict(state)
-    owners = {_storage_key(state[n]): n for n in state if n in spec and state[n].numel()}
-    out = dict(state)
-    for name in extra:
-        t = state[name]
-        if t.numel() and _storage_key(t) in owners:
-            del out[name]
-            continue
-        for head, embed in TIED:
-            if name == head and embed in spec and embed in state:
-                if tuple(t.shape) == tuple(state[embed].shape) and torch.equal(t, state[embed]):
-                    del out[name]
-                else:
-                    raise ValueError(f"refused policy refit: {head} differs from {embed}, but the engine's policy ties "
-                                     "them (tie_word_embeddings=True in its config.json) and serves the embedding as "
-                                     f"the head; tie them in the policy (model.tie_weights()) or serve an untied "
-                                     "checkpoint")
-    return out
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, str(name).removeprefix("torch."))
+from .payload import (KINDS, MTP_PREFIX, TIED, Spec, check_push, checksum, drop_aliases,  # noqa: F401 (re-exported)
+                      read_safetensors_dir, tensors_from_bytes, tensors_to_bytes)
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ def through_matmul(mod, dtype: torch.dtype, device, chunk: int = 1024) -> torch.
 def startup_weights(path: str, spec: dict, kind: str) -> dict[str, torch.Tensor]:
     """The tensors of checkpoint dir `path` a push of `kind` would carry (the weights the engine
     loaded at start), cast to the engine's dtypes."""
-    from .swap import _dtype, read_safetensors_dir
+    from .payload import _dtype, read_safetensors_dir
 
     found = read_safetensors_dir(path)
     missing = sorted(set(spec) - set(found))

@@ -19,7 +19,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 
-from .swap import KINDS, check_push, checksum, read_safetensors_dir, tensors_from_bytes, tensors_to_bytes
+from .payload import KINDS, check_push, checksum, read_safetensors_dir, tensors_from_bytes, tensors_to_bytes
 from .native import NativeTransferWorker, gpu_uuid
 from .swap_verify import read_back, startup_weights
 from .swap_verify import verify as verify_rank

@@ -51,7 +51,7 @@ class Mechanism:
             return load_eagle3(self.initial_draft)
         if self.method == "mtp":
             from ..drafts.mtp import MTPDraft, load_mtp_state
-            from ..engine.swap import read_safetensors_dir
+            from ..engine.payload import read_safetensors_dir
 
             return load_mtp_state(MTPDraft.from_target(policy.config, policy.get_output_embeddings()),
                                   read_safetensors_dir(self.policy_dir))
