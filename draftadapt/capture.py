@@ -19,6 +19,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import faults
 from .batch import MISSING_LOGPROB, TEACHERS, RolloutBatch, Teacher, teacher_from_logits  # noqa: F401  (re-exported)
 from .budget import StepSampler, cut_windows
 from .drafts.eagle3 import check_aux_layer_ids, default_aux_layer_ids
@@ -191,6 +192,7 @@ class FeatureCapture:
         if not self._pending:
             raise RuntimeError("no captured forward: run the policy forward inside "
                                "`with FeatureCapture(...)` first")
+        faults.kill_point("capture")  # (a crash-safety test's SIGKILL; nothing when unarmed)
         p = self._pending.pop(0)
         if len(p["aux"]) != len(self.aux_layer_ids) or (self.keep_final and "final" not in p):
             raise RuntimeError("the captured forward did not pass the hooked layers; was it this model's forward?")

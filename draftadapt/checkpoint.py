@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .drafts.eagle3 import Eagle3Config, Eagle3Draft, check_aux_layer_ids, default_aux_layer_ids, target_rope_parameters
 
 CONFIG = "config.json"
@@ -191,6 +192,7 @@ def atomic_write_dir(out_dir: str | os.PathLike, write: Callable[[Path], None]) 
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}" if out.exists() else None
     if old is not None:
         os.replace(out, old)
+        faults.kill_point("checkpoint_swap")
     try:
         os.replace(tmp, out)
     except BaseException:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from . import faults
 from .batch import DraftBatch
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.mtp import MTPDraft
@@ -143,6 +144,7 @@ class DraftTrainer:
         if math.isfinite(grad_norm):
             self.optimizer.step()
             self.steps_done += 1
+            faults.kill_point("draft_train")
         else:  # NaN/Inf features or loss: one update would make every weight NaN; keep the last good ones
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_nonfinite += 1

@@ -1,9 +1,11 @@
 """Crash safety under SIGKILL (no exception handler runs): what was written before stays loadable.
 
 Covered here: a draft export killed at random instants mid-write (atomic_write_dir: temp dir,
-fsync, os.replace). Not yet covered with a real SIGKILL (issue 14 item 5): mid-capture,
-mid-draft-train, mid-push, mid-generation - the preinit pipeline's resume after injected
-exceptions is tested in tests/test_preinit_pipeline.py.
+fsync, os.replace), and the GRPO recipe killed at six exact places (draftadapt/faults.py:
+mid-generation, mid-capture, mid-draft-train, mid-push, mid-checkpoint-write, between parking the
+old checkpoint and moving the new one in), each resumed with `--resume` and compared row for row
+with an uninterrupted run (tests/test_crash_resume.py). The preinit pipeline's resume after
+injected exceptions is tested in tests/test_preinit_pipeline.py.
 """
 import os
 import random

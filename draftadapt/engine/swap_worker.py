@@ -19,6 +19,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 
+from .. import faults
 from .payload import KINDS, check_push, checksum, read_safetensors_dir, tensors_from_bytes, tensors_to_bytes
 from .native import NativeTransferWorker, gpu_uuid
 from .swap_verify import read_back, startup_weights
@@ -379,6 +380,7 @@ class DraftSwapExtension(NativeTransferWorker):
             self.reload_weights(weights_iterator=items, is_checkpoint_format=True)
             _reprocess_tied(model)
             return
+        items = faults.killing_after_first(items, "push")
         with set_current_vllm_config(self.vllm_config), torch.no_grad(), _detached(model, self._draftadapt_shared()):
             reload_weights(self.vllm_config, model, weights_iterator=items, weights_path=None,
                            is_checkpoint_format=True)

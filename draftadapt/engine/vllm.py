@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
 
+from .. import faults
 from ..metrics import SpecCounters
 from . import cpu_fix, guard
 
@@ -210,7 +211,7 @@ class Engine:
                                  stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
                   for i in range(len(prompts))]
         reqs = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
-        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        outs = self.llm.generate(reqs, params, use_tqdm=faults.progress_factory("generation"))
         return [[_completion(o, c) for c in o.outputs] for o in outs]
 
     def spec_counters(self) -> SpecCounters:

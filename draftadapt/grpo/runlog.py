@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 log = logging.getLogger("draftadapt.grpo")
@@ -35,16 +36,33 @@ class RunLogger:
                     self._tb.add_scalar(k, v, step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows past `step` (a resumed run rewrites the steps it redoes)."""
+        """Drop rows past `step` (a resumed run rewrites the steps it redoes). Atomic (temp file +
+        rename): a run killed here keeps the old log whole rather than an emptied one."""
         if not self.path.exists():
             return
         rows = [r for r in self.rows() if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def rows(self) -> list[dict]:
+        """The logged rows; a last line cut short by a crash mid-write is dropped with a warning
+        (a resume redoes that step), a bad line anywhere else is an error."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if i != len(lines) - 1:
+                    raise ValueError(f"{self.path} line {i + 1} is not JSON ({exc}): the log is corrupt") from exc
+                log.warning("%s: dropped a last line cut short by a crash (%d chars)", self.path, len(line))
+        return rows
 
     def close(self) -> None:
         if self._tb is not None:

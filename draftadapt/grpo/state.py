@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..checkpoint import atomic_write_dir
+from .. import faults
+from ..checkpoint import atomic_write_dir, recover_parked
 
 STATE = "run_state.pt"
 
@@ -24,6 +25,7 @@ class RunState(NamedTuple):
 def save_run(ckpt_dir: str | Path, step: int, policy, optimizer, adapter=None, extra: dict | None = None) -> Path:
     def write(tmp: Path) -> None:
         policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        faults.kill_point("checkpoint")
         state = {"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {},
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                  "adapter": adapter.state_dict(cache_dir=tmp / "cache") if adapter is not None else None}
@@ -33,6 +35,9 @@ def save_run(ckpt_dir: str | Path, step: int, policy, optimizer, adapter=None, e
 
 
 def has_checkpoint(ckpt_dir: str | Path) -> bool:
+    """True when ckpt_dir holds a run checkpoint - after moving back the previous one if a writer was
+    killed between parking it and moving the new one in (else a resume would start from scratch)."""
+    recover_parked(ckpt_dir)
     return (Path(ckpt_dir) / STATE).exists()
 
 
