@@ -73,6 +73,7 @@ class RunConfig:
     #   "ray": in a Ray actor (synchronous: the same pushes as inline)
     engines: int = 1  # vLLM engines; more than one needs ray: true (one engine per process)
     ray: bool = False  # engines as Ray actors (section `ray` sets their resources); else in-process
+    final_compare: bool = True  # False: skip 5)'s frozen-vs-adapted engines (two engine starts; crash tests)
 
     def __post_init__(self) -> None:
         if self.async_lag not in LAGS:
@@ -291,6 +292,8 @@ def main(argv=None) -> dict:
         arms["adapted"] = adapter.worker.draft
         if isinstance(adapter.worker, BackgroundDraftWorker):
             adapter.worker.close()
+    if not cfg.run.final_compare:
+        arms = {}
     for name, d in arms.items():
         ecfg = mech.final_engine(final_policy, d, out / f"draft-final-{name}", k, max_num_seqs=cfg.rollout.max_num_seqs,
                                  seed=cfg.run.seed)

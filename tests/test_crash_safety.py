@@ -77,3 +77,56 @@ def test_a_kill_between_park_and_swap_is_recovered_on_the_next_load_or_write(tmp
         back = load_eagle3(out)
     assert torch.equal(back.fc.weight, draft.fc.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
+
+
+def test_a_kill_point_fires_exactly_at_its_nth_hit_and_is_inert_unset():
+    code = ("import draftadapt.faults as f\n"
+            "for i in range(3):\n"
+            "    f.kill_point('draft_train'); f.kill_point('capture'); print(i, flush=True)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    armed = subprocess.run([sys.executable, "-c", code], env={**env, "DRAFTADAPT_KILL_AT": "capture:2"},
+                           capture_output=True, text=True, timeout=60)
+    assert armed.returncode == -signal.SIGKILL and armed.stdout.split() == ["0"], armed
+    assert "SIGKILL at capture (hit 2)" in armed.stderr
+    env.pop("DRAFTADAPT_KILL_AT", None)
+    unset = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert unset.returncode == 0 and unset.stdout.split() == ["0", "1", "2"], unset
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "DRAFTADAPT_KILL_AT": "capturing:1"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "use <point>:<n>" in bad.stderr and "'draft_train'" in bad.stderr
+
+
+def test_a_resume_finds_the_checkpoint_a_killed_save_left_parked(tmp_path):
+    """Killed between parking checkpoint v and moving v+1 in: has_checkpoint restores v (it used to
+    answer False, and a --resume silently started the run over)."""
+    from conftest import tiny_model
+
+    from draftadapt.grpo.state import has_checkpoint, load_run, save_run
+
+    policy = tiny_model(layers=2, hidden=32)
+    opt = torch.optim.AdamW(policy.parameters())
+    ckpt = tmp_path / "checkpoint"
+    save_run(ckpt, 1, policy, opt)
+    os.replace(ckpt, tmp_path / ".checkpoint.old-0123abcd")
+    with pytest.warns(UserWarning, match="restored the previous checkpoint"):
+        assert has_checkpoint(ckpt)
+    assert load_run(ckpt, policy, opt).step == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_the_run_log_survives_a_torn_last_line_and_truncates_atomically(tmp_path):
+    from draftadapt.grpo.runlog import RunLogger
+
+    log = RunLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        log.log(step, {"reward": float(step)})
+    with log.path.open("a") as f:
+        f.write('{"step": 4, "rew')  # the write a SIGKILL cut short
+    assert [r["step"] for r in log.rows()] == [1, 2, 3]
+    log.truncate_after(2)
+    assert [r["step"] for r in log.rows()] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left
+    log.path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        log.rows()
