@@ -13,12 +13,12 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Sequence
 
 from .. import faults
 from ..metrics import SpecCounters
 from . import cpu_fix, guard
+from .limits import check_draft_fits, check_k, check_lengths, max_spec_len  # noqa: F401  (re-exported)
 
 log = logging.getLogger("draftadapt.engine")
 _live_in_process: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -159,6 +159,9 @@ class Engine:
         self.cfg = cfg
         self._llm = None
         check_draft_fits(cfg)  # a mismatched draft starts, then hangs or crashes at the first spec step
+        if cfg.spec is not None:  # a k over vLLM's verifier limit starts, then dies at the first verification
+            check_k(cfg.spec.num_speculative_tokens, cfg.max_model_len or cfg.extra.get("max_model_len"),
+                    max_spec_len())
         if not cfg.multiprocessing and len(_live_in_process):
             # vLLM's parallel state is process-global: when one in-process engine shuts down it
             # tears down the groups the other still uses.
@@ -199,12 +202,15 @@ class Engine:
         seed + i*n + j, so every sample of the call has its own random stream: the call uses the
         seeds seed .. seed + len(prompts)*n - 1. Give another call that must be independent a
         seed outside that range (e.g. step * len(prompts) * n). ignore_eos=True: every completion
-        runs to max_tokens (fixed-length rollouts for measurements)."""
+        runs to max_tokens (fixed-length rollouts for measurements). Every prompt + max_tokens must fit
+        max_model_len (ValueError naming the fix, nothing submitted): vLLM would cut a rollout at the
+        context limit silently, with the finish_reason of a max_tokens stop."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
+        check_lengths([len(p) for p in prompts], max_tokens, self.max_model_len)  # vLLM cuts rollouts silently
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                  logprobs=0 if logprobs else None,
                                  seed=request_seed(seed, i, n),
@@ -213,6 +219,11 @@ class Engine:
         reqs = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
         outs = self.llm.generate(reqs, params, use_tqdm=faults.progress_factory("generation"))
         return [[_completion(o, c) for c in o.outputs] for o in outs]
+
+    @property
+    def max_model_len(self) -> int:
+        """The context the running engine serves (prompt + completion tokens)."""
+        return int(self.llm.model_config.max_model_len)
 
     def spec_counters(self) -> SpecCounters:
         """Cumulative spec-decode counters of this engine (diff two snapshots for a step)."""
@@ -280,43 +291,6 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def check_draft_fits(cfg: EngineConfig) -> None:
-    """Refuse, before vLLM starts, a draft built for another target: an EAGLE-3 draft whose vocab,
-    hidden size or aux layer ids do not fit (`checkpoint.check_against_target`), or a draft model
-    with another vocabulary. (An MTP drafter lives in the target's own checkpoint: nothing to check.)"""
-    if cfg.spec is None or cfg.spec.method not in ("eagle3", "draft_model"):
-        return
-    if not Path(cfg.spec.model).is_dir():  # a hub id: vLLM fetches it, nothing local to check
-        log.warning("spec.model=%r is not a local dir: its fit to the target is not checked", cfg.spec.model)
-        return
-    target = _read_json_config(cfg.model, "EngineConfig.model")
-    target = SimpleNamespace(**target.get("text_config", target))
-    if not all(hasattr(target, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")):
-        log.warning("%s/config.json names no vocab_size/hidden_size/num_hidden_layers: the draft's fit is not checked",
-                    cfg.model)
-        return
-    try:
-        if cfg.spec.method == "eagle3":
-            from ..checkpoint import read_eagle3_config
-
-            read_eagle3_config(cfg.spec.model, target)
-        else:
-            vocab = _read_json_config(cfg.spec.model, "spec.model").get("vocab_size")
-            if vocab != target.vocab_size:
-                raise ValueError(f"the draft model's vocab_size={vocab}, the target's vocab_size={target.vocab_size}; "
-                                 "a draft_model must share the target's tokenizer and vocabulary")
-    except ValueError as exc:
-        raise ValueError(f"EngineConfig.spec.model={cfg.spec.model!r} does not fit EngineConfig.model={cfg.model!r} "
-                         f"(refused before the engine started): {exc}") from exc
-
-
-def _read_json_config(path: str, what: str) -> dict:
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        raise ValueError(f"{what}={path!r} has no config.json: pass a checkpoint dir")
-    return json.loads(f.read_text())
 
 
 def request_seed(seed: int | None, i: int, n: int) -> int | None:

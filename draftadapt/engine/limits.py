@@ -1,0 +1,102 @@
+"""Limits of the installed vLLM, checked before it starts or before a request reaches it.
+
+A draft that does not fit its target, a k the verifier cannot handle and a rollout longer than the
+context either crash vLLM far from the cause (a bare AssertionError at the first verification) or,
+worse, pass silently (a completion cut at max_model_len ends with finish_reason "length", exactly
+like a max_tokens stop, and is scored as if whole). Each is refused here with the fix named; none
+touches a running engine, so nothing is lost. Knows nothing of weights or pushes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .vllm import EngineConfig
+
+log = logging.getLogger("draftadapt.engine")
+
+
+def max_spec_len() -> int | None:
+    """The most draft tokens per request vLLM's rejection sampler verifies (128 in vLLM 0.32, an
+    `assert` at the first verification, not checked when the engine starts); None if not exposed."""
+    try:
+        from vllm.v1.sample.rejection_sampler import MAX_SPEC_LEN
+    except ImportError:
+        return None
+    return int(MAX_SPEC_LEN)
+
+
+def check_k(k: int, max_model_len: int | None, limit: int | None) -> None:
+    """Refuse a k (spec.num_speculative_tokens) the engine cannot verify, before it starts."""
+    if limit is not None and k > limit:
+        raise ValueError(f"spec.num_speculative_tokens={k} is beyond what this vLLM verifies (its rejection sampler "
+                         f"takes at most MAX_SPEC_LEN={limit} draft tokens per request): the engine would start and "
+                         f"then die at its first verification with a bare AssertionError. Use k <= {limit} (k = 3-5 "
+                         "is where drafts pay; k >= 7 usually loses to verification cost)")
+    if max_model_len is not None and k >= max_model_len:
+        raise ValueError(f"spec.num_speculative_tokens={k} >= max_model_len={max_model_len}: a verification step "
+                         f"needs k + 1 positions of context. Use k < {max_model_len} or raise EngineConfig.max_model_len")
+
+
+def check_lengths(prompt_lens: Sequence[int], max_tokens: int, max_model_len: int) -> None:
+    """Refuse a generate call whose rollouts cannot fit the context: vLLM refuses a prompt of
+    >= max_model_len tokens only when it reaches it (naming neither the prompt nor our setting), and
+    cuts prompt + completion at max_model_len SILENTLY (finish_reason "length", like max_tokens).
+    O(number of prompts)."""
+    if max_tokens < 1:
+        raise ValueError(f"generate: max_tokens={max_tokens}; pass >= 1")
+    over = [(i, n) for i, n in enumerate(prompt_lens) if n + max_tokens > max_model_len]
+    if not over:
+        return
+    i, n = max(over, key=lambda x: x[1])
+    room = max_model_len - max_tokens
+    raise ValueError(
+        f"generate: {len(over)} of {len(prompt_lens)} prompts do not fit max_model_len={max_model_len} with "
+        f"max_tokens={max_tokens} (longest: prompt {i}, {n} tokens -> {n + max_tokens}). vLLM would "
+        + ("refuse the call" if n >= max_model_len else f"cut those completions at {max_model_len - n} tokens")
+        + " - a truncated rollout ends with finish_reason 'length' like a max_tokens stop and is scored as if "
+        f"whole. Raise EngineConfig.max_model_len to >= {n + max_tokens} (within the model's "
+        f"max_position_embeddings), lower max_tokens to <= {max_model_len - n}"
+        + (f", or drop prompts longer than {room} tokens" if room > 0 else "")
+        + ". Nothing was submitted: the engine is unchanged.")
+
+
+def check_draft_fits(cfg: EngineConfig) -> None:
+    """Refuse, before vLLM starts, a draft built for another target: an EAGLE-3 draft whose vocab,
+    hidden size or aux layer ids do not fit (`checkpoint.check_against_target`), or a draft model
+    with another vocabulary. (An MTP drafter lives in the target's own checkpoint: nothing to check.)"""
+    if cfg.spec is None or cfg.spec.method not in ("eagle3", "draft_model"):
+        return
+    if not Path(cfg.spec.model).is_dir():  # a hub id: vLLM fetches it, nothing local to check
+        log.warning("spec.model=%r is not a local dir: its fit to the target is not checked", cfg.spec.model)
+        return
+    target = _read_json_config(cfg.model, "EngineConfig.model")
+    target = SimpleNamespace(**target.get("text_config", target))
+    if not all(hasattr(target, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")):
+        log.warning("%s/config.json names no vocab_size/hidden_size/num_hidden_layers: the draft's fit is not checked",
+                    cfg.model)
+        return
+    try:
+        if cfg.spec.method == "eagle3":
+            from ..checkpoint import read_eagle3_config
+
+            read_eagle3_config(cfg.spec.model, target)
+        else:
+            vocab = _read_json_config(cfg.spec.model, "spec.model").get("vocab_size")
+            if vocab != target.vocab_size:
+                raise ValueError(f"the draft model's vocab_size={vocab}, the target's vocab_size={target.vocab_size}; "
+                                 "a draft_model must share the target's tokenizer and vocabulary")
+    except ValueError as exc:
+        raise ValueError(f"EngineConfig.spec.model={cfg.spec.model!r} does not fit EngineConfig.model={cfg.model!r} "
+                         f"(refused before the engine started): {exc}") from exc
+
+
+def _read_json_config(path: str, what: str) -> dict:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise ValueError(f"{what}={path!r} has no config.json: pass a checkpoint dir")
+    return json.loads(f.read_text())
