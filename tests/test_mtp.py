@@ -172,6 +172,10 @@ def test_the_adapter_trains_an_mtp_draft_detached_from_the_policy_and_pushes_onl
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     adapter.on_rollouts(cap.rollout_batch(input_ids=ids, completion_mask=completion, policy_version=0))
     stats = adapter.on_step_end(1)
+    # read BEFORE any zero_grad: 40 draft steps must have added nothing to the policy's own gradients
+    # (the shared lm_head and embedding above all)
+    added = [n for n, p in policy.named_parameters() if not torch.equal(p.grad, grads[n])]
+    assert not added, f"draft training wrote gradients into the policy's {added}"
     policy.zero_grad(set_to_none=True)
     assert stats.pushed and stats.train.steps == 40
     assert _loss(draft, policy, ids, completion) < 0.7 * loss_before
@@ -181,6 +185,42 @@ def test_the_adapter_trains_an_mtp_draft_detached_from_the_policy_and_pushes_onl
     policy.zero_grad(set_to_none=True)
     # vLLM never runs a second MTP layer: it is pushed unchanged, not trained
     assert all(torch.equal(v, draft.model.mtp_layers[1].state_dict()[k]) for k, v in layer1.items())
+
+
+def _policy_touched(policy, run) -> list[str]:
+    """Names of the policy's parameters that got a gradient or changed while `run()` ran."""
+    policy.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    run()
+    touched = [n for n, p in policy.named_parameters() if p.grad is not None or not torch.equal(p, before[n])]
+    policy.zero_grad(set_to_none=True)
+    return touched
+
+
+@pytest.mark.parametrize("leak", [None, "lm_head", "embedding"])
+def test_draft_training_sends_no_gradient_into_the_shared_head_or_embedding(policy, monkeypatch, leak):
+    """The MTP draft reads the policy's lm_head and embedding (vLLM shares both): after draft steps
+    they have no gradient and are bit-identical. The same check, with either read left attached
+    (a head or embedding the draft could train), names the leaked tensor - so it can fail."""
+    import draftadapt.ttt as ttt
+
+    if leak == "lm_head":
+        monkeypatch.setattr(MTPDraft, "head_weight", lambda self: self._head[0].weight)
+    elif leak == "embedding":
+        monkeypatch.setattr(ttt, "_embed_weight", lambda embed: embed.weight)
+    draft = randomized(MTPDraft.from_target(policy.config, policy.lm_head))
+    adapter = DraftAdapter(draft, policy.get_input_embeddings(), AdapterConfig(train_steps=3, min_tokens=1),
+                           TrainerConfig(lr=3e-3, ttt_steps=3))
+    ids = torch.randint(3, 1147, (2, 16))
+    with adapter.capture(policy) as cap, torch.no_grad():
+        policy(input_ids=ids)
+    adapter.on_rollouts(cap.rollout_batch(input_ids=ids, policy_version=0))
+    draft_before = {k: v.clone() for k, v in draft.state_dict().items()}
+    stats = []
+    touched = _policy_touched(policy, lambda: stats.append(adapter.on_step_end(1)))
+    assert stats[0].train.steps == 3 and not all(torch.equal(v, draft.state_dict()[k]) for k, v in draft_before.items())
+    want = {None: [], "lm_head": ["lm_head.weight"], "embedding": ["model.embed_tokens.weight"]}[leak]
+    assert touched == want, f"policy tensors touched by draft training: {touched}"
 
 
 def _grads_again(policy, ids) -> dict:
