@@ -5,7 +5,8 @@ the n-th time it reaches the point), placed in step 2 of a 3-step run so the res
 step-1 checkpoint. One uninterrupted reference run; per point: the killed run, then `--resume`, whose
 logged rows must equal the reference's (every key that is not a wall time), whose files must all
 load, and whose out dir must hold the reference's entries and nothing else but hidden temp dirs.
-~4 min on 2 busy cores (7 runs of ~30 s, 6 kills of ~15 s).
+13 recipe processes (1 reference, 6 killed, 6 resumed): 250 CPU-s, ~9 min wall on 2 cores shared at load 6-8
+(~4-5 min on an idle 2-core machine).
 """
 import json
 import os

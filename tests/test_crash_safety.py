@@ -130,3 +130,18 @@ def test_the_run_log_survives_a_torn_last_line_and_truncates_atomically(tmp_path
     log.path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         log.rows()
+
+
+def test_every_kill_point_sits_in_the_library_once():
+    """A point named in faults.POINTS but placed nowhere (or misspelt at its call site) would make its
+    crash test kill nothing: each appears exactly once as a literal in the library's code."""
+    import re
+    from pathlib import Path
+
+    from draftadapt.faults import POINTS
+
+    src = Path(__file__).resolve().parents[1] / "draftadapt"
+    calls = [m for f in src.rglob("*.py") if f.name != "faults.py"
+             for m in re.findall(r"(?:kill_point|killing_after_first|progress_factory)\(([^)]*)\)", f.read_text())]
+    named = [re.search(r"\"(\w+)\"", c).group(1) for c in calls]
+    assert sorted(named) == sorted(POINTS), named
