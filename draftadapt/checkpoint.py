@@ -155,6 +155,21 @@ def recover_parked(out: str | os.PathLike) -> bool:
     return True
 
 
+def sweep_leftovers(out: str | os.PathLike) -> list[str]:
+    """Remove what writers killed mid-write left beside `out` - their temp dirs and, once `out` is
+    whole again, parked old versions - after moving a parked checkpoint back if `out` is missing.
+    At real sizes each is a whole checkpoint (GBs). Call only where no other writer can be at work
+    on `out` (a resume); returns the names removed."""
+    out = Path(out).absolute()
+    recover_parked(out)
+    stale = list(out.parent.glob(f".{out.name}.tmp-*"))
+    if out.exists():
+        stale += list(out.parent.glob(f".{out.name}.old-*"))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return sorted(p.name for p in stale)
+
+
 def readable_tempdir(out: Path) -> Path:
     """mkdtemp beside `out`, opened up to the umask's default (0755 under umask 022, as
     save_pretrained leaves a dir): mkdtemp's 0700 would hide an exported draft from another user

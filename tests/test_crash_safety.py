@@ -115,6 +115,24 @@ def test_a_resume_finds_the_checkpoint_a_killed_save_left_parked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
+def test_a_resume_removes_what_killed_saves_left_beside_the_checkpoint(tmp_path):
+    """A save killed mid-write leaves its temp dir; one killed after the swap, the parked old
+    version. At real sizes each is a whole checkpoint: load_run (a resume) removes both."""
+    from conftest import tiny_model
+
+    from draftadapt.grpo.state import load_run, save_run
+
+    policy = tiny_model(layers=2, hidden=32)
+    opt = torch.optim.AdamW(policy.parameters())
+    ckpt = tmp_path / "checkpoint"
+    save_run(ckpt, 1, policy, opt)
+    for junk in (".checkpoint.tmp-abc123", ".checkpoint.old-0123abcd"):
+        (tmp_path / junk / "policy").mkdir(parents=True)
+    (tmp_path / ".other.tmp-x").mkdir()  # another writer's: not ours to remove
+    assert load_run(ckpt, policy, opt).step == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-x", "checkpoint"]
+
+
 def test_the_run_log_survives_a_torn_last_line_and_truncates_atomically(tmp_path):
     from draftadapt.grpo.runlog import RunLogger
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from .. import faults
-from ..checkpoint import atomic_write_dir, recover_parked
+from ..checkpoint import atomic_write_dir, recover_parked, sweep_leftovers
 
 STATE = "run_state.pt"
 
@@ -48,6 +48,7 @@ def load_run(ckpt_dir: str | Path, policy, optimizer, adapter=None) -> RunState:
     ckpt_dir = Path(ckpt_dir)
     if not has_checkpoint(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} holds no run checkpoint ({STATE}); start without resume")
+    sweep_leftovers(ckpt_dir)  # a resume is the run's only writer: a killed save's temp dir is garbage
     state = torch.load(ckpt_dir / STATE, weights_only=False)
     missing, unexpected = policy.load_state_dict(load_file(ckpt_dir / "policy" / "model.safetensors"), strict=False)
     if missing or unexpected:
