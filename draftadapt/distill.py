@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .batch import DraftBatch
+from .batch import DraftBatch, teacher_dense
 from .capture import FeatureCapture
 from .drafts.draft_lm import DraftLM
 from .trainer import DraftTrainer, TrainerConfig, TrainStats
@@ -55,18 +55,18 @@ def distill_loss(draft: DraftLM, batch: DraftBatch) -> DistillResult:
     """Forward KL from the teacher (renormalised over the ids it kept) to the draft LM, mean over
     positions where loss_mask & valid. Memory: the draft's [B, T, H] hidden states plus the
     scored positions' logits [N, V] (kept for backward, like any LM step); the fp32 log-softmax
-    runs in chunks of _CHUNK_ROWS positions."""
+    and the teacher (densified from top-k when it is one) run in chunks of _CHUNK_ROWS positions."""
     scored = batch.loss_mask & batch.valid  # [B, T]
     hidden = draft.hidden(batch.input_ids, batch.valid)[scored]  # [N, H]
-    teacher = batch.teacher_logprobs[scored]  # [N, V] (MISSING_LOGPROB where a top-k teacher kept nothing)
+    rows, cols = scored.nonzero(as_tuple=True)  # [N]: the teacher is read per chunk (dense or top-k)
     n = hidden.shape[0]
     if n == 0:
         zero = hidden.sum() * 0.0
         return DistillResult(zero, zero.detach(), 0)
     kl_sum, hits = hidden.new_zeros((), dtype=torch.float32), 0
-    for h, t in zip(hidden.split(_CHUNK_ROWS), teacher.split(_CHUNK_ROWS)):
+    for h, r, c in zip(hidden.split(_CHUNK_ROWS), rows.split(_CHUNK_ROWS), cols.split(_CHUNK_ROWS)):
         logq = draft.head(h).float().log_softmax(-1)  # [n, V]
-        logp = t.float().log_softmax(-1)
+        logp = teacher_dense(batch, r, c).log_softmax(-1)  # [n, V] (MISSING_LOGPROB where top-k kept nothing)
         p = logp.exp()
         kl_sum = kl_sum + (p * (logp - logq)).sum()
         hits += int((logq.argmax(-1) == logp.argmax(-1)).sum())
@@ -152,7 +152,7 @@ def train_draft_lm_offline(policy: nn.Module, draft: DraftLM, sequences: list[li
         t0 = time.perf_counter()
         with TeacherCapture(policy, teacher=teacher, top_k=k) as cap, torch.no_grad():
             policy(input_ids=ids, attention_mask=am.long())
-        batch = cap.rollout_batch(ids, am, cm).to_draft_batch(draft.target_ids().cpu())
+        batch = cap.rollout_batch(ids, am, cm).to_draft_batch(draft.target_ids().cpu(), sparse_teacher=True)
         history.append(trainer.step(batch))
         bar.set_postfix(loss=f"{history[-1].loss:.3f}", acc=f"{history[-1].step_acc[0]:.2f}",
                         s=f"{time.perf_counter() - t0:.2f}")

@@ -193,7 +193,8 @@ class DataParallelDraftWorker(LocalDraftWorker):
             batch = None
             if self.cache.num_tokens > 0:
                 batch = self.cache.sample(num_tokens=self.batch_tokens, generator=self.generator,
-                                          draft_vocab_ids=self._target_ids, target_head=self.target_head)
+                                          draft_vocab_ids=self._target_ids, target_head=self.target_head,
+                                          sparse_teacher=True)
             hist.append(self.trainer.step(batch))
         n = max(1, len(hist))
         acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()

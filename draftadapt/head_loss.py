@@ -16,7 +16,11 @@ Gradients of the logits z (q = softmax z, p the renormalised teacher, per row):
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+TeacherReader = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows [n], cols [n]) -> [n, Vd] log-probs
 
 LOSSES = ("kl", "tv", "kl+tv")
 LOSS_CHUNK_ELEMENTS = 1 << 22  # rows x Vd per chunk: 16 MiB per fp32 [n, Vd] tensor
@@ -31,20 +35,20 @@ class _HeadLoss(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if want_x else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_w else None
-        stats = torch.zeros(steps, 3, dtype=torch.float32, device=x.device)  # per step: kl, tv, hits (sums)
+        stats = torch.zeros(steps, 4, dtype=torch.float32, device=x.device)  # per step sums: kl, tv, hits, obj*rw
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for a in range(0, x.shape[0], n_rows):
             b = min(a + n_rows, x.shape[0])
             xc = x[a:b].to(dtype)  # [n, H]
             logq = (xc @ w.T).float().log_softmax(-1)  # [n, Vd]
-            logp = teacher[rows[a:b], cols[a:b]].float().log_softmax(-1)  # [n, Vd] renormalised
+            logp = teacher(rows[a:b], cols[a:b]).float().log_softmax(-1)  # [n, Vd] renormalised
             p, q = logp.exp(), logq.exp()
             kl = -(p * logq).sum(-1) - torch.special.entr(p).sum(-1)  # [n]
             tv = 0.5 * (q - p).abs().sum(-1)  # [n]
             hits = (logq.argmax(-1) == logp.argmax(-1)).float()
-            stats.index_add_(0, step[a:b], torch.stack([kl, tv, hits], 1))
             obj = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
             rw = row_weight[a:b]
+            stats.index_add_(0, step[a:b], torch.stack([kl, tv, hits, obj * rw], 1))
             total += (obj * rw).sum()
             if not (want_x or want_w):
                 continue
@@ -70,17 +74,24 @@ class _HeadLoss(torch.autograd.Function):
         return gx, gw, None, None, None, None, None, None, None, None, None
 
 
-def head_loss(x: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+def head_loss(x: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor | TeacherReader, rows: torch.Tensor, cols: torch.Tensor,
               step: torch.Tensor, row_weight: torch.Tensor, steps: int, loss: str = "kl", tv_weight: float = 1.0,
               chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_r row_weight[r] * objective(teacher[rows[r], cols[r]], softmax(x[r] @ weight.T)), and
-    per-step sums [steps, 3] of KL, TV and top-1 hits (no grad).
+    per-step sums [steps, 4] of KL, TV, top-1 hits and row_weight * objective (no grad).
 
     x: [N, H] head inputs (differentiable); weight: [Vd, H] the head (a parameter, or a frozen
-    tensor); teacher: [B, T, Vd] log-probs, indexed per chunk; rows, cols, step: [N] int64;
-    row_weight: [N] float. loss: one of LOSSES ("kl+tv" = kl + tv_weight * tv).
+    tensor); teacher: [B, T, Vd] log-probs, or a reader (rows, cols) -> [n, Vd] called once per
+    chunk (e.g. `batch.teacher_dense` over a top-k teacher, so no [B, T, Vd] teacher ever exists);
+    rows, cols, step: [N] int64; row_weight: [N] float. loss: one of LOSSES ("kl+tv" = kl + tv_weight * tv).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
+    if isinstance(teacher, torch.Tensor):
+        teacher = _indexer(teacher)
     n_rows = max(1, chunk_elements // weight.shape[0])
     return _HeadLoss.apply(x, weight, teacher, rows, cols, step, row_weight.float(), loss, tv_weight, n_rows, steps)
+
+
+def _indexer(teacher: torch.Tensor) -> TeacherReader:
+    return lambda rows, cols: teacher[rows, cols]

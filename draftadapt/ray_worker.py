@@ -70,7 +70,7 @@ class _DraftServer:
         for _ in range(num_steps):
             with self.cache_lock:
                 batch = w.cache.sample(num_tokens=w.batch_tokens, generator=w.generator,
-                                       draft_vocab_ids=self.target_ids, target_head=w.target_head)
+                                       draft_vocab_ids=self.target_ids, target_head=w.target_head, sparse_teacher=True)
             with self.draft_lock:
                 hist.append(w.trainer.step(batch))
         n = max(1, len(hist))

@@ -16,12 +16,11 @@ adapter exactly (forward KL, every completion position alike, a fixed step count
 
 `StrategyTrainer` is `DraftTrainer` with that loss; `StrategyDraftWorker` is `LocalDraftWorker`
 with that trainer; `UntilBoundaryDraftWorker` trains in a thread until the next step boundary
-instead of a fixed step count. Time and memory are those of the TTT unroll (O(K T^2) per sequence, K logits
-[B, T, Vd] alive at once) plus one no-grad step-1 pass when rejected_weight != 1.
+instead of a fixed step count. Time and memory are those of `ttt.ttt_loss` (O(T) attention, the loss
+and the teacher in chunks of positions) plus one no-grad step-1 pass when rejected_weight != 1.
 """
 from __future__ import annotations
 
-import inspect
 import threading
 from dataclasses import dataclass
 
@@ -30,12 +29,11 @@ from torch import nn
 
 from .batch import DraftBatch
 from .trainer import DraftTrainer, TrainStats
-from .ttt import TTTResult, shift, ttt_loss, unroll
+from .head_loss import LOSS_CHUNK_ELEMENTS
+from .ttt import TTTResult, shift, ttt_loss, unroll_hidden
 from .workers import BackgroundDraftWorker, LocalDraftWorker, TrainResult
 
 LOSSES = ("kl", "tv", "kl+tv")
-# ttt_loss itself takes loss= once the O(T)-memory TTT ([H]) is in: unweighted training then goes through it
-_TTT_TAKES_LOSS = "loss" in inspect.signature(ttt_loss).parameters
 
 
 @dataclass(frozen=True)
@@ -66,9 +64,11 @@ def rejected_positions(draft: nn.Module, batch: DraftBatch, embed: nn.Embedding 
     "rejected" when its argmax, mapped to a target id, differs from input_ids[j+1]."""
     was_training = draft.training
     draft.eval()
-    logits = unroll(draft, batch, embed, 1)[0]  # [B, T, Vd] at base i
+    hidden = unroll_hidden(draft, batch, embed, 1)[0]  # [B, T, H] at base i
     draft.train(was_training)
-    guess = draft.target_ids().to(logits.device)[logits.argmax(-1)]  # [B, T] target id predicted for i+2
+    rows = max(1, LOSS_CHUNK_ELEMENTS // draft.config.draft_vocab_size)  # positions per [n, Vd] logits chunk
+    top = torch.cat([draft.logits(h).argmax(-1) for h in hidden.flatten(0, 1).split(rows)]).view(hidden.shape[:2])
+    guess = draft.target_ids().to(top.device)[top]  # [B, T] target id predicted for i+2
     miss = guess != shift(batch.input_ids, 2)  # [B, T] at base i
     return torch.cat([miss.new_zeros(miss.shape[0], 1), miss[:, :-1]], 1)  # base i -> teacher position i+1
 
@@ -78,30 +78,9 @@ def strategy_loss(draft, batch: DraftBatch, embed, steps: int = 3, decay: float 
     """The TTT loss of `ttt.ttt_loss` with a choice of divergence and per-position weights.
 
     weight: [B, T] float per teacher position (None = 1). Step k's loss is the weighted mean over
-    its scored positions; step k weighs decay^(k-1). Unweighted, it is `ttt.ttt_loss` itself."""
-    if weight is None and (loss == "kl" or _TTT_TAKES_LOSS):
-        return ttt_loss(draft, batch, embed, steps, decay, **({"loss": loss} if _TTT_TAKES_LOSS else {}))
-    losses, accs, counts = [], [], []
-    scored = batch.loss_mask & batch.valid
-    w_all = torch.ones_like(batch.valid, dtype=torch.float32) if weight is None else weight.float()
-    for k, logit in enumerate(unroll(draft, batch, embed, steps), start=1):
-        sel = shift(scored, k) & batch.valid  # [B, T]: base i counts if i and i+k do
-        rows, cols = sel.nonzero(as_tuple=True)
-        teacher = batch.teacher_logprobs[rows, cols + k].float().log_softmax(-1)  # [N, Vd]
-        logq = logit[sel].float().log_softmax(-1)  # [N, Vd]
-        p = teacher.exp()
-        per = torch.zeros(rows.numel(), device=logq.device)
-        if loss in ("kl", "kl+tv"):
-            per = per + (-(p * logq).sum(-1) - torch.special.entr(p).sum(-1))
-        if loss in ("tv", "kl+tv"):
-            per = per + 0.5 * (p - logq.exp()).abs().sum(-1)
-        w = w_all[rows, cols + k]  # [N]
-        losses.append((w * per).sum() / w.sum().clamp(min=1e-8))
-        accs.append((logq.argmax(-1) == teacher.argmax(-1)).float().sum() / max(rows.numel(), 1))
-        counts.append(rows.numel())
-    total = sum(decay ** (k - 1) * step for k, step in enumerate(losses, start=1))
-    return TTTResult(loss=total, step_loss=torch.stack(losses).detach(), step_acc=torch.stack(accs).detach(),
-                     step_tokens=torch.tensor(counts))
+    its scored positions; step k weighs decay^(k-1). Unweighted, it is `ttt.ttt_loss` itself; weighted,
+    too (its `weight`): the loss runs in chunks of positions and reads the teacher per chunk."""
+    return ttt_loss(draft, batch, embed, steps, decay, loss=loss, weight=weight)
 
 
 class StrategyTrainer(DraftTrainer):

@@ -16,7 +16,8 @@ Sizes that matter (T tokens in the batch, H hidden, Hq query heads, Vd draft voc
   time O(K T^2 Hq D / 2) attention + O(K T H^2) layer.
 - `ttt_loss`: head, log-softmax, KL/TV and their gradient over chunks of n = LOSS_CHUNK_ELEMENTS / Vd
   positions, the gradient computed with the logits (`head_loss.py`): memory O(n Vd + K T H + Vd H),
-  never K x [T, Vd].
+  never K x [T, Vd]. The teacher is read per chunk (`batch.teacher_dense`): a top-k teacher
+  (`DraftBatch.teacher_topk_*`, O(T k)) is densified n rows at a time, never to [B, T, Vd].
 - `unroll_dense` (the former implementation, kept as the test oracle): O(K T^2) masks and scores.
 
 The native MTP draft (`drafts/mtp.py`) runs the same way in vLLM (its layer 0 at every step, its
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .batch import DraftBatch
+from .batch import DraftBatch, teacher_dense
 from .drafts.attention import causal_attend, layout, ttt_attend
 from .drafts.eagle3 import Eagle3Draft, attend
 from .drafts.mtp import MTPDraft
@@ -166,20 +167,24 @@ def unroll_dense(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Emb
 def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embedding | torch.Tensor, steps: int = 3,
              decay: float = 0.8, loss: str = "kl", tv_weight: float = 1.0,
              chunk_elements: int = LOSS_CHUNK_ELEMENTS, recompute: bool = True,
-             normalizer: torch.Tensor | None = None) -> TTTResult:
+             normalizer: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> TTTResult:
     """Divergence from the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
 
     loss: "kl" forward KL(teacher || draft); "tv" total variation 0.5 * sum_d |p_d - q_d| (one
     minus the expected acceptance of a single draft token); "kl+tv" = kl + tv_weight * tv.
-    Step k at base i is scored against teacher_logprobs[i+k] where loss_mask[i+k] and both i and
+    Step k at base i is scored against the teacher at i+k (dense or top-k) where loss_mask[i+k] and both i and
     i+k are real positions. K=1 is plain single-step training. `normalizer` ([K]): divide step k's
     sums by normalizer[k-1] instead of this batch's own count (data-parallel training passes the
     count summed over ranks, so the ranks' losses and stats add up to the union batch's). Memory:
     module docstring (chunks of chunk_elements // Vd positions; `head_loss`); recompute: see
-    `unroll_hidden`.
+    `unroll_hidden`. `weight` ([B, T] float per teacher position, None = 1): step k's loss is then
+    the weighted mean over its scored positions (`strategy.py`'s position weights); its step_loss
+    is weighted too, its step_kl / step_tv / step_acc are not.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
+    if weight is not None and normalizer is not None:
+        raise ValueError("ttt_loss takes a position weight or a normalizer, not both")
     scored = batch.loss_mask & batch.valid
     hidden = unroll_hidden(draft, batch, embed, steps, recompute=recompute)
     denoms = None if normalizer is None else [float(d) for d in normalizer]
@@ -192,19 +197,26 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
         rows.append(r)
         cols.append(c + k)  # step k at base i is scored against the teacher at i+k
         step.append(torch.full_like(r, k - 1))
-        denom = max(n, 1) if denoms is None else denoms[k - 1]
-        row_weight.append(torch.full(r.shape, decay ** (k - 1) / denom, device=r.device))
+        if weight is None:
+            denom = max(n, 1) if denoms is None else denoms[k - 1]
+            row_weight.append(torch.full(r.shape, decay ** (k - 1) / denom, device=r.device))
+        else:
+            w = weight[r, c + k].float()  # [n]
+            row_weight.append(w * (decay ** (k - 1) / w.sum().clamp(min=1e-8)))
         counts.append(n)
     x = torch.cat(xs)  # [N, H]: every scored position of every step
     if isinstance(draft, MTPDraft):  # the policy's shared head, frozen; the layer output is already normed
-        weight = draft.head_weight()
+        head = draft.head_weight()
     else:
-        x, weight = draft.norm(x), draft.lm_head.weight
-    total, sums = head_loss(x, weight, batch.teacher_logprobs, torch.cat(rows), torch.cat(cols), torch.cat(step),
+        x, head = draft.norm(x), draft.lm_head.weight
+    teacher = lambda r, c: teacher_dense(batch, r, c)  # noqa: E731 - [n, Vd] per chunk, dense or top-k
+    total, sums = head_loss(x, head, teacher, torch.cat(rows), torch.cat(cols), torch.cat(step),
                             torch.cat(row_weight), steps, loss, tv_weight, chunk_elements)
     denom = torch.tensor(counts if denoms is None else denoms, device=sums.device, dtype=sums.dtype)
-    per = sums / denom.clamp(min=1)[:, None]  # [K, 3]: kl, tv, acc means
+    per = sums[:, :3] / denom.clamp(min=1)[:, None]  # [K, 3]: kl, tv, acc means
     kl, tv = per[:, 0], per[:, 1]
     step_loss = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
+    if weight is not None:
+        step_loss = sums[:, 3] / torch.tensor([decay ** k for k in range(steps)], device=sums.device)
     return TTTResult(loss=total, step_loss=step_loss, step_acc=per[:, 2], step_tokens=torch.tensor(counts),
                      step_kl=kl, step_tv=tv)

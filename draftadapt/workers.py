@@ -121,7 +121,8 @@ class LocalDraftWorker:
     def train(self, num_steps: int) -> TrainResult:
         start = time.perf_counter()
         hist = [self.trainer.step(self.cache.sample(num_tokens=self.batch_tokens, generator=self.generator,
-                                                    draft_vocab_ids=self._target_ids, target_head=self.target_head))
+                                                    draft_vocab_ids=self._target_ids, target_head=self.target_head,
+                                                    sparse_teacher=True))
                 for _ in range(num_steps)]
         n = max(1, len(hist))
         acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()

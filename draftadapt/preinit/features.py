@@ -224,7 +224,7 @@ def train_from_shards(draft: Eagle3Draft, target_embed, features_dir: str | os.P
             tensors = load_file(str(features_dir / manifest["shards"][shard]["file"]))
             tensors.pop("policy_versions")
             loaded = (shard, RolloutBatch(**tensors).sequences())
-        batch = RolloutBatch.concat([loaded[1][i] for i in idx]).to_draft_batch(vocab_ids)
+        batch = RolloutBatch.concat([loaded[1][i] for i in idx]).to_draft_batch(vocab_ids, sparse_teacher=True)
         last = trainer.step(batch)
         tokens += batch.num_tokens
         bar.update(1)
