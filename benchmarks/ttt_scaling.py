@@ -8,6 +8,14 @@ head_dim 128, MLP 3072) and a Qwen3-8B-shaped one (hidden 4096, 32/8 heads, MLP 
 vocab 32k (an fp16 draft-vocab teacher); the target embedding 151,936 x H (bf16, frozen); one
 sequence of T tokens. The new arm runs with TrainerConfig's defaults (layer recompute on).
 
+--teacher-memory: one training step (K=1) that starts from a cache sample with a top-64 teacher (what
+teacher="auto" stores at Vd > 8192), sequences of 1024 tokens packed to T: `topk_dense` pads it with the
+teacher densified to [B, T, Vd] fp32 (the former training path, sparse_teacher=False), `topk_sparse`
+keeps it top-k and the loss densifies one chunk of positions at a time (sparse_teacher=True).
+
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/ttt_scaling.py --teacher-memory --tokens 8192 \
+        --name teacher_memory
+
 Each point runs in a FRESH subprocess: build, one warm-up step at 64 tokens (allocates AdamW
 state), then reset the peak-RSS counter (/proc/self/clear_refs 5), run the measured step and
 report VmHWM - VmRSS before it (CPU) or max_memory_allocated - allocated (CUDA): the memory one
@@ -36,6 +44,9 @@ from _common import RESULTS, print_table, write_json  # noqa: E402
 SHAPES = {1024: dict(intermediate_size=3072, num_attention_heads=16),  # Qwen3-0.6B
           4096: dict(intermediate_size=12288, num_attention_heads=32)}  # Qwen3-8B
 VOCAB, DRAFT_VOCAB, STEPS = 151936, 32000, 3
+# --teacher-memory: one training step from a top-64 cache sample, the teacher densified to [B, T, Vd] in the
+# sample (the former path, sparse_teacher=False) vs kept top-k and read per loss chunk (sparse_teacher=True)
+TEACHER_ARMS, TEACHER_STEPS, TEACHER_SEQ, TOPK = ("topk_dense", "topk_sparse"), 1, 1024, 64
 
 
 def _status(key: str) -> float:
@@ -68,7 +79,7 @@ def run_point(impl: str, hidden: int, t: int, dtype: str, device: str) -> dict:
     """One measured step in this process (the child side)."""
     import torch
 
-    from draftadapt.batch import DraftBatch
+    from draftadapt.batch import DraftBatch, RolloutBatch
     from draftadapt.drafts.eagle3 import Eagle3Config, Eagle3Draft
     from draftadapt.ttt import ttt_loss
 
@@ -90,16 +101,32 @@ def run_point(impl: str, hidden: int, t: int, dtype: str, device: str) -> dict:
         return DraftBatch(torch.randint(0, VOCAB, (1, n), device=dev), torch.randn(1, n, 3 * hidden, device=dev),
                           teacher, ones, ones.clone())
 
+    steps = TEACHER_STEPS if impl in TEACHER_ARMS else STEPS
+
+    def topk_rollout(n: int) -> RolloutBatch:
+        """What the cache holds at Vd > 8192 (teacher="auto"): top-64 target ids + log-probs per token,
+        sequences of TEACHER_SEQ tokens packed; ids distinct per row, ~5/6 of them in the draft vocab."""
+        lens = [min(TEACHER_SEQ, n - a) for a in range(0, n, TEACHER_SEQ)]
+        span = DRAFT_VOCAB * 6 // 5 // TOPK  # id j of a row is drawn from [j * span, (j + 1) * span)
+        ids = torch.randint(0, span, (n, TOPK)) + torch.arange(TOPK) * span
+        lp = torch.randn(n, TOPK).sort(-1, descending=True).values.log_softmax(-1) - 0.01
+        return RolloutBatch(torch.randint(0, VOCAB, (n,)), torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()]),
+                            torch.randn(n, 3 * hidden, dtype=torch.bfloat16), torch.ones(n, dtype=torch.bool),
+                            teacher_topk_ids=ids, teacher_topk_logprobs=lp)
+
     def step(batch: DraftBatch) -> None:
+        if impl in TEACHER_ARMS:  # a cache sample: the top-k rollout padded into a DraftBatch, in the step
+            batch = batch.to_draft_batch(draft.target_ids(), sparse_teacher=impl == "topk_sparse").to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = old_loss(draft, batch, embed) if impl == "old" else ttt_loss(draft, batch, embed, steps=STEPS).loss
+            loss = old_loss(draft, batch, embed) if impl == "old" else ttt_loss(draft, batch, embed, steps=steps).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
 
-    step(batch_of(64))  # AdamW state and allocator warm-up
-    batch = batch_of(t)
+    make = topk_rollout if impl in TEACHER_ARMS else batch_of
+    step(make(64))  # AdamW state and allocator warm-up
+    batch = make(t)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -217,6 +244,9 @@ def main() -> None:
     ap.add_argument("--memory-patience", type=float, default=300.0, help="seconds to wait for free memory per point")
     ap.add_argument("--ab", type=int, default=2, help="extra interleaved fp32/bf16 pairs at H=1024, T=2048")
     ap.add_argument("--points", default="", help="explicit H:T:impl:dtype,... in this order (overrides the grid)")
+    ap.add_argument("--teacher-memory", action="store_true", help="the top-k teacher point instead of the grid: "
+                    f"H=1024, T=--tokens, {TEACHER_ARMS} interleaved, --rounds times")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the --teacher-memory arms")
     ap.add_argument("--name", default="ttt_scaling")
     ap.add_argument("--report-only", action="store_true", help="summarise results/<name>.partial.json (a cut run)")
     ap.add_argument("--resume", action="store_true", help="keep results/<name>.partial.json, run the points it lacks")
@@ -225,7 +255,11 @@ def main() -> None:
         impl, hidden, t, dtype, device = args.child
         print(json.dumps(run_point(impl, int(hidden), int(t), dtype, device)), flush=True)
         return
-    if args.points:
+    if args.teacher_memory:
+        points = [(1024, int(t), impl, "fp32") for _ in range(args.rounds) for t in args.tokens.split(",")
+                  for impl in TEACHER_ARMS]
+        args.ab, args.impls, args.dtypes = 0, ",".join(TEACHER_ARMS), "fp32"
+    elif args.points:
         points = [(int(h), int(t), impl, dtype) for h, t, impl, dtype in (p.split(":") for p in args.points.split(","))]
     else:  # per T, the arms back to back (interleaved)
         points = [(hidden, t, impl, dtype) for hidden in (int(h) for h in args.hidden.split(","))
@@ -291,6 +325,14 @@ def main() -> None:
     if check and "added_gb" in check[0]:
         print(f"\ncheck H=1024 T=4096 new fp32 adds {check[0]['added_gb']:.2f} GB (<= 1.5 GB: "
               f"{check[0]['added_gb'] <= 1.5})")
+    for t in sorted({r["tokens"] for r in results if r["impl"] in TEACHER_ARMS}):
+        gb = {a: [r["added_gb"] for r in results if (r["impl"], r["tokens"]) == (a, t) and "added_gb" in r]
+              for a in TEACHER_ARMS}
+        if all(gb.values()):
+            diff = statistics.median(gb["topk_dense"]) - statistics.median(gb["topk_sparse"])
+            print(f"\ntop-k teacher, T={t}: densified in the sample adds {gb['topk_dense']} GB, sparse "
+                  f"{gb['topk_sparse']} GB (dense - sparse: {diff:.2f} GB; a [T, Vd] fp32 teacher is "
+                  f"{t * DRAFT_VOCAB * 4 / 1e9:.2f} GB)")
     if ab:
         secs = {d: [r["step_s"] for r in ab if r["dtype"] == d and "step_s" in r] for d in ("fp32", "bf16")}
         if secs["fp32"] and secs["bf16"]:
@@ -298,7 +340,7 @@ def main() -> None:
             print(f"bf16/fp32 step time at H=1024 T=2048 (interleaved pairs): {[round(x, 3) for x in ratios]}")
     write_json(args.name, {"args": vars(args), "results": results, "skipped": skipped, "summary": summary,
                            "ab_fp32_vs_bf16": ab, "note": "CPU runs on a shared 2-core machine: times contended"})
-    if any("added_gb" in r for r in results):
+    if any("added_gb" in r for r in results) and not args.teacher_memory:
         plot(results, RESULTS / f"{args.name}.png")
     partial.unlink(missing_ok=True)
 

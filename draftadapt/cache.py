@@ -213,7 +213,9 @@ class HiddenStateCache:
 
         Give num_sequences, or num_tokens (sequences are added while they fit; at least one).
         draft_vocab_ids / target_head convert top-k / final_hidden teachers (RolloutBatch.to_draft_batch);
-        sparse_teacher=True keeps a top-k teacher top-k (batch.teacher_dense reads it).
+        sparse_teacher=True keeps a top-k teacher top-k (the loss reads it per chunk of positions through
+        batch.teacher_dense); every training path passes it. False densifies it to [B, T, Vd] fp32 (2 GB at
+        Vd=32k and 16k tokens): for inspection and tests.
         Its policy_version is the oldest among the sampled sequences.
         """
         if (num_sequences is None) == (num_tokens is None):

@@ -74,9 +74,9 @@ class _HeadLoss(torch.autograd.Function):
         return gx, gw, None, None, None, None, None, None, None, None, None
 
 
-def head_loss(x: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor | TeacherReader, rows: torch.Tensor, cols: torch.Tensor,
-              step: torch.Tensor, row_weight: torch.Tensor, steps: int, loss: str = "kl", tv_weight: float = 1.0,
-              chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+def head_loss(x: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor | TeacherReader, rows: torch.Tensor,
+              cols: torch.Tensor, step: torch.Tensor, row_weight: torch.Tensor, steps: int, loss: str = "kl",
+              tv_weight: float = 1.0, chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_r row_weight[r] * objective(teacher[rows[r], cols[r]], softmax(x[r] @ weight.T)), and
     per-step sums [steps, 4] of KL, TV, top-1 hits and row_weight * objective (no grad).
 
