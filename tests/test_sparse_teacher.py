@@ -165,31 +165,51 @@ def test_distill_loss_reads_a_top_k_teacher_per_chunk_with_the_same_result(monke
         torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-9)
 
 
-@pytest.mark.parametrize("teacher", ["topk", "dense"])
-def test_worker_training_samples_a_top_k_cache_sparse_and_a_dense_one_dense(teacher, monkeypatch):
+def train_through(kind: str, rollout: RolloutBatch, tmp_path) -> list:
+    """The DraftBatches the trainer gets from `kind`'s training path after one add and 2 steps."""
+    import torch.distributed as dist
+
     from draftadapt.cache import CacheConfig
+    from draftadapt.distributed import DataParallelDraftWorker
+    from draftadapt.ray_worker import _DraftServer
     from draftadapt.trainer import TrainerConfig
     from draftadapt.workers import BackgroundDraftWorker, LocalDraftWorker
 
     draft, embed = eagle3()
-    worker = LocalDraftWorker(draft, embed, TrainerConfig(ttt_steps=2), CacheConfig(), batch_tokens=64)
+    args = (TrainerConfig(ttt_steps=2), CacheConfig(), 64)
+    if kind == "dp":  # a one-rank group: the sampling path of every rank
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        worker = (DataParallelDraftWorker(draft, embed, *args) if kind == "dp" else
+                  _DraftServer(draft, embed.weight.detach(), *args, 0, None, 1) if kind == "ray" else
+                  LocalDraftWorker(draft, embed, *args))
+        inner = worker.worker if kind == "ray" else worker
+        seen, step = [], inner.trainer.step
+        inner.trainer.step = lambda batch: seen.append(batch) or step(batch)
+        inner.add(rollout)
+        if kind == "background":
+            worker = BackgroundDraftWorker(worker)
+            worker.train(2)
+            worker.close()
+        else:
+            worker.train(2, None) if kind == "ray" else worker.train(2)
+    finally:
+        if kind == "dp":
+            dist.destroy_process_group()
+    assert len(seen) == 2
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["local", "background", "ray", "dp"])
+@pytest.mark.parametrize("teacher", ["topk", "dense"])
+def test_every_training_path_samples_a_top_k_cache_sparse_and_a_dense_one_dense(teacher, kind, tmp_path):
     rollout = topk_rollout("eagle3")
     if teacher == "dense":
         rollout = RolloutBatch(**{**vars(rollout), "teacher_topk_ids": None, "teacher_topk_logprobs": None,
                                   "teacher_logprobs": torch.randn(rollout.num_tokens, VD).log_softmax(-1)})
-    seen = []
-    step = worker.trainer.step
-    monkeypatch.setattr(worker.trainer, "step", lambda batch: seen.append(batch) or step(batch))
-    worker.add(rollout)
-    assert worker.train(2).steps == 2
-    background = BackgroundDraftWorker(worker)
-    background.train(1)
-    assert background.train(1).steps == 1
-    background.close()
-    assert len(seen) == 4
-    for batch in seen:
+    for batch in train_through(kind, rollout, tmp_path):
         if teacher == "topk":
             assert batch.teacher_logprobs is None and batch.teacher_topk_ids.shape[-1] == TOPK, \
-                "a top-k cache must reach the trainer sparse, not densified to [B, T, Vd]"
+                f"{kind}: a top-k cache must reach the trainer sparse, not densified to [B, T, Vd]"
         else:
             assert batch.teacher_logprobs is not None and batch.teacher_logprobs.shape[-1] == VD
