@@ -9,7 +9,10 @@ Per (drafter, b, k): tokens/s, speed-up over k=0 in the same round (median and r
 per-position acceptance, seconds per plain step and per spec round (prefill subtracted).
 
 Then the model (draftadapt/speed.py): costs calibrated on --fit-ks only, acceptance from the k=3 arm
-(geometric tail past k=3); predicted vs measured speed-up on the other ks. Then a tapering rollout
+(geometric tail past k=3); predicted vs measured speed-up on the other ks. Two cost models side by
+side: `table` (calibrate_table: verify(T) = the plain decode step measured at batch T - the k=0 arms,
+plus plain-only --calib-batches up to max(b) * (max(k) + 1), interleaved in the same rounds - and the
+draft's part linear in k per batch size) and `linear` (calibrate: six numbers, linear in tokens). Then a tapering rollout
 (one request per --lengths entry, continuous batching) under no spec, each fixed k, and the chosen
 schedule, measured and predicted. Optionally the toy policy's real rollout trajectory.
 
@@ -35,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 from _verifier_heavy import HeavyConfig, build  # noqa: E402
 
-from draftadapt.speed import (Acceptance, Measured, calibrate, choose_schedule, costs_to_dict,  # noqa: E402
-                              rollout_time, schedule_k, trajectory_from_lengths)
+from draftadapt.speed import (Acceptance, Measured, calibrate, calibrate_table, choose_schedule,  # noqa: E402
+                              costs_to_dict, rollout_time, schedule_k, trajectory_from_lengths)
 
 
 CLOCK = "cpu"  # set by --clock
@@ -63,11 +66,11 @@ def sweep(eng, prompts, args, max_b):
     """Rows {b, k, round, seconds, decode_s, counters} for every (round, b, k), arms shuffled per (round, b)."""
     rows = []
     for r in range(args.rounds):
-        for b in args.batches:
+        for b in sorted(args.batches + args.calib_batches):
             ps = [prompts[(r * 13 + i) % len(prompts)] for i in range(b)]
             eng.set_spec_schedule(((1, max_b, 0),))
             prefill, _ = _gen(eng, ps, 1)  # prefill + one sampled token, subtracted from every arm
-            arms = [0] + args.ks
+            arms = [0] + (args.ks if b in args.batches else [])  # calibration batches: plain steps only
             random.Random(1000 * r + b).shuffle(arms)
             for k in arms:
                 eng.set_spec_schedule(((1, max_b, k),))
@@ -119,11 +122,21 @@ def _acceptance(summary, k, batches) -> Acceptance:
     return Acceptance(tuple(max(r, 1e-6) for r in rates))
 
 
-def model_check(summary, args):
+def plain_steps(rows, args) -> dict[int, float]:
+    """Seconds per plain decode step by batch size (median over rounds), sweep and calibration batches."""
+    out = {}
+    for b in sorted(set(args.batches + args.calib_batches)):
+        ts = [x["decode_s"] / (args.max_tokens - 1) for x in rows if x["b"] == b and x["k"] == 0]
+        if ts:
+            out[b] = statistics.median(ts)
+    return out
+
+
+def model_check(summary, args, plain=None, model="table"):
     prop = lambda s: s["proposed_per_round"] if s["k"] else None  # noqa: E731
     fit = [Measured(b, k, s["plain_step_s"], s["round_s"], proposed=prop(s)) for (b, k), s in summary.items()
            if k in args.fit_ks]
-    costs = calibrate(fit)
+    costs = calibrate_table(plain, fit) if model == "table" else calibrate(fit)
     k_acc = max(args.fit_ks)  # acceptance from a fitted arm at the same b (same prompts), geometric tail
     acc = _acceptance(summary, k_acc, args.batches)
     rows = []
@@ -135,7 +148,7 @@ def model_check(summary, args):
         p_fit = prop(summary[(b, k_acc)])
         pred = costs.speedup(_acceptance(summary, k_acc, [b]), b, k, k if p_fit >= 0.95 * k_acc else min(k, p_fit))
         pred_al = costs.plain(b) * s["tokens_per_round"] / costs.round(b, k, prop(s))  # this arm's measured AL: the cost model alone
-        rows.append({"b": b, "k": k, "fitted": k in args.fit_ks, "measured": s["speedup"], "predicted": pred,
+        rows.append({"b": b, "k": k, "model": model, "fitted": k in args.fit_ks, "measured": s["speedup"], "predicted": pred,
                      "error": pred / s["speedup"] - 1, "predicted_with_arm_al": pred_al,
                      "error_with_arm_al": pred_al / s["speedup"] - 1})
     return costs, acc, rows
@@ -195,7 +208,9 @@ def _toy_base():
 def reanalyse(method, old, args):
     """The analysis of `run_method` on rows an earlier run measured (--from-json); nothing is re-measured."""
     summary = summarise(old["rows"], args)
-    costs, acc, check = model_check(summary, args)
+    plain = plain_steps(old["rows"], args)
+    costs, acc, check = model_check(summary, args, plain)
+    check += model_check(summary, args, model="linear")[2]
     rich = _acceptance(summary, max(args.ks), args.batches)
     schedule = choose_schedule(costs, rich, max(args.ks), max(args.batches + [len(old["rollout_lengths"])]))
     times, lengths = old["rollout_seconds"], old["rollout_lengths"]
@@ -211,23 +226,27 @@ def run_method(method, base, prompts, args, lengths):
     from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
 
     max_b, max_k = max(args.batches + [len(lengths) if lengths else 1]), max(args.ks)
+    cap = max([max_b] + args.calib_batches)
     spec = SpecConfig(method, max_k, model=str(base / "draft") if method == "eagle3" else None,
                       num_speculative_tokens_per_batch_size=((1, max_b, max_k),))
-    cfg = EngineConfig(model=str(base / "target"), spec=spec, max_num_seqs=max_b, max_model_len=256,
+    cfg = EngineConfig(model=str(base / "target"), spec=spec, max_num_seqs=cap, max_model_len=256,
                        worker_extension=None, extra={"enable_prefix_caching": False})
     with Engine(cfg) as eng:
         _gen(eng, prompts[:4], 8)  # warm-up
-        rows = sweep(eng, prompts, args, max_b)
+        rows = sweep(eng, prompts, args, cap)
         summary = summarise(rows, args)
-        costs, acc, check = model_check(summary, args)
+        plain = plain_steps(rows, args)
+        costs, acc, check = model_check(summary, args, plain)
+        check += model_check(summary, args, model="linear")[2]
         rich = _acceptance(summary, max_k, args.batches)
         schedule = choose_schedule(costs, rich, max_k, max_b)
         print(f"{method}: chosen schedule {schedule}")
-        times = rollout_compare(eng, prompts, lengths, schedule, args, max_b) if lengths else {}
+        times = rollout_compare(eng, prompts, lengths, schedule, args, cap) if lengths else {}
     traj = trajectory_from_lengths(lengths, max_b) if lengths else []
     predicted = {a: rollout_time(costs, rich, traj, schedule_k(schedule) if a == "chosen" else int(a[2:]))
                  for a in times}
-    return {"rows": rows, "summary": list(summary.values()), "costs": costs_to_dict(costs), "fit_ks": args.fit_ks,
+    return {"rows": rows, "summary": list(summary.values()), "plain_steps": plain, "costs": costs_to_dict(costs),
+            "fit_ks": args.fit_ks,
             "acceptance_k3": list(acc.rates), "acceptance_kmax": list(rich.rates), "model_check": check,
             "schedule": schedule, "rollout_lengths": lengths, "rollout_seconds": times,
             "rollout_predicted_s": predicted}
@@ -241,19 +260,22 @@ def report(method, res):
                   s["wall_speedup"], s["al"], f"{s['drafted_share']:.2f}", " ".join(f"{r:.2f}" for r in s["rates"]), s["plain_step_s"],
                   s["round_s"]]
                  for s in res["summary"]])
-    c = res["costs"]
-    print(f"calibrated on k in {res['fit_ks']}: verify(T) = {c['verify']['fixed']:.4f} + {c['verify']['per_token']:.5f} T s; "
-          f"draft step(b) = {c['draft']['fixed']:.4f} + {c['draft']['per_token']:.5f} b s; "
-          f"round overhead(b) = {c['overhead']['fixed']:.4f} + {c['overhead']['per_token']:.5f} b s")
+    if res.get("plain_steps"):
+        print("plain decode step (s) by batch = verify(T) of the table model: " +
+              ", ".join(f"{b}: {t:.4f}" for b, t in sorted(res["plain_steps"].items(), key=lambda x: int(x[0]))))
+    print(f"calibrated on k in {res['fit_ks']}; costs of the table model in spec_speed_*_costs_*.json")
     print("predicted: costs fitted on the fit ks + acceptance of the largest fit k at the same b (geometric tail);\n"
           "pred. w/ arm AL: the same costs with this arm's measured tokens per round and proposed tokens (cost model alone)")
-    print_table(["b", "k", "fit?", "measured", "predicted", "error", "pred. w/ arm AL", "error"],
-                [[m["b"], m["k"], "fit" if m["fitted"] else "-", m["measured"], m["predicted"], f"{m['error']:+.1%}",
-                  m["predicted_with_arm_al"], f"{m['error_with_arm_al']:+.1%}"] for m in res["model_check"]])
-    held = [abs(m["error"]) for m in res["model_check"] if not m["fitted"]]
-    if held:
-        print(f"held-out configs: median |error| {statistics.median(held):.1%}, max {max(held):.1%}, "
-              f"within 10%: {sum(e <= 0.10 for e in held)}/{len(held)}")
+    print_table(["model", "b", "k", "fit?", "measured", "predicted", "error", "pred. w/ arm AL", "error"],
+                [[m.get("model", "linear"), m["b"], m["k"], "fit" if m["fitted"] else "-", m["measured"], m["predicted"],
+                  f"{m['error']:+.1%}", m["predicted_with_arm_al"], f"{m['error_with_arm_al']:+.1%}"]
+                 for m in res["model_check"]])
+    for model in ("table", "linear"):
+        for key, what in (("error", "full prediction"), ("error_with_arm_al", "cost model with the arm's AL")):
+            held = [abs(m[key]) for m in res["model_check"] if not m["fitted"] and m.get("model", "linear") == model]
+            if held:
+                print(f"{model} model, held-out configs, {what}: median |error| {statistics.median(held):.1%}, "
+                      f"max {max(held):.1%}, within 10%: {sum(e <= 0.10 for e in held)}/{len(held)}")
     if res["rollout_seconds"]:
         base = statistics.median(res["rollout_seconds"]["k=0"])
         print(f"tapering rollout ({len(res['rollout_lengths'])} requests), chosen schedule {res['schedule']}")
@@ -269,6 +291,8 @@ def main() -> None:
     ap.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16])
     ap.add_argument("--ks", type=_ints, default=[1, 2, 3, 5])
     ap.add_argument("--fit-ks", type=_ints, default=[1, 3], help="ks the cost model is calibrated on")
+    ap.add_argument("--calib-batches", type=_ints, default=None,
+                    help="plain-only batch sizes measuring verify(T) past the sweep (default: up to max(b) * (max(k)+1))")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="cpu = this process's CPU seconds (robust on a shared machine; vLLM runs in-process, 1 thread)")
@@ -278,13 +302,16 @@ def main() -> None:
     ap.add_argument("--from-json", help="re-analyse the rows of an earlier run's JSON (explicit reuse: measures nothing)")
     ap.add_argument("--toy-trajectory", action="store_true", help="also measure a toy policy rollout's trajectory")
     args = ap.parse_args()
+    if args.calib_batches is None:
+        top = max(args.batches) * (max(args.ks) + 1)
+        args.calib_batches = [b for b in (48, 64, 96, 128, 192, 256, 384, 512) if max(args.batches) < b <= top]
     global CLOCK
     CLOCK = args.clock
     t0 = time.time()
     if args.from_json:
         old = json.loads(Path(args.from_json).read_text())
-        for key in ("batches", "ks", "max_tokens", "rounds", "methods", "target", "clock"):
-            setattr(args, key, old["args"][key])
+        for key in ("batches", "ks", "max_tokens", "rounds", "methods", "target", "clock", "calib_batches"):
+            setattr(args, key, old["args"].get(key, []))
         CLOCK = args.clock
         for m, res in old["methods"].items():
             report(m, reanalyse(m, res, args))
