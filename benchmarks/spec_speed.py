@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -229,7 +230,10 @@ def run_method(method, base, prompts, args, lengths):
     cap = max([max_b] + args.calib_batches)
     spec = SpecConfig(method, max_k, model=str(base / "draft") if method == "eagle3" else None,
                       num_speculative_tokens_per_batch_size=((1, max_b, max_k),))
-    cfg = EngineConfig(model=str(base / "target"), spec=spec, max_num_seqs=cap, max_model_len=256,
+    # KV cache for `cap` sequences of <= 128 tokens (26 layers x 4 KV heads x 64 x K,V in fp32 = 53 KB per token):
+    # with the default 1 GiB vLLM admits ~150 sequences and the largest calibration batches would queue
+    kv_gib = max(1, math.ceil(cap * 128 * 53e3 * 1.5 / 2**30))
+    cfg = EngineConfig(model=str(base / "target"), spec=spec, max_num_seqs=cap, max_model_len=256, kv_cache_gib=kv_gib,
                        worker_extension=None, extra={"enable_prefix_caching": False})
     with Engine(cfg) as eng:
         _gen(eng, prompts[:4], 8)  # warm-up
