@@ -155,20 +155,57 @@ def model_check(summary, args, plain=None, model="table"):
     return costs, acc, rows
 
 
+def _rollout_acceptance(delta, k) -> Acceptance | None:
+    """Per-position acceptance of one rollout run at fixed k (vLLM's counters, per draft)."""
+    if not delta.drafts:
+        return None
+    rates = [min(1.0, a / delta.drafts) for a in list(delta.accepted_per_pos)[:k]]
+    return Acceptance(tuple(max(min(rates[: i + 1]), 1e-6) for i in range(len(rates))))
+
+
+def rollout_pilot(eng, prompts, lengths, max_b, max_k):
+    """One rollout at the largest k before the timed rounds: the acceptance a k chooser would have from the
+    previous RL step (its per-position rates on THESE prompts; they differ from the sweep's prompts)."""
+    ps = [prompts[i % len(prompts)] for i in range(len(lengths))]
+    eng.set_spec_schedule(((1, max_b, max_k),))
+    c0 = eng.spec_counters()
+    _gen(eng, ps, lengths)
+    return _rollout_acceptance(eng.spec_counters() - c0, max_k)
+
+
 def rollout_compare(eng, prompts, lengths, schedule, args, max_b):
-    """Wall time of one tapering rollout per arm (k=0, fixed ks, chosen schedule), interleaved in rounds."""
+    """Time of one tapering rollout per arm (k=0, fixed ks, chosen schedule), interleaved in rounds; and
+    each arm's spec counters (AL per arm)."""
     arms = {f"k={k}": ((1, max_b, k),) for k in [0] + args.ks}
     arms["chosen"] = tuple(schedule)
     ps = [prompts[i % len(prompts)] for i in range(len(lengths))]
-    times = {a: [] for a in arms}
+    times, al = {a: [] for a in arms}, {a: [0, 0] for a in arms}
     for r in range(args.rounds):
         order = list(arms)
         random.Random(r).shuffle(order)
         for a in order:
             eng.set_spec_schedule(arms[a])
+            c0 = eng.spec_counters()
             times[a].append(_gen(eng, ps, lengths)[0])
+            d = eng.spec_counters() - c0
+            al[a][0] += d.accepted
+            al[a][1] += d.drafts
             print(f"  rollout r{r} {a}: {times[a][-1]:.2f}s", flush=True)
-    return times
+    return times, {a: 1 + x / n if n else 1.0 for a, (x, n) in al.items()}
+
+
+def no_spec_rollout(base, prompts, lengths, args) -> list[float]:
+    """The same rollout on an engine built WITHOUT speculation (k=0 in a spec engine is not free: vLLM
+    still runs the EAGLE drafter's first forward every step to keep its KV cache in sync). Measured after
+    the spec engine closed: not interleaved with its arms."""
+    from draftadapt.engine.vllm import Engine, EngineConfig
+
+    ps = [prompts[i % len(prompts)] for i in range(len(lengths))]
+    cfg = EngineConfig(model=str(base / "target"), max_num_seqs=len(lengths), max_model_len=256,
+                       worker_extension=None, extra={"enable_prefix_caching": False})
+    with Engine(cfg) as eng:
+        _gen(eng, prompts[:4], 8)
+        return [_gen(eng, ps, lengths)[0] for _ in range(args.rounds)]
 
 
 def toy_trajectory(max_num_seqs: int, prompts_n: int = 32, group: int = 8) -> dict:
@@ -243,16 +280,19 @@ def run_method(method, base, prompts, args, lengths):
         costs, acc, check = model_check(summary, args, plain)
         check += model_check(summary, args, model="linear")[2]
         rich = _acceptance(summary, max_k, args.batches)
-        schedule = choose_schedule(costs, rich, max_k, max_b)
-        print(f"{method}: chosen schedule {schedule}")
-        times = rollout_compare(eng, prompts, lengths, schedule, args, cap) if lengths else {}
+        pilot = rollout_pilot(eng, prompts, lengths, cap, max_k) if lengths else None
+        schedule = choose_schedule(costs, pilot or rich, max_k, max_b)
+        print(f"{method}: chosen schedule {schedule} (rollout pilot acceptance {pilot and [round(r, 3) for r in pilot.rates]})")
+        times, arm_al = rollout_compare(eng, prompts, lengths, schedule, args, cap) if lengths else ({}, {})
+    no_spec = no_spec_rollout(base, prompts, lengths, args) if lengths else []
     traj = trajectory_from_lengths(lengths, max_b) if lengths else []
-    predicted = {a: rollout_time(costs, rich, traj, schedule_k(schedule) if a == "chosen" else int(a[2:]))
+    predicted = {a: rollout_time(costs, pilot or rich, traj, schedule_k(schedule) if a == "chosen" else int(a[2:]))
                  for a in times}
     return {"rows": rows, "summary": list(summary.values()), "plain_steps": plain, "costs": costs_to_dict(costs),
             "fit_ks": args.fit_ks,
             "acceptance_k3": list(acc.rates), "acceptance_kmax": list(rich.rates), "model_check": check,
-            "schedule": schedule, "rollout_lengths": lengths, "rollout_seconds": times,
+            "schedule": schedule, "rollout_lengths": lengths, "rollout_seconds": times, "rollout_al": arm_al,
+            "rollout_pilot_acceptance": list(pilot.rates) if pilot else None, "rollout_no_spec_engine_s": no_spec,
             "rollout_predicted_s": predicted}
 
 
@@ -283,10 +323,21 @@ def report(method, res):
     if res["rollout_seconds"]:
         base = statistics.median(res["rollout_seconds"]["k=0"])
         print(f"tapering rollout ({len(res['rollout_lengths'])} requests), chosen schedule {res['schedule']}")
-        print_table(["arm", "seconds (median)", "range", "speed-up", "predicted speed-up"],
+        al = res.get("rollout_al", {})
+        print_table(["arm", "seconds (median)", "range", "speed-up", "predicted speed-up", "error", "AL"],
                     [[a, statistics.median(t), f"[{min(t):.2f}, {max(t):.2f}]", base / statistics.median(t),
-                      res["rollout_predicted_s"]["k=0"] / res["rollout_predicted_s"][a]]
+                      res["rollout_predicted_s"]["k=0"] / res["rollout_predicted_s"][a],
+                      f"{res['rollout_predicted_s']['k=0'] / res['rollout_predicted_s'][a] * statistics.median(t) / base - 1:+.1%}",
+                      al.get(a, float("nan"))]
                      for a, t in res["rollout_seconds"].items()])
+        fixed = {a: statistics.median(t) for a, t in res["rollout_seconds"].items() if a.startswith("k=") and a != "k=0"}
+        best = min(fixed, key=fixed.get)
+        print(f"chosen vs best fixed ({best}): {fixed[best] / statistics.median(res['rollout_seconds']['chosen']):.3f}x; "
+              f"pilot acceptance {res.get('rollout_pilot_acceptance')}")
+        if res.get("rollout_no_spec_engine_s"):
+            ns = statistics.median(res["rollout_no_spec_engine_s"])
+            print(f"no-spec ENGINE (not interleaved): {ns:.2f}s = {ns / base:.2f} x the spec engine's k=0 arm; "
+                  f"best fixed k vs no-spec engine {ns / fixed[best]:.2f}x")
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ def calibrate_table(plain: dict[int, float], fit: Sequence[Measured]) -> Costs:
     costs that a verify of b sequences does not)."""
     if len(plain) < 2:
         raise ValueError("calibrate_table needs plain decode steps at >= 2 batch sizes")
+    plain = {int(b): t for b, t in plain.items()}  # JSON keys are strings
     verify = TableCost(tuple(float(b) for b in sorted(plain)), tuple(plain[b] for b in sorted(plain)))
     by_b: dict[int, list[tuple[float, float]]] = {}
     for m in fit:
