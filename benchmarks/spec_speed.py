@@ -318,8 +318,14 @@ def report(method, res):
         for key, what in (("error", "full prediction"), ("error_with_arm_al", "cost model with the arm's AL")):
             held = [abs(m[key]) for m in res["model_check"] if not m["fitted"] and m.get("model", "linear") == model]
             if held:
+                by = {(x["b"], x["k"]): x for x in res["summary"]}
+                pk = "predicted" if key == "error" else "predicted_with_arm_al"
+                rows = [m for m in res["model_check"] if not m["fitted"] and m.get("model", "linear") == model]
+                spread = sum(by[(m["b"], m["k"])]["speedup_min"] * 0.999 <= m[pk] <= by[(m["b"], m["k"])]["speedup_max"] * 1.001
+                             for m in rows)
                 print(f"{model} model, held-out configs, {what}: median |error| {statistics.median(held):.1%}, "
-                      f"max {max(held):.1%}, within 10%: {sum(e <= 0.10 for e in held)}/{len(held)}")
+                      f"max {max(held):.1%}, within 10%: {sum(e <= 0.10 for e in held)}/{len(held)}, "
+                      f"inside the measured [min, max] over rounds: {spread}/{len(rows)}")
     if res["rollout_seconds"]:
         base = statistics.median(res["rollout_seconds"]["k=0"])
         print(f"tapering rollout ({len(res['rollout_lengths'])} requests), chosen schedule {res['schedule']}")
@@ -338,6 +344,34 @@ def report(method, res):
             ns = statistics.median(res["rollout_no_spec_engine_s"])
             print(f"no-spec ENGINE (not interleaved): {ns:.2f}s = {ns / base:.2f} x the spec engine's k=0 arm; "
                   f"best fixed k vs no-spec engine {ns / fixed[best]:.2f}x")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Measured (solid, min-max band) vs predicted (dashed, table model) speed-up by batch size, a line per k."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (method, res) in zip(axes[0], results.items()):
+        pred = {(m["b"], m["k"]): m["predicted"] for m in res["model_check"] if m.get("model", "table") == "table"}
+        ks = sorted({s["k"] for s in res["summary"] if s["k"]})
+        for i, k in enumerate(ks):
+            rows = sorted((s for s in res["summary"] if s["k"] == k), key=lambda s: s["b"])
+            bs = [s["b"] for s in rows]
+            c = f"C{i}"
+            ax.plot(bs, [s["speedup"] for s in rows], "-o", color=c, label=f"k={k} measured")
+            ax.fill_between(bs, [s["speedup_min"] for s in rows], [s["speedup_max"] for s in rows], color=c, alpha=0.12)
+            ax.plot(bs, [pred.get((b, k), float("nan")) for b in bs], "--", color=c)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequences in the batch")
+        ax.set_ylabel("speed-up over k=0 (dashed: model, fitted on k=1,3)")
+        ax.set_title(f"{method}: where speculation pays")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -368,8 +402,10 @@ def main() -> None:
         for key in ("batches", "ks", "max_tokens", "rounds", "methods", "target", "clock", "calib_batches"):
             setattr(args, key, old["args"].get(key, []))
         CLOCK = args.clock
-        for m, res in old["methods"].items():
-            report(m, reanalyse(m, res, args))
+        redone = {m: reanalyse(m, res, args) for m, res in old["methods"].items()}
+        for m, res in redone.items():
+            report(m, res)
+        plot(redone, Path(args.from_json).with_suffix(".png"))
         return
     if args.target == "toy":  # the toy policy and its EAGLE-3 draft: a verifier too cheap to dominate
         base, build_info, prompts = _toy_base()
@@ -396,6 +432,7 @@ def main() -> None:
               f"of steps: {[tr[int(f * (len(tr) - 1))] for f in (0, .25, .5, .75, .9)]}; "
               f"share of steps with <= 8 alive: {sum(b <= 8 for b in tr) / len(tr):.0%}")
     print(f"\nwall {time.time() - t0:.0f}s, load average {os.getloadavg()}; machine shared with other sessions")
+    plot(results, Path(__file__).resolve().parent / "results" / f"spec_speed_{args.target}_{args.methods.replace(',', '-')}.png")
     write_json(f"spec_speed_{args.target}_{args.methods.replace(',', '-')}", {"args": vars(args), "heavy": build_info, "methods": results, "toy_trajectory": toy,
                               "greedy": True, "clock": CLOCK, "measured_on": "training prompts (a random target does not generalise)",
                               "threads": os.environ.get("OMP_NUM_THREADS"), "load_end": os.getloadavg()})
