@@ -9,7 +9,10 @@ Per (drafter, b, k): tokens/s, speed-up over k=0 in the same round (median and r
 per-position acceptance, seconds per plain step and per spec round (prefill subtracted).
 
 Then the model (draftadapt/speed.py): costs calibrated on --fit-ks only, acceptance from the k=3 arm
-(geometric tail past k=3); predicted vs measured speed-up on the other ks. Then a tapering rollout
+(geometric tail past k=3); predicted vs measured speed-up on the other ks. Two cost models side by
+side: `table` (calibrate_table: verify(T) = the plain decode step measured at batch T - the k=0 arms,
+plus plain-only --calib-batches up to max(b) * (max(k) + 1), interleaved in the same rounds - and the
+draft's part linear in k per batch size) and `linear` (calibrate: six numbers, linear in tokens). Then a tapering rollout
 (one request per --lengths entry, continuous batching) under no spec, each fixed k, and the chosen
 schedule, measured and predicted. Optionally the toy policy's real rollout trajectory.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -35,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 from _verifier_heavy import HeavyConfig, build  # noqa: E402
 
-from draftadapt.speed import (Acceptance, Measured, calibrate, choose_schedule, costs_to_dict,  # noqa: E402
-                              rollout_time, schedule_k, trajectory_from_lengths)
+from draftadapt.speed import (Acceptance, Measured, calibrate, calibrate_table, choose_schedule,  # noqa: E402
+                              costs_to_dict, rollout_time, schedule_k, trajectory_from_lengths)
 
 
 CLOCK = "cpu"  # set by --clock
@@ -63,11 +67,11 @@ def sweep(eng, prompts, args, max_b):
     """Rows {b, k, round, seconds, decode_s, counters} for every (round, b, k), arms shuffled per (round, b)."""
     rows = []
     for r in range(args.rounds):
-        for b in args.batches:
+        for b in sorted(args.batches + args.calib_batches):
             ps = [prompts[(r * 13 + i) % len(prompts)] for i in range(b)]
             eng.set_spec_schedule(((1, max_b, 0),))
             prefill, _ = _gen(eng, ps, 1)  # prefill + one sampled token, subtracted from every arm
-            arms = [0] + args.ks
+            arms = [0] + (args.ks if b in args.batches else [])  # calibration batches: plain steps only
             random.Random(1000 * r + b).shuffle(arms)
             for k in arms:
                 eng.set_spec_schedule(((1, max_b, k),))
@@ -119,11 +123,21 @@ def _acceptance(summary, k, batches) -> Acceptance:
     return Acceptance(tuple(max(r, 1e-6) for r in rates))
 
 
-def model_check(summary, args):
+def plain_steps(rows, args) -> dict[int, float]:
+    """Seconds per plain decode step by batch size (median over rounds), sweep and calibration batches."""
+    out = {}
+    for b in sorted(set(args.batches + args.calib_batches)):
+        ts = [x["decode_s"] / (args.max_tokens - 1) for x in rows if x["b"] == b and x["k"] == 0]
+        if ts:
+            out[b] = statistics.median(ts)
+    return out
+
+
+def model_check(summary, args, plain=None, model="table"):
     prop = lambda s: s["proposed_per_round"] if s["k"] else None  # noqa: E731
     fit = [Measured(b, k, s["plain_step_s"], s["round_s"], proposed=prop(s)) for (b, k), s in summary.items()
            if k in args.fit_ks]
-    costs = calibrate(fit)
+    costs = calibrate_table(plain, fit) if model == "table" else calibrate(fit)
     k_acc = max(args.fit_ks)  # acceptance from a fitted arm at the same b (same prompts), geometric tail
     acc = _acceptance(summary, k_acc, args.batches)
     rows = []
@@ -135,26 +149,63 @@ def model_check(summary, args):
         p_fit = prop(summary[(b, k_acc)])
         pred = costs.speedup(_acceptance(summary, k_acc, [b]), b, k, k if p_fit >= 0.95 * k_acc else min(k, p_fit))
         pred_al = costs.plain(b) * s["tokens_per_round"] / costs.round(b, k, prop(s))  # this arm's measured AL: the cost model alone
-        rows.append({"b": b, "k": k, "fitted": k in args.fit_ks, "measured": s["speedup"], "predicted": pred,
+        rows.append({"b": b, "k": k, "model": model, "fitted": k in args.fit_ks, "measured": s["speedup"], "predicted": pred,
                      "error": pred / s["speedup"] - 1, "predicted_with_arm_al": pred_al,
                      "error_with_arm_al": pred_al / s["speedup"] - 1})
     return costs, acc, rows
 
 
+def _rollout_acceptance(delta, k) -> Acceptance | None:
+    """Per-position acceptance of one rollout run at fixed k (vLLM's counters, per draft)."""
+    if not delta.drafts:
+        return None
+    rates = [min(1.0, a / delta.drafts) for a in list(delta.accepted_per_pos)[:k]]
+    return Acceptance(tuple(max(min(rates[: i + 1]), 1e-6) for i in range(len(rates))))
+
+
+def rollout_pilot(eng, prompts, lengths, max_b, max_k):
+    """One rollout at the largest k before the timed rounds: the acceptance a k chooser would have from the
+    previous RL step (its per-position rates on THESE prompts; they differ from the sweep's prompts)."""
+    ps = [prompts[i % len(prompts)] for i in range(len(lengths))]
+    eng.set_spec_schedule(((1, max_b, max_k),))
+    c0 = eng.spec_counters()
+    _gen(eng, ps, lengths)
+    return _rollout_acceptance(eng.spec_counters() - c0, max_k)
+
+
 def rollout_compare(eng, prompts, lengths, schedule, args, max_b):
-    """Wall time of one tapering rollout per arm (k=0, fixed ks, chosen schedule), interleaved in rounds."""
+    """Time of one tapering rollout per arm (k=0, fixed ks, chosen schedule), interleaved in rounds; and
+    each arm's spec counters (AL per arm)."""
     arms = {f"k={k}": ((1, max_b, k),) for k in [0] + args.ks}
     arms["chosen"] = tuple(schedule)
     ps = [prompts[i % len(prompts)] for i in range(len(lengths))]
-    times = {a: [] for a in arms}
+    times, al = {a: [] for a in arms}, {a: [0, 0] for a in arms}
     for r in range(args.rounds):
         order = list(arms)
         random.Random(r).shuffle(order)
         for a in order:
             eng.set_spec_schedule(arms[a])
+            c0 = eng.spec_counters()
             times[a].append(_gen(eng, ps, lengths)[0])
+            d = eng.spec_counters() - c0
+            al[a][0] += d.accepted
+            al[a][1] += d.drafts
             print(f"  rollout r{r} {a}: {times[a][-1]:.2f}s", flush=True)
-    return times
+    return times, {a: 1 + x / n if n else 1.0 for a, (x, n) in al.items()}
+
+
+def no_spec_rollout(base, prompts, lengths, args) -> list[float]:
+    """The same rollout on an engine built WITHOUT speculation (k=0 in a spec engine is not free: vLLM
+    still runs the EAGLE drafter's first forward every step to keep its KV cache in sync). Measured after
+    the spec engine closed: not interleaved with its arms."""
+    from draftadapt.engine.vllm import Engine, EngineConfig
+
+    ps = [prompts[i % len(prompts)] for i in range(len(lengths))]
+    cfg = EngineConfig(model=str(base / "target"), max_num_seqs=len(lengths), max_model_len=256,
+                       worker_extension=None, extra={"enable_prefix_caching": False})
+    with Engine(cfg) as eng:
+        _gen(eng, prompts[:4], 8)
+        return [_gen(eng, ps, lengths)[0] for _ in range(args.rounds)]
 
 
 def toy_trajectory(max_num_seqs: int, prompts_n: int = 32, group: int = 8) -> dict:
@@ -195,7 +246,9 @@ def _toy_base():
 def reanalyse(method, old, args):
     """The analysis of `run_method` on rows an earlier run measured (--from-json); nothing is re-measured."""
     summary = summarise(old["rows"], args)
-    costs, acc, check = model_check(summary, args)
+    plain = plain_steps(old["rows"], args)
+    costs, acc, check = model_check(summary, args, plain)
+    check += model_check(summary, args, model="linear")[2]
     rich = _acceptance(summary, max(args.ks), args.batches)
     schedule = choose_schedule(costs, rich, max(args.ks), max(args.batches + [len(old["rollout_lengths"])]))
     times, lengths = old["rollout_seconds"], old["rollout_lengths"]
@@ -211,25 +264,35 @@ def run_method(method, base, prompts, args, lengths):
     from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
 
     max_b, max_k = max(args.batches + [len(lengths) if lengths else 1]), max(args.ks)
+    cap = max([max_b] + args.calib_batches)
     spec = SpecConfig(method, max_k, model=str(base / "draft") if method == "eagle3" else None,
                       num_speculative_tokens_per_batch_size=((1, max_b, max_k),))
-    cfg = EngineConfig(model=str(base / "target"), spec=spec, max_num_seqs=max_b, max_model_len=256,
+    # KV cache for `cap` sequences of <= 128 tokens (26 layers x 4 KV heads x 64 x K,V in fp32 = 53 KB per token):
+    # with the default 1 GiB vLLM admits ~150 sequences and the largest calibration batches would queue
+    kv_gib = max(1, math.ceil(cap * 128 * 53e3 * 1.5 / 2**30))
+    cfg = EngineConfig(model=str(base / "target"), spec=spec, max_num_seqs=cap, max_model_len=256, kv_cache_gib=kv_gib,
                        worker_extension=None, extra={"enable_prefix_caching": False})
     with Engine(cfg) as eng:
         _gen(eng, prompts[:4], 8)  # warm-up
-        rows = sweep(eng, prompts, args, max_b)
+        rows = sweep(eng, prompts, args, cap)
         summary = summarise(rows, args)
-        costs, acc, check = model_check(summary, args)
+        plain = plain_steps(rows, args)
+        costs, acc, check = model_check(summary, args, plain)
+        check += model_check(summary, args, model="linear")[2]
         rich = _acceptance(summary, max_k, args.batches)
-        schedule = choose_schedule(costs, rich, max_k, max_b)
-        print(f"{method}: chosen schedule {schedule}")
-        times = rollout_compare(eng, prompts, lengths, schedule, args, max_b) if lengths else {}
+        pilot = rollout_pilot(eng, prompts, lengths, cap, max_k) if lengths else None
+        schedule = choose_schedule(costs, pilot or rich, max_k, max_b)
+        print(f"{method}: chosen schedule {schedule} (rollout pilot acceptance {pilot and [round(r, 3) for r in pilot.rates]})")
+        times, arm_al = rollout_compare(eng, prompts, lengths, schedule, args, cap) if lengths else ({}, {})
+    no_spec = no_spec_rollout(base, prompts, lengths, args) if lengths else []
     traj = trajectory_from_lengths(lengths, max_b) if lengths else []
-    predicted = {a: rollout_time(costs, rich, traj, schedule_k(schedule) if a == "chosen" else int(a[2:]))
+    predicted = {a: rollout_time(costs, pilot or rich, traj, schedule_k(schedule) if a == "chosen" else int(a[2:]))
                  for a in times}
-    return {"rows": rows, "summary": list(summary.values()), "costs": costs_to_dict(costs), "fit_ks": args.fit_ks,
+    return {"rows": rows, "summary": list(summary.values()), "plain_steps": plain, "costs": costs_to_dict(costs),
+            "fit_ks": args.fit_ks,
             "acceptance_k3": list(acc.rates), "acceptance_kmax": list(rich.rates), "model_check": check,
-            "schedule": schedule, "rollout_lengths": lengths, "rollout_seconds": times,
+            "schedule": schedule, "rollout_lengths": lengths, "rollout_seconds": times, "rollout_al": arm_al,
+            "rollout_pilot_acceptance": list(pilot.rates) if pilot else None, "rollout_no_spec_engine_s": no_spec,
             "rollout_predicted_s": predicted}
 
 
@@ -241,26 +304,74 @@ def report(method, res):
                   s["wall_speedup"], s["al"], f"{s['drafted_share']:.2f}", " ".join(f"{r:.2f}" for r in s["rates"]), s["plain_step_s"],
                   s["round_s"]]
                  for s in res["summary"]])
-    c = res["costs"]
-    print(f"calibrated on k in {res['fit_ks']}: verify(T) = {c['verify']['fixed']:.4f} + {c['verify']['per_token']:.5f} T s; "
-          f"draft step(b) = {c['draft']['fixed']:.4f} + {c['draft']['per_token']:.5f} b s; "
-          f"round overhead(b) = {c['overhead']['fixed']:.4f} + {c['overhead']['per_token']:.5f} b s")
+    if res.get("plain_steps"):
+        print("plain decode step (s) by batch = verify(T) of the table model: " +
+              ", ".join(f"{b}: {t:.4f}" for b, t in sorted(res["plain_steps"].items(), key=lambda x: int(x[0]))))
+    print(f"calibrated on k in {res['fit_ks']}; costs of the table model in spec_speed_*_costs_*.json")
     print("predicted: costs fitted on the fit ks + acceptance of the largest fit k at the same b (geometric tail);\n"
           "pred. w/ arm AL: the same costs with this arm's measured tokens per round and proposed tokens (cost model alone)")
-    print_table(["b", "k", "fit?", "measured", "predicted", "error", "pred. w/ arm AL", "error"],
-                [[m["b"], m["k"], "fit" if m["fitted"] else "-", m["measured"], m["predicted"], f"{m['error']:+.1%}",
-                  m["predicted_with_arm_al"], f"{m['error_with_arm_al']:+.1%}"] for m in res["model_check"]])
-    held = [abs(m["error"]) for m in res["model_check"] if not m["fitted"]]
-    if held:
-        print(f"held-out configs: median |error| {statistics.median(held):.1%}, max {max(held):.1%}, "
-              f"within 10%: {sum(e <= 0.10 for e in held)}/{len(held)}")
+    print_table(["model", "b", "k", "fit?", "measured", "predicted", "error", "pred. w/ arm AL", "error"],
+                [[m.get("model", "linear"), m["b"], m["k"], "fit" if m["fitted"] else "-", m["measured"], m["predicted"],
+                  f"{m['error']:+.1%}", m["predicted_with_arm_al"], f"{m['error_with_arm_al']:+.1%}"]
+                 for m in res["model_check"]])
+    for model in ("table", "linear"):
+        for key, what in (("error", "full prediction"), ("error_with_arm_al", "cost model with the arm's AL")):
+            held = [abs(m[key]) for m in res["model_check"] if not m["fitted"] and m.get("model", "linear") == model]
+            if held:
+                by = {(x["b"], x["k"]): x for x in res["summary"]}
+                pk = "predicted" if key == "error" else "predicted_with_arm_al"
+                rows = [m for m in res["model_check"] if not m["fitted"] and m.get("model", "linear") == model]
+                spread = sum(by[(m["b"], m["k"])]["speedup_min"] * 0.999 <= m[pk] <= by[(m["b"], m["k"])]["speedup_max"] * 1.001
+                             for m in rows)
+                print(f"{model} model, held-out configs, {what}: median |error| {statistics.median(held):.1%}, "
+                      f"max {max(held):.1%}, within 10%: {sum(e <= 0.10 for e in held)}/{len(held)}, "
+                      f"inside the measured [min, max] over rounds: {spread}/{len(rows)}")
     if res["rollout_seconds"]:
         base = statistics.median(res["rollout_seconds"]["k=0"])
         print(f"tapering rollout ({len(res['rollout_lengths'])} requests), chosen schedule {res['schedule']}")
-        print_table(["arm", "seconds (median)", "range", "speed-up", "predicted speed-up"],
+        al = res.get("rollout_al", {})
+        print_table(["arm", "seconds (median)", "range", "speed-up", "predicted speed-up", "error", "AL"],
                     [[a, statistics.median(t), f"[{min(t):.2f}, {max(t):.2f}]", base / statistics.median(t),
-                      res["rollout_predicted_s"]["k=0"] / res["rollout_predicted_s"][a]]
+                      res["rollout_predicted_s"]["k=0"] / res["rollout_predicted_s"][a],
+                      f"{res['rollout_predicted_s']['k=0'] / res['rollout_predicted_s'][a] * statistics.median(t) / base - 1:+.1%}",
+                      al.get(a, float("nan"))]
                      for a, t in res["rollout_seconds"].items()])
+        fixed = {a: statistics.median(t) for a, t in res["rollout_seconds"].items() if a.startswith("k=") and a != "k=0"}
+        best = min(fixed, key=fixed.get)
+        print(f"chosen vs best fixed ({best}): {fixed[best] / statistics.median(res['rollout_seconds']['chosen']):.3f}x; "
+              f"pilot acceptance {res.get('rollout_pilot_acceptance')}")
+        if res.get("rollout_no_spec_engine_s"):
+            ns = statistics.median(res["rollout_no_spec_engine_s"])
+            print(f"no-spec ENGINE (not interleaved): {ns:.2f}s = {ns / base:.2f} x the spec engine's k=0 arm; "
+                  f"best fixed k vs no-spec engine {ns / fixed[best]:.2f}x")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Measured (solid, min-max band) vs predicted (dashed, table model) speed-up by batch size, a line per k."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (method, res) in zip(axes[0], results.items()):
+        pred = {(m["b"], m["k"]): m["predicted"] for m in res["model_check"] if m.get("model", "table") == "table"}
+        ks = sorted({s["k"] for s in res["summary"] if s["k"]})
+        for i, k in enumerate(ks):
+            rows = sorted((s for s in res["summary"] if s["k"] == k), key=lambda s: s["b"])
+            bs = [s["b"] for s in rows]
+            c = f"C{i}"
+            ax.plot(bs, [s["speedup"] for s in rows], "-o", color=c, label=f"k={k} measured")
+            ax.fill_between(bs, [s["speedup_min"] for s in rows], [s["speedup_max"] for s in rows], color=c, alpha=0.12)
+            ax.plot(bs, [pred.get((b, k), float("nan")) for b in bs], "--", color=c)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequences in the batch")
+        ax.set_ylabel("speed-up over k=0 (dashed: model, fitted on k=1,3)")
+        ax.set_title(f"{method}: where speculation pays")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -269,6 +380,8 @@ def main() -> None:
     ap.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16])
     ap.add_argument("--ks", type=_ints, default=[1, 2, 3, 5])
     ap.add_argument("--fit-ks", type=_ints, default=[1, 3], help="ks the cost model is calibrated on")
+    ap.add_argument("--calib-batches", type=_ints, default=None,
+                    help="plain-only batch sizes measuring verify(T) past the sweep (default: up to max(b) * (max(k)+1))")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="cpu = this process's CPU seconds (robust on a shared machine; vLLM runs in-process, 1 thread)")
@@ -278,16 +391,21 @@ def main() -> None:
     ap.add_argument("--from-json", help="re-analyse the rows of an earlier run's JSON (explicit reuse: measures nothing)")
     ap.add_argument("--toy-trajectory", action="store_true", help="also measure a toy policy rollout's trajectory")
     args = ap.parse_args()
+    if args.calib_batches is None:
+        top = max(args.batches) * (max(args.ks) + 1)
+        args.calib_batches = [b for b in (48, 64, 96, 128, 192, 256, 384, 512) if max(args.batches) < b <= top]
     global CLOCK
     CLOCK = args.clock
     t0 = time.time()
     if args.from_json:
         old = json.loads(Path(args.from_json).read_text())
-        for key in ("batches", "ks", "max_tokens", "rounds", "methods", "target", "clock"):
-            setattr(args, key, old["args"][key])
+        for key in ("batches", "ks", "max_tokens", "rounds", "methods", "target", "clock", "calib_batches"):
+            setattr(args, key, old["args"].get(key, []))
         CLOCK = args.clock
-        for m, res in old["methods"].items():
-            report(m, reanalyse(m, res, args))
+        redone = {m: reanalyse(m, res, args) for m, res in old["methods"].items()}
+        for m, res in redone.items():
+            report(m, res)
+        plot(redone, Path(args.from_json).with_suffix(".png"))
         return
     if args.target == "toy":  # the toy policy and its EAGLE-3 draft: a verifier too cheap to dominate
         base, build_info, prompts = _toy_base()
@@ -314,6 +432,7 @@ def main() -> None:
               f"of steps: {[tr[int(f * (len(tr) - 1))] for f in (0, .25, .5, .75, .9)]}; "
               f"share of steps with <= 8 alive: {sum(b <= 8 for b in tr) / len(tr):.0%}")
     print(f"\nwall {time.time() - t0:.0f}s, load average {os.getloadavg()}; machine shared with other sessions")
+    plot(results, Path(__file__).resolve().parent / "results" / f"spec_speed_{args.target}_{args.methods.replace(',', '-')}.png")
     write_json(f"spec_speed_{args.target}_{args.methods.replace(',', '-')}", {"args": vars(args), "heavy": build_info, "methods": results, "toy_trajectory": toy,
                               "greedy": True, "clock": CLOCK, "measured_on": "training prompts (a random target does not generalise)",
                               "threads": os.environ.get("OMP_NUM_THREADS"), "load_end": os.getloadavg()})

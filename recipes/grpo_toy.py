@@ -138,11 +138,11 @@ class KChooser:
         self.schedule, self.acc = [(1, rc.max_num_seqs, rc.num_speculative_tokens)], None
 
     def update(self, engine, delta) -> str:
-        from draftadapt.speed import acceptance_from_counts, choose_schedule
+        from draftadapt.speed import acceptance_from_counts, choose_schedule, merge_acceptance
 
         k_min = min((k for _, _, k in self.schedule if k > 0), default=0)
-        # nothing drafted (every range off): keep the last acceptance
-        self.acc = acceptance_from_counts(delta.accepted_per_pos, delta.drafts, k_min) or self.acc
+        # nothing drafted (every range off): keep the last acceptance; positions past k_min: the older estimate
+        self.acc = merge_acceptance(acceptance_from_counts(delta.accepted_per_pos, delta.drafts, k_min), self.acc)
         if self.acc is not None:
             self.schedule = choose_schedule(self.costs, self.acc, self.max_k, self.max_b)
             engine.set_spec_schedule(self.schedule)

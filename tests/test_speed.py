@@ -83,3 +83,48 @@ def test_acceptance_from_counts_uses_only_positions_every_draft_had():
     assert acc.rates == pytest.approx((0.8, 0.6))
     assert acc.extended(3)[2] == pytest.approx(0.6 * 0.75)
     assert acceptance_from_counts([], drafts=0, k_min=3) is None
+
+
+def test_table_cost_interpolates_and_extends_its_end_segments():
+    from draftadapt.speed import TableCost, costs_from_dict, costs_to_dict
+
+    t = TableCost((1.0, 4.0, 8.0), (1.0, 1.3, 3.3))
+    assert t(1) == pytest.approx(1.0) and t(2.5) == pytest.approx(1.15) and t(6) == pytest.approx(2.3)
+    assert t(12) == pytest.approx(5.3)  # the last segment's slope (0.5 per unit) carries on
+    assert t(0) == pytest.approx(0.9)
+    c = Costs(verify=t, draft=LinearCost(0.1, 0.01))
+    assert costs_from_dict(costs_to_dict(c)) == c
+    with pytest.raises(ValueError, match="strictly increasing"):
+        TableCost((2.0, 1.0), (1.0, 1.0))
+    with pytest.raises(ValueError, match="xs.*ys"):
+        costs_from_dict({"verify": {"a": 1}})
+
+
+def test_calibrate_table_follows_a_verify_cost_that_is_not_linear_in_tokens():
+    """A forward whose cost jumps past 64 tokens (a GEMM tile boundary): the linear model cannot follow it,
+    the table model - verify(T) from plain steps at batch T - predicts unseen k exactly."""
+    from draftadapt.speed import calibrate_table
+
+    verify = lambda t: 0.01 + 0.0001 * t + (0.004 if t > 64 else 0.0)  # noqa: E731
+    draft = lambda b: 0.002 + 0.00005 * b  # noqa: E731
+    round_s = lambda b, k: verify(b * (k + 1)) + k * draft(b) + 0.0005  # noqa: E731
+    plain = {b: verify(b) for b in (1, 2, 4, 8, 16, 32, 64, 65, 128, 256)}
+    fit = [Measured(b, k, verify(b), round_s(b, k)) for b in (1, 4, 16, 32) for k in (1, 3)]
+    table, linear = calibrate_table(plain, fit), calibrate(fit)
+    for b, k in ((16, 5), (32, 7), (4, 2)):
+        assert table.round(b, k) == pytest.approx(round_s(b, k), rel=1e-6)
+    assert max(abs(linear.round(b, k) / round_s(b, k) - 1) for b, k in ((16, 5), (32, 7))) > 0.05
+    with pytest.raises(ValueError, match=">= 2 ks"):
+        calibrate_table(plain, [Measured(1, 3, 0.01, 0.02)])
+
+
+def test_chooser_never_drafts_past_the_measured_positions_and_merges_old_ones():
+    from draftadapt.speed import merge_acceptance
+
+    costs = Costs(verify=LinearCost(1.0, 0.0), draft=LinearCost(0.001, 0.0))  # drafting nearly free: more k pays
+    acc = Acceptance((0.9, 0.85, 0.8))
+    assert max(k for _, _, k in choose_schedule(costs, acc, 7, 8)) == 3
+    assert max(k for _, _, k in choose_schedule(costs, acc, 7, 8, extrapolate=True)) == 7
+    merged = merge_acceptance(Acceptance((0.5,)), acc)  # a step that measured position 0 only
+    assert merged.rates == pytest.approx((0.5, 0.5 * 0.85 / 0.9, 0.5 * 0.8 / 0.9))
+    assert merge_acceptance(None, acc) is acc and merge_acceptance(acc, None) is acc
