@@ -253,11 +253,13 @@ class RayEnginePool:
         new = EngineActor(index, self.cfg, self.ray_cfg, self._shipper)
         self.engines[index] = new
         info = new.wait_ready()
+        swapper = EngineSwapper(self.engines)  # knows the new engine's ranks: a TP engine takes pushes in two phases
         for kind in ("policy", "draft"):  # the policy first: the drafter shares its embedding
             if kind in self._latest:
                 s = self._latest[kind]
-                new.collective_rpc("draftadapt_push", kwargs=dict(kind=kind, version=s.version,
-                                                                  expected_checksum=s.checksum, payload=s.ref))
+                kw = dict(kind=kind, version=s.version, expected_checksum=s.checksum, payload=s.ref)
+                outs = new.collective_rpc("draftadapt_push", kwargs=swapper._kw(index, kw))
+                swapper._settle(index, kind, s.version, None, outs)  # all ranks keep it, or all restore and raise
         new.reset_prefix_cache()
         self.swapper = EngineSwapper(self.engines)  # re-reads the versions every engine serves
         self.restarts += 1
