@@ -153,6 +153,7 @@ VLLM_PARITY = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM
     sys.path.insert(0, sys.argv[1])
+    from vllm_parity_helpers import CachedCausalAttention
     from conftest import tiny_config
     from draftadapt.batch import DraftBatch
     from draftadapt.checkpoint import draft_state_for_push, save_eagle3
@@ -163,23 +164,6 @@ VLLM_PARITY = textwrap.dedent("""
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
-
-    class CachedCausalAttention(torch.nn.Module):
-        def __init__(self, nh, nkv, hd):
-            super().__init__()
-            self.nh, self.nkv, self.hd, self.k, self.v = nh, nkv, hd, None, None
-        def forward(self, q, k, v):
-            n = q.shape[0]
-            k, v = k.view(n, self.nkv, self.hd), v.view(n, self.nkv, self.hd)
-            self.k = k if self.k is None else torch.cat([self.k, k])
-            self.v = v if self.v is None else torch.cat([self.v, v])
-            total = self.k.shape[0]
-            mask = torch.arange(total)[None, :] <= (total - n + torch.arange(n))[:, None]
-            rep = self.nh // self.nkv
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.view(n, self.nh, self.hd).transpose(0, 1), self.k.transpose(0, 1).repeat_interleave(rep, 0),
-                self.v.transpose(0, 1).repeat_interleave(rep, 0), attn_mask=mask, scale=self.hd ** -0.5)
-            return out.transpose(0, 1).reshape(n, -1)
 
     work, V, T = Path(sys.argv[2]), 300, 20
     cfg = tiny_config("llama", layers=8, hidden=64, vocab=V)

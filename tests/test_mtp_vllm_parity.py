@@ -29,6 +29,7 @@ SCRIPT = textwrap.dedent("""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     sys.path.insert(0, sys.argv[1])
+    from vllm_parity_helpers import CachedCausalAttention
     from conftest import tiny_model
     from draftadapt.capture import FeatureCapture
     from draftadapt.drafts.mtp import MTPDraft, mtp_state_for_push
@@ -39,23 +40,6 @@ SCRIPT = textwrap.dedent("""
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.model_executor.models.mimo_mtp import MiMoMTP
-
-    class CachedCausalAttention(torch.nn.Module):
-        def __init__(self, nh, nkv, hd):
-            super().__init__()
-            self.nh, self.nkv, self.hd, self.k, self.v = nh, nkv, hd, None, None
-        def forward(self, q, k, v):
-            n = q.shape[0]
-            k, v = k.view(n, self.nkv, self.hd), v.view(n, self.nkv, self.hd)
-            self.k = k if self.k is None else torch.cat([self.k, k])
-            self.v = v if self.v is None else torch.cat([self.v, v])
-            total = self.k.shape[0]
-            mask = torch.arange(total)[None, :] <= (total - n + torch.arange(n))[:, None]
-            rep = self.nh // self.nkv
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.view(n, self.nh, self.hd).transpose(0, 1), self.k.transpose(0, 1).repeat_interleave(rep, 0),
-                self.v.transpose(0, 1).repeat_interleave(rep, 0), attn_mask=mask, scale=self.hd ** -0.5)
-            return out.transpose(0, 1).reshape(n, -1)
 
     work, T, L = Path(sys.argv[2]), 20, 2
     # 1) a MiMo policy (a Llama converted exactly) with a random, far-from-identity MTP layer, exported
