@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -47,8 +48,11 @@ from draftadapt.trainer import TrainerConfig  # noqa: E402
 TRAJ_ROOT = ROOT / "runs" / "adaptation_replay"
 OUT = RESULTS / "adaptation_replay"
 # formal: correct answers in the formal style (3% of the SFT data) earn 3x - accuracy rises while the style moves;
+# formal-only: ONLY correct formal answers pay (other_styles=0) - formal_bonus alone let chain of thought (the
+#   draft's own style) win, the frozen draft's AL rose; this reward forces the move toward the under-represented style
 # correct: correctness only (sharpening); style: +1 for any verbose completion, right or wrong (a reward hack)
 REWARDS = {"formal": ["reward.verbose_bonus=0", "reward.formal_bonus=2"],
+           "formal-only": ["reward.verbose_bonus=0", "reward.other_styles=0"],
            "correct": ["reward.verbose_bonus=0"],
            "style": ["reward.verbose_bonus=0", "reward.verbose_reward=1"]}
 BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
@@ -92,7 +96,7 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides:
     tok = AutoTokenizer.from_pretrained(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    rec = TrajectoryRecorder(root, meta={"reward": reward, "seed": seed, "config": asdict(cfg)})
+    rec = TrajectoryRecorder(root, meta={"reward": reward, "seed": seed, "config": asdict(cfg), "update_seconds": []})
     with Engine(EngineConfig(model=str(policy_dir), max_num_seqs=cfg.rollout.max_num_seqs, seed=seed)) as eng:
         swapper = EngineSwapper(eng)
         for step in range(steps):
@@ -105,7 +109,9 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides:
                     **{f"style/{s}": sum(style_of(t) == s for t in r.texts) / len(r.texts) for s in STYLES}}
             rec.record(step, policy, StepRollouts(b.input_ids, b.attention_mask, b.completion_mask,
                                                   r.rewards.float(), adv.float()), info)
+            t0 = time.perf_counter()
             policy_update(policy, opt, r, tok.pad_token_id, cfg.update)
+            rec.meta["update_seconds"].append(time.perf_counter() - t0)  # + generation = the step
             swapper.refit_policy(policy.state_dict(), step + 1)
             print(f"  record {reward} s{seed} step {step}: {json.dumps({k: round(v, 3) for k, v in info.items()})}",
                   flush=True)
@@ -203,8 +209,11 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
                              for c in g]
                     acc = sum(parse_answer(t) == p.answer for p, t in texts) / len(texts)
                     styles = {s: sum(style_of(t) == s for _, t in texts) / len(texts) for s in STYLES}
+            update_s = traj.meta.get("update_seconds") or []
+            step_s = traj.step_info(v)["generation_seconds"] + (update_s[v] if v < len(update_s) else math.nan)
             rows.append({"version": v + 1, "al": al, "accuracy": acc, "styles": styles, "train": train,
                          "rollout_completion_tokens": ro.completion_tokens, "oracle_seconds": oracle_s,
+                         "step_seconds": step_s, "load_average": os.getloadavg(),
                          "recorded": traj.step_info(v), "replay_seconds": time.perf_counter() - t0})
             partial = {"stamp": stamp(), "args": vars(args), "arms": {a: arm_config(a) for a in arms},
                        "runs": {f"{traj.meta['reward']}/{traj.meta['seed']}": rows}}
@@ -278,9 +287,12 @@ def print_report(summary: dict) -> None:
     for reward, s in summary.items():
         print(f"\n== reward {reward}: AL - frozen AL, mean over steps, 95% CI over {s['n_seeds']} seeds ==")
         print_table(["arm", "gain", "ci lo", "ci hi", "gap closed (oracle steps)", "ci lo", "ci hi",
-                     "train tok / rollout tok", "train s / step"],
-                    [[a, *r["gain"], *r["gap_closed"], r["tokens_ratio"], r["train_seconds"]]
+                     "train tok / rollout tok", "train s", "train s / step s"],
+                    [[a, *r["gain"], *r["gap_closed"], r["tokens_ratio"], r["train_seconds"], r.get("step_fraction")]
                      for a, r in s["arms"].items()])
+        for v, fr in s["oracle_steps"].items():
+            print(f"  oracle step {v}: fraction of the frozen->oracle gap closed " + ", ".join(
+                f"{a} {m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for a, (m, lo, hi) in fr.items()))
         print_table(["version", "frozen AL", "oracle AL", "oracle gap", "gap ci lo", "gap ci hi", "accuracy",
                      "formal share"], s["per_step"])
 

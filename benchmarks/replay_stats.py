@@ -49,6 +49,9 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
                            "tokens_ratio": sum(r["train"][a]["tokens"] / r["rollout_completion_tokens"]
                                                for r in all_rows) / len(all_rows),
                            "train_seconds": sum(r["train"][a]["seconds"] for r in all_rows) / len(all_rows),
+                           # draft-train seconds over the recorded step's (generation + policy update) seconds
+                           "step_fraction": t_interval([r["train"][a]["seconds"] / r["step_seconds"]
+                                                        for r in all_rows if r.get("step_seconds")])[0],
                            "per_step_gain": {v: t_interval([rows[i]["al"][a] - rows[i]["al"]["frozen"]
                                                             for rows in seeds.values()])
                                              for i, v in enumerate(versions)}}
