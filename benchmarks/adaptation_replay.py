@@ -57,7 +57,8 @@ REWARDS = {"formal": ["reward.verbose_bonus=0", "reward.formal_bonus=2"],
            "style": ["reward.verbose_bonus=0", "reward.verbose_reward=1"]}
 BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
                     "acceptance_drop": None},
-        "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {}}
+        "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {},
+        "init": "task"}  # the initial draft: "task" (in-domain toy draft) or "chat" (generic: toy chat corpus)
 # every arm trains train_steps x batch_tokens per boundary (equal draft compute) except "boost"
 ARMS = {"default": {},
         "replay20": {"adapter": {"staleness_window": 20}},
@@ -66,13 +67,17 @@ ARMS = {"default": {},
         "kl+tv": {"strategy": {"loss": "kl+tv"}},
         "advantage": {"strategy": {"min_advantage": 0.0}},
         "boost": {"strategy": {"boost_factor": 3.0, "boost_drop": 0.05}},
-        "lr2x": {"trainer": {"lr": 1e-3}}}
+        "lr2x": {"trainer": {"lr": 1e-3}},
+        "generic": {"init": "chat"}}  # the default strategy from a generic-domain init (UltraChat analogue)
 
 
 def arm_config(name: str) -> dict:
-    cfg = {k: dict(v) for k, v in BASE.items()}
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in BASE.items()}
     for section, over in ARMS[name].items():
-        cfg[section].update(over)
+        if isinstance(over, dict):
+            cfg[section].update(over)
+        else:
+            cfg[section] = over
     return cfg
 
 
@@ -120,11 +125,11 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides:
 
 
 # 2) replay ------------------------------------------------------------------------------------
-def make_adapter(name: str, draft_dir: Path, embed) -> DraftAdapter:
+def make_adapter(name: str, draft_dirs: dict[str, Path], embed) -> DraftAdapter:
     from draftadapt.checkpoint import load_eagle3
 
     c = arm_config(name)
-    return DraftAdapter(load_eagle3(draft_dir), embed, load_section(AdapterConfig, c["adapter"]),
+    return DraftAdapter(load_eagle3(draft_dirs[c["init"]]), embed, load_section(AdapterConfig, c["adapter"]),
                         load_section(TrainerConfig, c["trainer"]), load_section(CacheConfig, c["cache"]),
                         strategy=load_section(StrategyConfig, c["strategy"]))
 
@@ -151,7 +156,7 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
     from draftadapt.engine.swap import EngineSwapper
     from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
     from draftadapt.replay import Trajectory, features
-    from draftadapt.toy.draft import toy_draft
+    from draftadapt.toy.draft import ToyDraftConfig, toy_draft
     from draftadapt.toy.eval import encode_prompt, eval_problems
     from draftadapt.toy.policy import toy_policy
     from draftadapt.toy.task import STYLES, parse_answer, style_of
@@ -159,10 +164,14 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
     traj = Trajectory(traj_dir)
     tok_dir = toy_policy()  # the trajectory's checkpoints hold weights only
     draft_dir = toy_draft(tok_dir)
+    draft_dirs = {"task": draft_dir}
+    if any(arm_config(a)["init"] == "chat" for a in arms):  # built once, cached beside the policy
+        draft_dirs["chat"] = toy_draft(tok_dir, ToyDraftConfig(domain="chat", steps=args.generic_steps))
     tok = AutoTokenizer.from_pretrained(tok_dir)
     policy = AutoModelForCausalLM.from_pretrained(traj.policy_dir(0), dtype=torch.float32).eval()
-    adapters = {a: make_adapter(a, draft_dir, policy.get_input_embeddings()) for a in arms}
+    adapters = {a: make_adapter(a, draft_dirs, policy.get_input_embeddings()) for a in arms}
     frozen = {k: v.clone() for k, v in draft_state_for_push(load_eagle3(draft_dir)).items()}
+    frozen_chat = draft_state_for_push(load_eagle3(draft_dirs["chat"])) if "chat" in draft_dirs else None
     problems = eval_problems(args.eval_prompts, seed=4321)
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
     engine = Engine(EngineConfig(model=str(traj.policy_dir(0)), tokenizer=str(tok_dir), max_num_seqs=64, seed=0,
@@ -174,11 +183,13 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             # 1) every arm sees the same features of step v's rollouts (policy v), then trains
             policy.load_state_dict(traj.policy_state(v))
             ro = traj.rollouts(v)
-            batches = list(features(policy, adapters[arms[0]], ro, v))
+            # (the teacher is over each draft's own vocab: one feature pass per initial draft)
+            first = {arm_config(a)["init"]: a for a in reversed(arms)}
+            batches = {init: list(features(policy, adapters[a], ro, v)) for init, a in first.items()}
             advs = ro.advantages.split(64)
             train = {}
             for a, ad in adapters.items():
-                for b, adv in zip(batches, advs):
+                for b, adv in zip(batches[arm_config(a)["init"]], advs):
                     ad.on_rollouts(b, advantages=adv)
                 st = ad.on_step_end(v + 1, counters=counters[a])
                 train[a] = {"steps": st.train.steps, "tokens": st.train.tokens, "seconds": st.train.seconds} \
@@ -186,7 +197,8 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             # 2) the engine serves policy v+1; each draft is pushed and measured on the same seeded samples
             policy.load_state_dict(traj.policy_state(v + 1))
             swapper.refit_policy(policy.state_dict(), v + 1)
-            drafts = {"frozen": frozen, **{a: adapters[a].worker.state_for_push() for a in arms}}
+            drafts = {"frozen": frozen, **({"frozen-chat": frozen_chat} if frozen_chat else {}),
+                      **{a: adapters[a].worker.state_for_push() for a in arms}}
             oracle_s = None
             if args.oracle_every and (v + 1) % args.oracle_every == 0:
                 od, oracle_s = oracle_draft(engine, tok, policy, draft_dir, args, v + 1)
@@ -240,6 +252,7 @@ def main() -> None:
     ap.add_argument("--oracle-every", type=int, default=5)
     ap.add_argument("--oracle-prompts", type=int, default=256)
     ap.add_argument("--oracle-steps", type=int, default=300)
+    ap.add_argument("--generic-steps", type=int, default=600, help="TTT steps of the generic (chat) init draft")
     ap.add_argument("--name", default="adaptation_replay", help="result name under benchmarks/results/")
     ap.add_argument("--reuse", action="store_true", help="re-print the last result JSON instead of measuring")
     ap.add_argument("--rerecord", action="store_true", help="record the trajectories again even if present")
