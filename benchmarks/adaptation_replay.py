@@ -303,9 +303,12 @@ def print_report(summary: dict) -> None:
                      "train tok / rollout tok", "train s", "train s / step s"],
                     [[a, *r["gain"], *r["gap_closed"], r["tokens_ratio"], r["train_seconds"], r.get("step_fraction")]
                      for a, r in s["arms"].items()])
+        print(f"  gap closed = mean over the oracle steps whose gap CI excludes 0: {s.get('open_gap_steps')}")
         for v, fr in s["oracle_steps"].items():
-            print(f"  oracle step {v}: fraction of the frozen->oracle gap closed " + ", ".join(
-                f"{a} {m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for a, (m, lo, hi) in fr.items()))
+            ratio = fr.get("ratio_of_means") or {}
+            print(f"  oracle step {v}: fraction of the frozen->oracle gap closed [CI] (ratio of means) " + ", ".join(
+                f"{a} {m:+.2f} [{lo:+.2f}, {hi:+.2f}] ({ratio.get(a, math.nan):+.2f})"
+                for a, (m, lo, hi) in ((k, x) for k, x in fr.items() if k != "ratio_of_means")))
         print_table(["version", "frozen AL", "oracle AL", "oracle gap", "gap ci lo", "gap ci hi", "accuracy",
                      "formal share"], s["per_step"])
 
