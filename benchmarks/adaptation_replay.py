@@ -299,9 +299,10 @@ def report(runs: dict, arms: list[str], args, extra: dict) -> None:
 def print_report(summary: dict) -> None:
     for reward, s in summary.items():
         print(f"\n== reward {reward}: AL - frozen AL, mean over steps, 95% CI over {s['n_seeds']} seeds ==")
-        print_table(["arm", "gain", "ci lo", "ci hi", "gap closed (oracle steps)", "ci lo", "ci hi",
-                     "train tok / rollout tok", "train s", "train s / step s"],
-                    [[a, *r["gain"], *r["gap_closed"], r["tokens_ratio"], r["train_seconds"], r.get("step_fraction")]
+        print_table(["arm", "gain", "ci lo", "ci hi", "- first arm", "ci lo", "ci hi", "gap closed (open gaps)",
+                     "ci lo", "ci hi", "train tok / rollout tok", "train s", "train s / step s"],
+                    [[a, *r["gain"], *r.get("vs_first_arm", [math.nan] * 3), *r["gap_closed"], r["tokens_ratio"],
+                      r["train_seconds"], r.get("step_fraction")]
                      for a, r in s["arms"].items()])
         print(f"  gap closed = mean over the oracle steps whose gap CI excludes 0: {s.get('open_gap_steps')}")
         for v, fr in s["oracle_steps"].items():

@@ -48,7 +48,9 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
                 f = [x for x in f if x is not None]
                 fracs.append(sum(f) / len(f) if f else None)
             all_rows = [r for rows in seeds.values() for r in rows]
-            arm_rows[a] = {"gain": t_interval(gains), "gap_closed": t_interval(fracs),
+            base = arms[0]  # the paired difference to the first arm (the default) decides a default change
+            vs_base = [sum(r["al"][a] - r["al"][base] for r in rows) / len(rows) for rows in seeds.values()]
+            arm_rows[a] = {"gain": t_interval(gains), "gap_closed": t_interval(fracs), "vs_first_arm": t_interval(vs_base),
                            "tokens_ratio": sum(r["train"][a]["tokens"] / r["rollout_completion_tokens"]
                                                for r in all_rows) / len(all_rows),
                            "train_seconds": sum(r["train"][a]["seconds"] for r in all_rows) / len(all_rows),
