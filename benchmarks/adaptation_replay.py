@@ -13,10 +13,11 @@
    interval over the recorded trajectories (seeds); at oracle steps the fraction of the
    frozen-to-oracle gap closed; draft compute per arm. JSON (every arm's config) + PNG curves.
 
-    python benchmarks/adaptation_replay.py [--rewards formal] [--seeds 0 1 2] [--steps 10]
+    python benchmarks/adaptation_replay.py [--rewards formal-only] [--seeds 0 1 2] [--steps 10]
         [--arms default tv ...] [--eval-prompts 64] [--reuse] [--rerecord]
 
-Measures on every run; --reuse only re-prints the last JSON.
+The `generic` arm starts the default strategy from a draft trained on the toy chat corpus (built once, cached) and
+is measured beside `frozen-chat` (that init, never adapted). Measures on every run; --reuse only re-prints the last JSON.
 """
 from __future__ import annotations
 
