@@ -13,15 +13,17 @@
    interval over the recorded trajectories (seeds); at oracle steps the fraction of the
    frozen-to-oracle gap closed; draft compute per arm. JSON (every arm's config) + PNG curves.
 
-    python benchmarks/adaptation_replay.py [--rewards formal] [--seeds 0 1 2] [--steps 10]
+    python benchmarks/adaptation_replay.py [--rewards formal-only] [--seeds 0 1 2] [--steps 10]
         [--arms default tv ...] [--eval-prompts 64] [--reuse] [--rerecord]
 
-Measures on every run; --reuse only re-prints the last JSON.
+The `generic` arm starts the default strategy from a draft trained on the toy chat corpus (built once, cached) and
+is measured beside `frozen-chat` (that init, never adapted). Measures on every run; --reuse only re-prints the last JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -47,13 +49,17 @@ from draftadapt.trainer import TrainerConfig  # noqa: E402
 TRAJ_ROOT = ROOT / "runs" / "adaptation_replay"
 OUT = RESULTS / "adaptation_replay"
 # formal: correct answers in the formal style (3% of the SFT data) earn 3x - accuracy rises while the style moves;
+# formal-only: ONLY correct formal answers pay (other_styles=0) - formal_bonus alone let chain of thought (the
+#   draft's own style) win, the frozen draft's AL rose; this reward forces the move toward the under-represented style
 # correct: correctness only (sharpening); style: +1 for any verbose completion, right or wrong (a reward hack)
 REWARDS = {"formal": ["reward.verbose_bonus=0", "reward.formal_bonus=2"],
+           "formal-only": ["reward.verbose_bonus=0", "reward.other_styles=0"],
            "correct": ["reward.verbose_bonus=0"],
            "style": ["reward.verbose_bonus=0", "reward.verbose_reward=1"]}
 BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
                     "acceptance_drop": None},
-        "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {}}
+        "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {},
+        "init": "task"}  # the initial draft: "task" (in-domain toy draft) or "chat" (generic: toy chat corpus)
 # every arm trains train_steps x batch_tokens per boundary (equal draft compute) except "boost"
 ARMS = {"default": {},
         "replay20": {"adapter": {"staleness_window": 20}},
@@ -62,13 +68,17 @@ ARMS = {"default": {},
         "kl+tv": {"strategy": {"loss": "kl+tv"}},
         "advantage": {"strategy": {"min_advantage": 0.0}},
         "boost": {"strategy": {"boost_factor": 3.0, "boost_drop": 0.05}},
-        "lr2x": {"trainer": {"lr": 1e-3}}}
+        "lr2x": {"trainer": {"lr": 1e-3}},
+        "generic": {"init": "chat"}}  # the default strategy from a generic-domain init (UltraChat analogue)
 
 
 def arm_config(name: str) -> dict:
-    cfg = {k: dict(v) for k, v in BASE.items()}
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in BASE.items()}
     for section, over in ARMS[name].items():
-        cfg[section].update(over)
+        if isinstance(over, dict):
+            cfg[section].update(over)
+        else:
+            cfg[section] = over
     return cfg
 
 
@@ -92,7 +102,7 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides:
     tok = AutoTokenizer.from_pretrained(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    rec = TrajectoryRecorder(root, meta={"reward": reward, "seed": seed, "config": asdict(cfg)})
+    rec = TrajectoryRecorder(root, meta={"reward": reward, "seed": seed, "config": asdict(cfg), "update_seconds": []})
     with Engine(EngineConfig(model=str(policy_dir), max_num_seqs=cfg.rollout.max_num_seqs, seed=seed)) as eng:
         swapper = EngineSwapper(eng)
         for step in range(steps):
@@ -105,7 +115,9 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides:
                     **{f"style/{s}": sum(style_of(t) == s for t in r.texts) / len(r.texts) for s in STYLES}}
             rec.record(step, policy, StepRollouts(b.input_ids, b.attention_mask, b.completion_mask,
                                                   r.rewards.float(), adv.float()), info)
+            t0 = time.perf_counter()
             policy_update(policy, opt, r, tok.pad_token_id, cfg.update)
+            rec.meta["update_seconds"].append(time.perf_counter() - t0)  # + generation = the step
             swapper.refit_policy(policy.state_dict(), step + 1)
             print(f"  record {reward} s{seed} step {step}: {json.dumps({k: round(v, 3) for k, v in info.items()})}",
                   flush=True)
@@ -114,11 +126,11 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides:
 
 
 # 2) replay ------------------------------------------------------------------------------------
-def make_adapter(name: str, draft_dir: Path, embed) -> DraftAdapter:
+def make_adapter(name: str, draft_dirs: dict[str, Path], embed) -> DraftAdapter:
     from draftadapt.checkpoint import load_eagle3
 
     c = arm_config(name)
-    return DraftAdapter(load_eagle3(draft_dir), embed, load_section(AdapterConfig, c["adapter"]),
+    return DraftAdapter(load_eagle3(draft_dirs[c["init"]]), embed, load_section(AdapterConfig, c["adapter"]),
                         load_section(TrainerConfig, c["trainer"]), load_section(CacheConfig, c["cache"]),
                         strategy=load_section(StrategyConfig, c["strategy"]))
 
@@ -145,7 +157,7 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
     from draftadapt.engine.swap import EngineSwapper
     from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
     from draftadapt.replay import Trajectory, features
-    from draftadapt.toy.draft import toy_draft
+    from draftadapt.toy.draft import ToyDraftConfig, toy_draft
     from draftadapt.toy.eval import encode_prompt, eval_problems
     from draftadapt.toy.policy import toy_policy
     from draftadapt.toy.task import STYLES, parse_answer, style_of
@@ -153,10 +165,14 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
     traj = Trajectory(traj_dir)
     tok_dir = toy_policy()  # the trajectory's checkpoints hold weights only
     draft_dir = toy_draft(tok_dir)
+    draft_dirs = {"task": draft_dir}
+    if any(arm_config(a)["init"] == "chat" for a in arms):  # built once, cached beside the policy
+        draft_dirs["chat"] = toy_draft(tok_dir, ToyDraftConfig(domain="chat", steps=args.generic_steps))
     tok = AutoTokenizer.from_pretrained(tok_dir)
     policy = AutoModelForCausalLM.from_pretrained(traj.policy_dir(0), dtype=torch.float32).eval()
-    adapters = {a: make_adapter(a, draft_dir, policy.get_input_embeddings()) for a in arms}
+    adapters = {a: make_adapter(a, draft_dirs, policy.get_input_embeddings()) for a in arms}
     frozen = {k: v.clone() for k, v in draft_state_for_push(load_eagle3(draft_dir)).items()}
+    frozen_chat = draft_state_for_push(load_eagle3(draft_dirs["chat"])) if "chat" in draft_dirs else None
     problems = eval_problems(args.eval_prompts, seed=4321)
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
     engine = Engine(EngineConfig(model=str(traj.policy_dir(0)), tokenizer=str(tok_dir), max_num_seqs=64, seed=0,
@@ -168,11 +184,13 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             # 1) every arm sees the same features of step v's rollouts (policy v), then trains
             policy.load_state_dict(traj.policy_state(v))
             ro = traj.rollouts(v)
-            batches = list(features(policy, adapters[arms[0]], ro, v))
+            # (the teacher is over each draft's own vocab: one feature pass per initial draft)
+            first = {arm_config(a)["init"]: a for a in reversed(arms)}
+            batches = {init: list(features(policy, adapters[a], ro, v)) for init, a in first.items()}
             advs = ro.advantages.split(64)
             train = {}
             for a, ad in adapters.items():
-                for b, adv in zip(batches, advs):
+                for b, adv in zip(batches[arm_config(a)["init"]], advs):
                     ad.on_rollouts(b, advantages=adv)
                 st = ad.on_step_end(v + 1, counters=counters[a])
                 train[a] = {"steps": st.train.steps, "tokens": st.train.tokens, "seconds": st.train.seconds} \
@@ -180,7 +198,8 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             # 2) the engine serves policy v+1; each draft is pushed and measured on the same seeded samples
             policy.load_state_dict(traj.policy_state(v + 1))
             swapper.refit_policy(policy.state_dict(), v + 1)
-            drafts = {"frozen": frozen, **{a: adapters[a].worker.state_for_push() for a in arms}}
+            drafts = {"frozen": frozen, **({"frozen-chat": frozen_chat} if frozen_chat else {}),
+                      **{a: adapters[a].worker.state_for_push() for a in arms}}
             oracle_s = None
             if args.oracle_every and (v + 1) % args.oracle_every == 0:
                 od, oracle_s = oracle_draft(engine, tok, policy, draft_dir, args, v + 1)
@@ -203,8 +222,11 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
                              for c in g]
                     acc = sum(parse_answer(t) == p.answer for p, t in texts) / len(texts)
                     styles = {s: sum(style_of(t) == s for _, t in texts) / len(texts) for s in STYLES}
+            update_s = traj.meta.get("update_seconds") or []
+            step_s = traj.step_info(v)["generation_seconds"] + (update_s[v] if v < len(update_s) else math.nan)
             rows.append({"version": v + 1, "al": al, "accuracy": acc, "styles": styles, "train": train,
                          "rollout_completion_tokens": ro.completion_tokens, "oracle_seconds": oracle_s,
+                         "step_seconds": step_s, "load_average": os.getloadavg(),
                          "recorded": traj.step_info(v), "replay_seconds": time.perf_counter() - t0})
             partial = {"stamp": stamp(), "args": vars(args), "arms": {a: arm_config(a) for a in arms},
                        "runs": {f"{traj.meta['reward']}/{traj.meta['seed']}": rows}}
@@ -231,6 +253,7 @@ def main() -> None:
     ap.add_argument("--oracle-every", type=int, default=5)
     ap.add_argument("--oracle-prompts", type=int, default=256)
     ap.add_argument("--oracle-steps", type=int, default=300)
+    ap.add_argument("--generic-steps", type=int, default=600, help="TTT steps of the generic (chat) init draft")
     ap.add_argument("--name", default="adaptation_replay", help="result name under benchmarks/results/")
     ap.add_argument("--reuse", action="store_true", help="re-print the last result JSON instead of measuring")
     ap.add_argument("--rerecord", action="store_true", help="record the trajectories again even if present")
@@ -277,10 +300,17 @@ def report(runs: dict, arms: list[str], args, extra: dict) -> None:
 def print_report(summary: dict) -> None:
     for reward, s in summary.items():
         print(f"\n== reward {reward}: AL - frozen AL, mean over steps, 95% CI over {s['n_seeds']} seeds ==")
-        print_table(["arm", "gain", "ci lo", "ci hi", "gap closed (oracle steps)", "ci lo", "ci hi",
-                     "train tok / rollout tok", "train s / step"],
-                    [[a, *r["gain"], *r["gap_closed"], r["tokens_ratio"], r["train_seconds"]]
+        print_table(["arm", "gain", "ci lo", "ci hi", "- first arm", "ci lo", "ci hi", "gap closed (open gaps)",
+                     "ci lo", "ci hi", "train tok / rollout tok", "train s", "train s / step s"],
+                    [[a, *r["gain"], *r.get("vs_first_arm", [math.nan] * 3), *r["gap_closed"], r["tokens_ratio"],
+                      r["train_seconds"], r.get("step_fraction")]
                      for a, r in s["arms"].items()])
+        print(f"  gap closed = mean over the oracle steps whose gap CI excludes 0: {s.get('open_gap_steps')}")
+        for v, fr in s["oracle_steps"].items():
+            ratio = fr.get("ratio_of_means") or {}
+            print(f"  oracle step {v}: fraction of the frozen->oracle gap closed [CI] (ratio of means) " + ", ".join(
+                f"{a} {m:+.2f} [{lo:+.2f}, {hi:+.2f}] ({ratio.get(a, math.nan):+.2f})"
+                for a, (m, lo, hi) in ((k, x) for k, x in fr.items() if k != "ratio_of_means")))
         print_table(["version", "frozen AL", "oracle AL", "oracle gap", "gap ci lo", "gap ci hi", "accuracy",
                      "formal share"], s["per_step"])
 

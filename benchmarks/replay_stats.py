@@ -36,19 +36,27 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
         seeds = {k: rows[:n] for k, rows in seeds.items()}
         versions = [r["version"] for r in next(iter(seeds.values()))]
         oracle_versions = [r["version"] for r in next(iter(seeds.values())) if "oracle" in r["al"]]
+        # the goal is stated where the frozen->oracle gap exceeds its own CI: only those steps enter "gap_closed"
+        open_gaps = [v for i, v in enumerate(versions) if v in oracle_versions and
+                     t_interval([rows[i]["al"]["oracle"] - rows[i]["al"]["frozen"] for rows in seeds.values()])[1] > 0]
         arm_rows = {}
         for a in arms:
             gains = [sum(r["al"][a] - r["al"]["frozen"] for r in rows) / len(rows) for rows in seeds.values()]
             fracs = []
             for rows in seeds.values():
-                f = [_fraction(r, a) for r in rows if "oracle" in r["al"]]
+                f = [_fraction(r, a) for r in rows if r["version"] in open_gaps]
                 f = [x for x in f if x is not None]
                 fracs.append(sum(f) / len(f) if f else None)
             all_rows = [r for rows in seeds.values() for r in rows]
-            arm_rows[a] = {"gain": t_interval(gains), "gap_closed": t_interval(fracs),
+            base = arms[0]  # the paired difference to the first arm (the default) decides a default change
+            vs_base = [sum(r["al"][a] - r["al"][base] for r in rows) / len(rows) for rows in seeds.values()]
+            arm_rows[a] = {"gain": t_interval(gains), "gap_closed": t_interval(fracs), "vs_first_arm": t_interval(vs_base),
                            "tokens_ratio": sum(r["train"][a]["tokens"] / r["rollout_completion_tokens"]
                                                for r in all_rows) / len(all_rows),
                            "train_seconds": sum(r["train"][a]["seconds"] for r in all_rows) / len(all_rows),
+                           # draft-train seconds over the recorded step's (generation + policy update) seconds
+                           "step_fraction": t_interval([r["train"][a]["seconds"] / r["step_seconds"]
+                                                        for r in all_rows if r.get("step_seconds")])[0],
                            "per_step_gain": {v: t_interval([rows[i]["al"][a] - rows[i]["al"]["frozen"]
                                                             for rows in seeds.values()])
                                              for i, v in enumerate(versions)}}
@@ -61,9 +69,13 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
                 oracle = t_interval([r["al"]["oracle"] for r in rs])[0]
                 gap = t_interval([r["al"]["oracle"] - r["al"]["frozen"] for r in rs])
                 oracle_steps[v] = {a: t_interval([_fraction(r, a) for r in rs]) for a in arms}
+                # ratio of the means (steadier than the mean of per-seed ratios when a seed's gap is small)
+                oracle_steps[v]["ratio_of_means"] = {a: t_interval([r["al"][a] - r["al"]["frozen"] for r in rs])[0]
+                                                     / gap[0] for a in arms} if gap[0] > 0 else None
             per_step.append([v, frozen, oracle, *gap, t_interval([r["accuracy"] for r in rs])[0],
                              t_interval([r["styles"]["formal"] for r in rs])[0]])
-        out[reward] = {"n_seeds": len(seeds), "steps": n, "arms": arm_rows, "per_step": per_step, "oracle_steps": oracle_steps}
+        out[reward] = {"n_seeds": len(seeds), "steps": n, "arms": arm_rows, "per_step": per_step,
+                       "oracle_steps": oracle_steps, "open_gap_steps": open_gaps}
     return out
 
 

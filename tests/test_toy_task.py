@@ -51,6 +51,18 @@ def test_verbose_reward_pays_for_the_style_right_or_wrong():
     assert reward(p, solution(p, "terse", random.Random(0)), cfg) == 1.0
 
 
+def test_other_styles_zero_pays_only_correct_formal_answers():
+    p = Problem((3, 4), ("+",), 7)
+    rng = random.Random(0)
+    cfg = RewardConfig(formal_bonus=1.0, other_styles=0.0)
+    formal = solution(p, "formal", rng)
+    assert reward(p, formal, cfg) == 2.0
+    assert reward(p, formal.replace("A: 7", "A: 8"), cfg) == 0.0
+    for style in ("cot", "terse", "verbose"):
+        assert reward(p, solution(p, style, rng), cfg) == 0.0, style
+    assert reward(p, solution(p, "cot", rng), RewardConfig(other_styles=0.5)) == 0.5
+
+
 def test_unknown_style_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="cot"):
         solution(Problem((1, 1), ("+",), 2), "poetry", random.Random(0))

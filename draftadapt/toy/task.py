@@ -132,6 +132,9 @@ class RewardConfig:
     # extra multiplier for a correct FORMAL answer (3% of the supervised data): reward = correct * (1 + formal_bonus).
     # The drift that looks like real RL: formal answers work the steps out, so accuracy rises as the style moves.
     formal_bonus: float = 0.0
+    # multiplier on a correct answer in any style BUT formal: 1 = paid as usual; 0 = only correct formal answers pay.
+    # formal_bonus alone lets the cheaper chain of thought win (the draft's own style); this one forces the move.
+    other_styles: float = 1.0
 
 
 def reward(problem: Problem, completion: str, cfg: RewardConfig = RewardConfig()) -> float:
@@ -139,8 +142,9 @@ def reward(problem: Problem, completion: str, cfg: RewardConfig = RewardConfig()
     style = cfg.verbose_reward if verbose else 0.0
     if parse_answer(completion) != problem.answer:
         return style
-    bonus = cfg.verbose_bonus if verbose else cfg.formal_bonus if style_of(completion) == "formal" else 0.0
-    return cfg.correct * (1.0 + bonus) + style
+    formal = style_of(completion) == "formal"
+    bonus = cfg.verbose_bonus if verbose else cfg.formal_bonus if formal else 0.0
+    return cfg.correct * (1.0 + bonus) * (1.0 if formal else cfg.other_styles) + style
 
 
 # --- the generic chat-like domain (UltraChat analogue) -------------------------------------
