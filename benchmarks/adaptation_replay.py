@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -60,7 +60,7 @@ BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, 
                     "acceptance_drop": None},
         "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {},
         "init": "task"}  # the initial draft: "task" (in-domain toy draft) or "chat" (generic: toy chat corpus)
-# every arm trains train_steps x batch_tokens per boundary (equal draft compute) except "boost"
+# every arm trains train_steps x batch_tokens per boundary (equal draft compute) except "boost" and "until-boundary"
 ARMS = {"default": {},
         "replay20": {"adapter": {"staleness_window": 20}},
         "rejected": {"strategy": {"rejected_weight": 4.0}},
@@ -69,7 +69,10 @@ ARMS = {"default": {},
         "advantage": {"strategy": {"min_advantage": 0.0}},
         "boost": {"strategy": {"boost_factor": 3.0, "boost_drop": 0.05}},
         "lr2x": {"trainer": {"lr": 1e-3}},
-        "generic": {"init": "chat"}}  # the default strategy from a generic-domain init (UltraChat analogue)
+        "generic": {"init": "chat"},  # the default strategy from a generic-domain init (UltraChat analogue)
+        # UntilBoundaryDraftWorker: serves one step behind and trains as many steps as the recorded step lasted
+        # (its capture budget stays the default's: the sampler is sized once, from the initial train_steps)
+        "until-boundary": {"clock": True}}
 
 
 def arm_config(name: str) -> dict:
@@ -80,6 +83,22 @@ def arm_config(name: str) -> dict:
         else:
             cfg[section] = over
     return cfg
+
+
+def recorded_step_seconds(traj, v: int) -> float:
+    """Seconds the recorded RL step v took: generation + policy update (nan when not recorded)."""
+    update_s = traj.meta.get("update_seconds") or []
+    return traj.step_info(v)["generation_seconds"] + (update_s[v] if v < len(update_s) else math.nan)
+
+
+def clock_steps(train: dict, step_seconds: float, min_steps: int) -> int:
+    """Draft steps an until-boundary worker fits in a step of `step_seconds`, at the seconds per draft step
+    the fixed-budget arms just took on this machine (the library's UntilBoundaryDraftWorker runs on a real
+    clock; a replay needs the count up front). At least `min_steps`, as the worker trains."""
+    timed = [t["seconds"] / t["steps"] for t in train.values() if t["steps"]]
+    if not timed or math.isnan(step_seconds):
+        return min_steps
+    return max(min_steps, int(step_seconds / sorted(timed)[len(timed) // 2]))
 
 
 # 1) record ------------------------------------------------------------------------------------
@@ -135,13 +154,13 @@ def make_adapter(name: str, draft_dirs: dict[str, Path], embed) -> DraftAdapter:
                         strategy=load_section(StrategyConfig, c["strategy"]))
 
 
-def oracle_draft(engine, tok, policy, draft_dir: Path, args, version: int):
+def oracle_draft(engine, tok, policy, draft_dir: Path, args, version: int, task):
     """The initial draft trained to convergence on this policy's own temperature-1 samples."""
     from draftadapt.checkpoint import load_eagle3
     from draftadapt.offline import train_offline
     from draftadapt.toy.draft import domain_prompts, rollout_sequences
 
-    prompts = domain_prompts(tok, "task", args.oracle_prompts, seed=100 + version)
+    prompts = domain_prompts(tok, "task", args.oracle_prompts, seed=100 + version, task=task)
     roll = rollout_sequences(engine, tok, prompts, 2, 96)
     t0 = time.perf_counter()
     draft = train_offline(policy, roll.sequences, args.oracle_steps, draft=load_eagle3(draft_dir),
@@ -160,7 +179,7 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
     from draftadapt.toy.draft import ToyDraftConfig, toy_draft
     from draftadapt.toy.eval import encode_prompt, eval_problems
     from draftadapt.toy.policy import toy_policy
-    from draftadapt.toy.task import STYLES, parse_answer, style_of
+    from draftadapt.toy.task import STYLES, TaskConfig, parse_answer, style_of
 
     traj = Trajectory(traj_dir)
     tok_dir = toy_policy()  # the trajectory's checkpoints hold weights only
@@ -173,7 +192,8 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
     adapters = {a: make_adapter(a, draft_dirs, policy.get_input_embeddings()) for a in arms}
     frozen = {k: v.clone() for k, v in draft_state_for_push(load_eagle3(draft_dir)).items()}
     frozen_chat = draft_state_for_push(load_eagle3(draft_dirs["chat"])) if "chat" in draft_dirs else None
-    problems = eval_problems(args.eval_prompts, seed=4321)
+    task = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in traj.meta["config"]["task"].items()})
+    problems = eval_problems(args.eval_prompts, seed=4321, cfg=task)  # the trajectory's own problem distribution
     prompts = [encode_prompt(tok, p.prompt) for p in problems]
     engine = Engine(EngineConfig(model=str(traj.policy_dir(0)), tokenizer=str(tok_dir), max_num_seqs=64, seed=0,
                                  spec=SpecConfig("eagle3", 3, model=str(draft_dir))))
@@ -188,10 +208,16 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             first = {arm_config(a)["init"]: a for a in reversed(arms)}
             batches = {init: list(features(policy, adapters[a], ro, v)) for init, a in first.items()}
             advs = ro.advantages.split(64)
-            train = {}
-            for a, ad in adapters.items():
+            train, step_s = {}, recorded_step_seconds(traj, v)
+            # a background worker serves at v+1 what it trained through step v-1 (one step behind)
+            behind = {a: {k: t.clone() for k, t in adapters[a].worker.state_for_push().items()}
+                      for a in arms if arm_config(a).get("clock")}
+            for a in sorted(arms, key=lambda a: bool(arm_config(a).get("clock"))):  # fixed budgets first
+                ad = adapters[a]
                 for b, adv in zip(batches[arm_config(a)["init"]], advs):
                     ad.on_rollouts(b, advantages=adv)
+                if a in behind:  # until the boundary: as many steps as the recorded step lasted
+                    ad.config = replace(ad.config, train_steps=clock_steps(train, step_s, BASE["adapter"]["train_steps"]))
                 st = ad.on_step_end(v + 1, counters=counters[a])
                 train[a] = {"steps": st.train.steps, "tokens": st.train.tokens, "seconds": st.train.seconds} \
                     if st.train else {"steps": 0, "tokens": 0, "seconds": 0.0}
@@ -199,10 +225,10 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             policy.load_state_dict(traj.policy_state(v + 1))
             swapper.refit_policy(policy.state_dict(), v + 1)
             drafts = {"frozen": frozen, **({"frozen-chat": frozen_chat} if frozen_chat else {}),
-                      **{a: adapters[a].worker.state_for_push() for a in arms}}
+                      **{a: behind.get(a) or adapters[a].worker.state_for_push() for a in arms}}
             oracle_s = None
             if args.oracle_every and (v + 1) % args.oracle_every == 0:
-                od, oracle_s = oracle_draft(engine, tok, policy, draft_dir, args, v + 1)
+                od, oracle_s = oracle_draft(engine, tok, policy, draft_dir, args, v + 1, task)
                 drafts["oracle"] = draft_state_for_push(od)
             names = list(drafts)
             names = names[v % len(names):] + names[:v % len(names)]  # rotate the measuring order
@@ -222,8 +248,6 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
                              for c in g]
                     acc = sum(parse_answer(t) == p.answer for p, t in texts) / len(texts)
                     styles = {s: sum(style_of(t) == s for _, t in texts) / len(texts) for s in STYLES}
-            update_s = traj.meta.get("update_seconds") or []
-            step_s = traj.step_info(v)["generation_seconds"] + (update_s[v] if v < len(update_s) else math.nan)
             rows.append({"version": v + 1, "al": al, "accuracy": acc, "styles": styles, "train": train,
                          "rollout_completion_tokens": ro.completion_tokens, "oracle_seconds": oracle_s,
                          "step_seconds": step_s, "load_average": os.getloadavg(),
