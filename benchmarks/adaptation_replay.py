@@ -66,6 +66,7 @@ ARMS = {"default": {},
         "rejected": {"strategy": {"rejected_weight": 4.0}},
         "tv": {"strategy": {"loss": "tv"}},
         "kl+tv": {"strategy": {"loss": "kl+tv"}},
+        "top1": {"strategy": {"loss": "top1"}},  # matched to the engine's greedy drafting
         "advantage": {"strategy": {"min_advantage": 0.0}},
         "boost": {"strategy": {"boost_factor": 3.0, "boost_drop": 0.05}},
         "lr2x": {"trainer": {"lr": 1e-3}},

@@ -2,7 +2,7 @@
 
 `head_loss` takes the head inputs of every scored position of every draft step at once (N rows),
 and for each chunk of n rows computes the logits [n, Vd], their log-softmax, the divergence to the
-teacher renormalised over the draft vocab (KL, TV or both) and its gradient with respect to the
+teacher renormalised over the draft vocab (KL, TV, both, or top-1 cross-entropy) and its gradient with respect to the
 logits, which it turns at once into the gradient of the head input (rows [n, H]) and of the head
 weight (accumulated [Vd, H]). So no [N, Vd] tensor ever exists, logits are computed once (no
 recompute in backward), and backward only scales the stored gradients.
@@ -13,6 +13,10 @@ d weight; the weight gradient is skipped for a frozen head such as MTP's shared 
 Gradients of the logits z (q = softmax z, p the renormalised teacher, per row):
   KL(p || q) = sum p (log p - log q):    dKL/dz = q - p
   TV = 0.5 sum |p - q|, s = 0.5 sign(q - p):    dTV/dz_i = q_i (s_i - sum_j q_j s_j)
+  top1 = -log q(argmax p):    dtop1/dz = q - onehot(argmax p)
+"top1" is the loss matched to GREEDY drafting (vLLM's default): a greedy draft token is accepted with the target's
+probability of the draft's argmax, so what counts is where q's argmax lands, not q's shape; TV is the match for a
+draft that samples from q (acceptance = 1 - TV).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 
 TeacherReader = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows [n], cols [n]) -> [n, Vd] log-probs
 
-LOSSES = ("kl", "tv", "kl+tv")
+LOSSES = ("kl", "tv", "kl+tv", "top1")
 LOSS_CHUNK_ELEMENTS = 1 << 22  # rows x Vd per chunk: 16 MiB per fp32 [n, Vd] tensor
 
 
@@ -46,14 +50,20 @@ class _HeadLoss(torch.autograd.Function):
             kl = -(p * logq).sum(-1) - torch.special.entr(p).sum(-1)  # [n]
             tv = 0.5 * (q - p).abs().sum(-1)  # [n]
             hits = (logq.argmax(-1) == logp.argmax(-1)).float()
-            obj = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
+            top = logp.argmax(-1, keepdim=True)  # [n, 1] the teacher's top draft id
+            obj = (kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv if loss == "kl+tv"
+                   else -logq.gather(-1, top).squeeze(-1))
             rw = row_weight[a:b]
             stats.index_add_(0, step[a:b], torch.stack([kl, tv, hits, obj * rw], 1))
             total += (obj * rw).sum()
             if not (want_x or want_w):
                 continue
-            gz = (q - p) if loss != "tv" else torch.zeros_like(q)
-            if loss != "kl":
+            if loss == "top1":
+                gz = q.clone()
+                gz.scatter_add_(-1, top, -torch.ones_like(top, dtype=q.dtype))
+            else:
+                gz = (q - p) if loss != "tv" else torch.zeros_like(q)
+            if loss in ("tv", "kl+tv"):
                 s = 0.5 * torch.sign(q - p)
                 gz = gz + (1.0 if loss == "tv" else tv_weight) * q * (s - (q * s).sum(-1, keepdim=True))
             gz = (gz * rw[:, None]).to(dtype)  # [n, Vd]
@@ -83,7 +93,8 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor | Tea
     x: [N, H] head inputs (differentiable); weight: [Vd, H] the head (a parameter, or a frozen
     tensor); teacher: [B, T, Vd] log-probs, or a reader (rows, cols) -> [n, Vd] called once per
     chunk (e.g. `batch.teacher_dense` over a top-k teacher, so no [B, T, Vd] teacher ever exists);
-    rows, cols, step: [N] int64; row_weight: [N] float. loss: one of LOSSES ("kl+tv" = kl + tv_weight * tv).
+    rows, cols, step: [N] int64; row_weight: [N] float. loss: one of LOSSES ("kl+tv" = kl + tv_weight * tv,
+    "top1" = cross-entropy to the teacher's argmax over the draft vocab).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")

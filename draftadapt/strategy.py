@@ -5,7 +5,8 @@ adapter exactly (forward KL, every completion position alike, a fixed step count
 
 - loss: "kl" (forward KL to the teacher, the TTT default), "tv" (total variation 1/2 sum |p - q|:
   1 - TV is the acceptance probability of a draft that samples from q, so it targets acceptance
-  itself), "kl+tv" (their sum).
+  itself), "kl+tv" (their sum), "top1" (cross-entropy to the teacher's argmax: matched to greedy
+  drafting, where a draft token is accepted with the target's probability of the draft's argmax).
 - rejected_weight: positions where the CURRENT draft's step-1 top-1 differs from the sampled
   token (where verification would reject a greedy draft) weigh this much, the rest 1 (Draft-OPD's
   "train where you were rejected", as a weight).
@@ -29,11 +30,10 @@ from torch import nn
 
 from .batch import DraftBatch
 from .trainer import DraftTrainer, TrainStats
-from .head_loss import LOSS_CHUNK_ELEMENTS
+from .head_loss import LOSS_CHUNK_ELEMENTS, LOSSES
 from .ttt import TTTResult, shift, ttt_loss, unroll_hidden
 from .workers import BackgroundDraftWorker, LocalDraftWorker, TrainResult
 
-LOSSES = ("kl", "tv", "kl+tv")
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
     """Divergence from the teacher renormalised over the draft vocab, step k weighted decay^(k-1).
 
     loss: "kl" forward KL(teacher || draft); "tv" total variation 0.5 * sum_d |p_d - q_d| (one
-    minus the expected acceptance of a single draft token); "kl+tv" = kl + tv_weight * tv.
+    minus the expected acceptance of a single draft token); "kl+tv" = kl + tv_weight * tv; "top1" cross-entropy
+    to the teacher's argmax (matched to greedy drafting: `head_loss`).
     Step k at base i is scored against the teacher at i+k (dense or top-k) where loss_mask[i+k] and both i and
     i+k are real positions. K=1 is plain single-step training. `normalizer` ([K]): divide step k's
     sums by normalizer[k-1] instead of this batch's own count (data-parallel training passes the
@@ -216,7 +217,7 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
     per = sums[:, :3] / denom.clamp(min=1)[:, None]  # [K, 3]: kl, tv, acc means
     kl, tv = per[:, 0], per[:, 1]
     step_loss = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
-    if weight is not None:
+    if weight is not None or loss == "top1":  # the objective's own per-step sums (weighted, or not KL/TV)
         step_loss = sums[:, 3] / torch.tensor([decay ** k for k in range(steps)], device=sums.device)
     return TTTResult(loss=total, step_loss=step_loss, step_acc=per[:, 2], step_tokens=torch.tensor(counts),
                      step_kl=kl, step_tv=tv)

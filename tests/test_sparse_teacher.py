@@ -70,7 +70,7 @@ def loss_and_grads(draft, batch, embed, steps, loss, weight=None):
 
 
 @pytest.mark.parametrize("arch", ["eagle3", "mtp"])
-@pytest.mark.parametrize("loss", ["kl", "tv", "kl+tv"])
+@pytest.mark.parametrize("loss", ["kl", "tv", "kl+tv", "top1"])
 def test_sparse_top_k_teacher_gives_the_densified_teachers_loss_and_gradients(arch, loss):
     draft, embed = eagle3() if arch == "eagle3" else mtp()
     dense, sparse = both(arch, draft)

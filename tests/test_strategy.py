@@ -60,6 +60,23 @@ def test_tv_is_a_distance_in_0_1_and_zero_at_the_teacher(setup):
     torch.testing.assert_close(both.loss, kl.loss + tv.loss)
 
 
+def test_top1_loss_scores_the_drafts_mass_on_the_teachers_argmax_only(setup):
+    """Greedy drafting accepts with p(argmax q): the top1 loss sees where the teacher's argmax is, not the
+    rest of its shape. Reshaping the teacher below its argmax leaves top1 unchanged and moves KL."""
+    draft, embed = setup
+    b = make_batch([12, 9])
+    top = b.teacher_logprobs.argmax(-1, keepdim=True)
+    flat = torch.full_like(b.teacher_logprobs, -20.0).scatter(-1, top, 0.0)  # the same argmax, all mass on it
+    other = DraftBatch(b.input_ids, b.aux_hidden, flat, b.loss_mask, b.valid)
+    t1, t1_flat = strategy_loss(draft, b, embed, 3, 0.8, "top1"), strategy_loss(draft, other, embed, 3, 0.8, "top1")
+    torch.testing.assert_close(t1.loss, t1_flat.loss)
+    torch.testing.assert_close(t1.step_loss, t1_flat.step_loss)
+    kl, kl_flat = strategy_loss(draft, b, embed, 3, 0.8, "kl"), strategy_loss(draft, other, embed, 3, 0.8, "kl")
+    assert not torch.allclose(kl.loss, kl_flat.loss)
+    # against a one-hot teacher top1 is the KL itself (cross-entropy minus a zero entropy)
+    torch.testing.assert_close(t1_flat.step_loss, kl_flat.step_loss, atol=1e-4, rtol=1e-4)
+
+
 def test_weights_move_the_loss_toward_the_weighted_positions(setup):
     draft, embed = setup
     b = make_batch([12])

@@ -250,13 +250,14 @@ def reference_loss(draft, b, embed, steps, loss, tv_weight, decay=0.8):
         logq = logit[sel].log_softmax(-1)
         kl = (logp.exp() * (logp - logq)).sum(-1)
         tv = 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
-        obj = kl if loss == "kl" else tv if loss == "tv" else kl + tv_weight * tv
+        top1 = -logq.gather(-1, logp.argmax(-1, keepdim=True)).squeeze(-1)
+        obj = {"kl": kl, "tv": tv, "kl+tv": kl + tv_weight * tv, "top1": top1}[loss]
         total = total + decay ** (k - 1) * obj.mean()
     return total
 
 
 @pytest.mark.parametrize("arch", ["eagle3", "mtp"])
-@pytest.mark.parametrize("loss", ["kl", "tv", "kl+tv"])
+@pytest.mark.parametrize("loss", ["kl", "tv", "kl+tv", "top1"])
 def test_chunked_loss_and_gradients_equal_plain_autograd_over_whole_logits(setup, arch, loss):
     draft, embed = setup if arch == "eagle3" else mtp_setup()
     vd = draft.config.draft_vocab_size
