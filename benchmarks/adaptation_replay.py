@@ -170,6 +170,15 @@ def oracle_draft(engine, tok, policy, draft_dir: Path, args, version: int, task)
     return draft, time.perf_counter() - t0
 
 
+def measure(swapper, engine, state: dict, version: int, prompts: list[list[int]], tok, args):
+    """Push `state` as draft `version` and sample the held-out prompts (seeded, T=1): (spec counters, outputs)."""
+    swapper.push_draft(state, version)
+    c0 = swapper.spec_counters()
+    outs = engine.generate(prompts, n=args.samples, temperature=1.0, max_tokens=96, logprobs=False,
+                           seed=args.eval_seed, stop_token_ids=[tok.eos_token_id])
+    return swapper.spec_counters() - c0, outs
+
+
 def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -236,11 +245,7 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             al, acc, styles = {}, None, None
             for name in names:
                 push_version += 1
-                swapper.push_draft(drafts[name], push_version)
-                c0 = swapper.spec_counters()
-                outs = engine.generate(prompts, n=args.samples, temperature=1.0, max_tokens=96, logprobs=False,
-                                       seed=args.eval_seed, stop_token_ids=[tok.eos_token_id])
-                spec = swapper.spec_counters() - c0
+                spec, outs = measure(swapper, engine, drafts[name], push_version, prompts, tok, args)
                 al[name] = spec.acceptance_length
                 if name in arms:
                     counters[name] = spec

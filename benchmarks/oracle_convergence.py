@@ -1,0 +1,91 @@
+"""Is the replay lab's oracle converged? Oracles for ONE recorded policy version, trained on more samples and for
+more steps than the lab's, measured like the lab measures (held-out prompts, seeded samples, k=3, T=1).
+
+The lab (`adaptation_replay.py`) calls "oracle" the initial draft fine-tuned on the next policy's own samples
+(`--oracle-prompts` x 2 samples, `--oracle-steps` TTT steps). If a bigger budget still raises its acceptance
+length (AL), the lab's frozen-to-oracle gap is understated and so is "the fraction of the gap closed" overstated.
+
+    python benchmarks/oracle_convergence.py --trajectory runs/adaptation_replay/formal-only-s0-n10-lr0.0002 \\
+        --version 10 --grid 768:300 768:600 1536:600 --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adaptation_replay as lab  # noqa: E402
+from _common import print_table, stamp, write_json  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trajectory", type=Path, required=True, help="a recorded trajectory directory of the lab")
+    ap.add_argument("--version", type=int, default=10, help="policy version to train the oracles on")
+    ap.add_argument("--grid", nargs="+", default=["768:300", "768:600", "1536:600"], help="prompts:steps per oracle")
+    ap.add_argument("--repeats", type=int, default=2, help="oracles per grid point (fresh samples, seeds)")
+    ap.add_argument("--eval-prompts", type=int, default=96)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--eval-seed", type=int, default=777)
+    ap.add_argument("--name", default="oracle_convergence")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftadapt.checkpoint import draft_state_for_push, load_eagle3
+    from draftadapt.engine.swap import EngineSwapper
+    from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
+    from draftadapt.replay import Trajectory
+    from draftadapt.toy.draft import toy_draft
+    from draftadapt.toy.eval import encode_prompt, eval_problems
+    from draftadapt.toy.policy import toy_policy
+    from draftadapt.toy.task import TaskConfig
+
+    traj = Trajectory(args.trajectory)
+    tok_dir = toy_policy()
+    draft_dir = toy_draft(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    policy = AutoModelForCausalLM.from_pretrained(traj.policy_dir(args.version), dtype=torch.float32).eval()
+    task = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in traj.meta["config"]["task"].items()})
+    prompts = [encode_prompt(tok, p.prompt) for p in eval_problems(args.eval_prompts, seed=4321, cfg=task)]
+    rows, version = [], 0
+    with Engine(EngineConfig(model=str(traj.policy_dir(args.version)), tokenizer=str(tok_dir), max_num_seqs=64,
+                             seed=0, spec=SpecConfig("eagle3", 3, model=str(draft_dir)))) as engine:
+        swapper = EngineSwapper(engine)
+        version += 1
+        frozen = lab.measure(swapper, engine, draft_state_for_push(load_eagle3(draft_dir)), version, prompts, tok,
+                             args)[0].acceptance_length
+        print(f"frozen initial draft: AL {frozen:.3f}", flush=True)
+        for r in range(args.repeats):
+            for point in args.grid:  # grid points interleaved within a repeat
+                n_prompts, steps = (int(x) for x in point.split(":"))
+                torch.manual_seed(1000 * r + steps)
+                cfg = argparse.Namespace(oracle_prompts=n_prompts, oracle_steps=steps)
+                draft, seconds = lab.oracle_draft(engine, tok, policy, draft_dir, cfg, args.version + 1000 * r, task)
+                version += 1
+                al = lab.measure(swapper, engine, draft_state_for_push(draft), version, prompts, tok,
+                                 args)[0].acceptance_length
+                rows.append({"prompts": n_prompts, "steps": steps, "repeat": r, "al": al, "train_seconds": seconds,
+                             "load_average": os.getloadavg()})
+                print(f"  repeat {r} oracle {n_prompts} prompts x 2, {steps} steps: AL {al:.3f} ({seconds:.0f} s)",
+                      flush=True)
+    table = []
+    for point in args.grid:
+        n_prompts, steps = (int(x) for x in point.split(":"))
+        als = [x["al"] for x in rows if (x["prompts"], x["steps"]) == (n_prompts, steps)]
+        table.append([n_prompts, steps, sum(als) / len(als), min(als), max(als), sum(als) / len(als) - frozen])
+    print_table(["prompts", "steps", "mean AL", "min", "max", "- frozen"], table)
+    write_json(args.name, {"stamp": stamp(), "args": {k: str(v) for k, v in vars(args).items()},
+                           "trajectory": traj.meta.get("reward"), "frozen_al": frozen, "rows": rows,
+                           "table": table})
+    print(json.dumps({"frozen": frozen}))
+
+
+if __name__ == "__main__":
+    main()
