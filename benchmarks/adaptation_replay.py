@@ -52,7 +52,8 @@ OUT = RESULTS / "adaptation_replay"
 # formal-only: ONLY correct formal answers pay (other_styles=0) - formal_bonus alone let chain of thought (the
 #   draft's own style) win, the frozen draft's AL rose; this reward forces the move toward the under-represented style
 # correct: correctness only (sharpening); style: +1 for any verbose completion, right or wrong (a reward hack)
-REWARDS = {"formal": ["reward.verbose_bonus=0", "reward.formal_bonus=2"],
+REWARDS = {"verbose": ["reward.verbose_bonus=2"],
+           "formal": ["reward.verbose_bonus=0", "reward.formal_bonus=2"],
            "formal-only": ["reward.verbose_bonus=0", "reward.other_styles=0"],
            "correct": ["reward.verbose_bonus=0"],
            "style": ["reward.verbose_bonus=0", "reward.verbose_reward=1"]}

@@ -2,7 +2,8 @@
 
 Reads vLLM's cumulative counters (`vllm:spec_decode_num_drafts`, `..._num_draft_tokens`,
 `..._num_accepted_tokens`, `..._num_accepted_tokens_per_pos`) from any list of objects shaped
-like `vllm.v1.metrics.reader` metrics; does not import vLLM itself.
+like `vllm.v1.metrics.reader` metrics, and one sequence's verification rounds (`SequenceSpec`, from
+vLLM's per_request_spec_decode_metrics="detailed"); does not import vLLM itself.
 """
 from __future__ import annotations
 
@@ -79,3 +80,41 @@ class SpecCounters:
 def _add_lists(a: list[int], b: list[int]) -> list[int]:
     n = max(len(a), len(b))
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """One sampled sequence's verification rounds, as vLLM reports them per request with
+    per_request_spec_decode_metrics="detailed" (`CompletionOutput.spec_decode_metrics`): which
+    rollouts the draft served well, and where in each one the target rejected it."""
+
+    accepted: tuple[int, ...]  # [R] draft tokens accepted in verification round r
+    drafted: tuple[int, ...]  # [R] draft tokens proposed in round r
+
+    @classmethod
+    def from_vllm(cls, metrics) -> "SequenceSpec | None":
+        """From a `RequestSpecDecodeMetrics`; None when absent or recorded without "detailed"."""
+        if metrics is None or (not metrics.per_step_drafted and sum(metrics.histogram)):
+            return None
+        return cls(tuple(metrics.per_step_accepted), tuple(metrics.per_step_drafted))
+
+    @property
+    def counters(self) -> SpecCounters:
+        """The engine counters this sequence contributed (summed over sequences they equal the engine's delta)."""
+        k = max(self.drafted, default=0)
+        per_pos = tuple(sum(a > i for a in self.accepted) for i in range(k))
+        return SpecCounters(sum(d > 0 for d in self.drafted), sum(self.drafted), sum(self.accepted), per_pos)
+
+    def rejected_offsets(self, num_tokens: int) -> list[int] | None:
+        """Completion offsets of the tokens the target emitted where it rejected a draft token (Draft-OPD's
+        training positions). The first token comes from the prefill; round r then emits accepted[r] + 1 tokens.
+        None when the rounds do not account for the `num_tokens` completion tokens (a decode step without a
+        draft is not reported by vLLM), so positions are never guessed."""
+        offsets, pos = [], 1
+        for a, d in zip(self.accepted, self.drafted):
+            if a < d and pos + a < num_tokens:
+                offsets.append(pos + a)
+            pos += a + 1
+        # the last round may emit past a stop token or max_tokens (those tokens are dropped)
+        return offsets if pos >= num_tokens and pos - (self.accepted[-1] if self.accepted else 0) - 1 < num_tokens \
+            else None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import faults
-from ..metrics import SpecCounters
+from ..metrics import SequenceSpec, SpecCounters
 from . import cpu_fix, guard
 from .limits import check_draft_fits, check_k, check_lengths, max_spec_len  # noqa: F401  (re-exported)
 
@@ -109,6 +109,7 @@ class EngineConfig:
     seed: int = 0
     logprobs_mode: str = "processed_logprobs"  # log-probs of the distribution actually sampled
     worker_extension: str | None = "draftadapt.engine.swap_worker.DraftSwapExtension"  # weight pushes
+    per_request_spec: bool = False  # every Completion carries its verification rounds (`Completion.spec`)
     extra: dict = field(default_factory=dict)  # passed through to vllm.LLM
 
     def __post_init__(self) -> None:
@@ -145,6 +146,7 @@ class Completion:
     logprobs: list[float] | None  # log p of each sampled token under the engine's policy
     finish_reason: str | None
     text: str
+    spec: SequenceSpec | None = None  # its verification rounds (EngineConfig.per_request_spec), else None
 
 
 class Engine:
@@ -327,6 +329,8 @@ def _build_llm(cfg: EngineConfig):
         kw["speculative_config"] = cfg.spec.to_vllm()
     if cfg.worker_extension:
         kw["worker_extension_cls"] = cfg.worker_extension
+    if cfg.per_request_spec:
+        kw["per_request_spec_decode_metrics"] = "detailed"
     kw.update(cfg.extra)
     guard.check_engine_kwargs(kw)  # refuses lossy spec sampling, warns about logprob modes
     return LLM(**kw)
@@ -336,7 +340,8 @@ def _completion(out, c) -> Completion:
     lps = None
     if c.logprobs is not None:
         lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs)]
-    return Completion(list(out.prompt_token_ids), list(c.token_ids), lps, c.finish_reason, c.text)
+    return Completion(list(out.prompt_token_ids), list(c.token_ids), lps, c.finish_reason, c.text,
+                      SequenceSpec.from_vllm(getattr(c, "spec_decode_metrics", None)))
 
 
 class ExternalLLM:
