@@ -6,7 +6,10 @@ The lab (`adaptation_replay.py`) calls "oracle" the initial draft fine-tuned on 
 length (AL), the lab's frozen-to-oracle gap is understated and so is "the fraction of the gap closed" overstated.
 
     python benchmarks/oracle_convergence.py --trajectory runs/adaptation_replay/formal-only-s0-n10-lr0.0002 \\
-        --version 10 --grid 768:300 768:600 1536:600 --repeats 2
+        --version 10 --grid 768:300 768:600 1536:600 768:300:lag --repeats 2
+
+A ":lag" oracle is trained on the previous version's samples and features: the ceiling of any online adapter,
+which is always measured on a policy one update newer than its newest data.
 """
 from __future__ import annotations
 
@@ -24,11 +27,21 @@ import adaptation_replay as lab  # noqa: E402
 from _common import print_table, stamp, write_json  # noqa: E402
 
 
+def parse(point: str) -> tuple[int, int, bool]:
+    """"768:300" -> (768, 300, False); "768:300:lag" -> (768, 300, True)."""
+    parts = point.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "lag"):
+        raise ValueError(f"--grid {point!r}: write prompts:steps or prompts:steps:lag, e.g. 768:300:lag")
+    return int(parts[0]), int(parts[1]), len(parts) == 3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trajectory", type=Path, required=True, help="a recorded trajectory directory of the lab")
     ap.add_argument("--version", type=int, default=10, help="policy version to train the oracles on")
-    ap.add_argument("--grid", nargs="+", default=["768:300", "768:600", "1536:600"], help="prompts:steps per oracle")
+    ap.add_argument("--grid", nargs="+", default=["768:300", "768:600", "1536:600"],
+                    help="prompts:steps per oracle; a trailing :lag trains it on the samples and features of policy "
+                         "version - 1 (what an online adapter has when it is measured on this version)")
     ap.add_argument("--repeats", type=int, default=2, help="oracles per grid point (fresh samples, seeds)")
     ap.add_argument("--eval-prompts", type=int, default=96)
     ap.add_argument("--samples", type=int, default=2)
@@ -52,6 +65,7 @@ def main() -> None:
     draft_dir = toy_draft(tok_dir)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     policy = AutoModelForCausalLM.from_pretrained(traj.policy_dir(args.version), dtype=torch.float32).eval()
+    previous = AutoModelForCausalLM.from_pretrained(traj.policy_dir(args.version - 1), dtype=torch.float32).eval()
     task = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in traj.meta["config"]["task"].items()})
     prompts = [encode_prompt(tok, p.prompt) for p in eval_problems(args.eval_prompts, seed=4321, cfg=task)]
     rows, version = [], 0
@@ -64,23 +78,29 @@ def main() -> None:
         print(f"frozen initial draft: AL {frozen:.3f}", flush=True)
         for r in range(args.repeats):
             for point in args.grid:  # grid points interleaved within a repeat
-                n_prompts, steps = (int(x) for x in point.split(":"))
+                n_prompts, steps, lag = parse(point)
                 torch.manual_seed(1000 * r + steps)
                 cfg = argparse.Namespace(oracle_prompts=n_prompts, oracle_steps=steps)
-                draft, seconds = lab.oracle_draft(engine, tok, policy, draft_dir, cfg, args.version + 1000 * r, task)
+                source = previous if lag else policy
+                if lag:  # the engine samples the previous policy for this oracle's data
+                    version += 1
+                    swapper.refit_policy(previous.state_dict(), version)
+                draft, seconds = lab.oracle_draft(engine, tok, source, draft_dir, cfg, args.version + 1000 * r, task)
                 version += 1
+                if lag:
+                    swapper.refit_policy(policy.state_dict(), version)
                 al = lab.measure(swapper, engine, draft_state_for_push(draft), version, prompts, tok,
                                  args)[0].acceptance_length
-                rows.append({"prompts": n_prompts, "steps": steps, "repeat": r, "al": al, "train_seconds": seconds,
+                rows.append({"point": point, "prompts": n_prompts, "steps": steps, "lag": lag, "repeat": r, "al": al,
+                             "train_seconds": seconds,
                              "load_average": os.getloadavg()})
-                print(f"  repeat {r} oracle {n_prompts} prompts x 2, {steps} steps: AL {al:.3f} ({seconds:.0f} s)",
-                      flush=True)
+                print(f"  repeat {r} oracle {point}: AL {al:.3f} ({seconds:.0f} s)", flush=True)
     table = []
     for point in args.grid:
-        n_prompts, steps = (int(x) for x in point.split(":"))
-        als = [x["al"] for x in rows if (x["prompts"], x["steps"]) == (n_prompts, steps)]
-        table.append([n_prompts, steps, sum(als) / len(als), min(als), max(als), sum(als) / len(als) - frozen])
-    print_table(["prompts", "steps", "mean AL", "min", "max", "- frozen"], table)
+        n_prompts, steps, lag = parse(point)
+        als = [x["al"] for x in rows if x["point"] == point]
+        table.append([n_prompts, steps, lag, sum(als) / len(als), min(als), max(als), sum(als) / len(als) - frozen])
+    print_table(["prompts", "steps", "previous policy", "mean AL", "min", "max", "- frozen"], table)
     write_json(args.name, {"stamp": stamp(), "args": {k: str(v) for k, v in vars(args).items()},
                            "trajectory": traj.meta.get("reward"), "frozen_al": frozen, "rows": rows,
                            "table": table})
