@@ -72,7 +72,8 @@ ARMS = {"default": {},
         "lr2x": {"trainer": {"lr": 1e-3}},
         "generic": {"init": "chat"},  # the default strategy from a generic-domain init (UltraChat analogue)
         # ... whose draft vocab is re-targeted to the task's completion tokens (AdapterConfig.vocab_refresh_every)
-        "generic-refresh": {"init": "chat", "adapter": {"vocab_refresh_every": 1}}}
+        "generic-refresh": {"init": "chat", "adapter": {"vocab_refresh_every": 1}},
+        "generic-refresh-lr2x": {"init": "chat", "adapter": {"vocab_refresh_every": 1}, "trainer": {"lr": 1e-3}}}
 
 
 def arm_config(name: str) -> dict:
