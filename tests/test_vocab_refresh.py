@@ -134,3 +134,15 @@ def test_refresh_is_refused_where_it_cannot_run(policy):
         DraftAdapter(make_draft(policy), policy.get_input_embeddings(), AdapterConfig(vocab_refresh_every=1))
     with pytest.raises(ValueError, match="vocab_refresh_every"):
         AdapterConfig(vocab_refresh_every=-1)
+
+
+def test_resume_after_a_refresh_restores_the_new_vocab(policy, tmp_path):
+    adapter = make_adapter(policy)
+    adapter.on_rollouts(task_batch(0))
+    assert adapter.on_step_end(0).vocab is not None
+    state = adapter.state_dict(cache_dir=tmp_path / "cache")
+    back = make_adapter(policy)  # built with the generic vocab, as a restarted run would be
+    back.load_state_dict(state)
+    assert torch.equal(back.draft.d2t, adapter.draft.d2t) and torch.equal(back.draft.t2d, adapter.draft.t2d)
+    assert torch.equal(back.features.draft_vocab_ids, TASK) and torch.equal(back.worker._target_ids, TASK)
+    assert torch.equal(back.vocab.counts, adapter.vocab.counts) and back.vocab.stale_through == 0
