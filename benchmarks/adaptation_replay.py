@@ -18,7 +18,8 @@
 
 The `generic` arm starts the default strategy from a draft trained on the toy chat corpus (built once, cached) and
 is measured beside `frozen-chat` (that init, never adapted); `generic-refresh` also re-targets that draft's vocab to
-the task's completion tokens (AdapterConfig.vocab_refresh_every=1). Measures on every run; --reuse only re-prints the last JSON.
+the task's completion tokens (AdapterConfig.vocab_refresh_every=1; `-lr2x`: and a 2x draft lr, same compute).
+Measures on every run; --reuse only re-prints the last JSON.
 """
 from __future__ import annotations
 

@@ -123,6 +123,6 @@ def ratio_per_step(runs: dict[str, list[dict]], num: str, den: str) -> list[list
     out = []
     for i in range(n):
         rs = [rows[i] for rows in seeds]
-        out.append([rs[0]["version"], t_interval([r["al"][num] for r in rs])[0], t_interval([r["al"][den] for r in rs])[0],
-                    *t_interval([r["al"][num] / r["al"][den] for r in rs])])
+        mean = [t_interval([r["al"][a] for r in rs])[0] for a in (num, den)]
+        out.append([rs[0]["version"], *mean, *t_interval([r["al"][num] / r["al"][den] for r in rs])])
     return out

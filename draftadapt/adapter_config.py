@@ -149,8 +149,9 @@ class AdapterStats:
         if self.budget is not None:
             out.update(self.budget.as_dict())
         if self.vocab is not None:
-            out.update({"draft/vocab_coverage_before": self.vocab.coverage_before,
-                        "draft/vocab_coverage": self.vocab.coverage_after, "draft/vocab_admitted": float(self.vocab.admitted)})
+            v = self.vocab
+            out.update({"draft/vocab_coverage_before": v.coverage_before, "draft/vocab_coverage": v.coverage_after,
+                        "draft/vocab_admitted": float(v.admitted)})
         return out
 
 

@@ -77,8 +77,8 @@ def test_optimizer_moments_move_with_their_rows(policy):
 
 
 def task_batch(version, seed=0, drop_mask_every=3):
-    """B sequences: PROMPT prompt tokens, then completion tokens: every TASK token, some twice; the loss mask is False at
-    every `drop_mask_every`-th completion position (where a real target's top token left the draft vocab)."""
+    """B sequences: PROMPT prompt tokens, then completion tokens: every TASK token, some twice; the loss mask is
+    False at every `drop_mask_every`-th completion position (where a real target's top token left the draft vocab)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.cat([torch.randint(0, 900, (B, PROMPT), generator=g),
                      TASK[torch.randperm(B * (T - PROMPT), generator=g) % VD].reshape(B, T - PROMPT)], 1).reshape(-1)

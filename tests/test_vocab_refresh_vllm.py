@@ -57,7 +57,8 @@ def test_a_pushed_vocab_refresh_serves_like_a_freshly_loaded_checkpoint(toy_poli
     # 2) pushed into an engine serving the old vocab vs loaded fresh
     _, pushed = served_al(toy_draft_dir, push=draft_state_for_push(draft))
     (al_fresh,), _ = served_al(save_eagle3(draft, tmp_path / "refreshed", AutoConfig.from_pretrained(toy_policy_dir)))
-    print(f"greedy AL k=3: start-up draft {al_start:.3f}, refreshed draft pushed {pushed[1]:.3f}, loaded {al_fresh:.3f}")
+    print(f"greedy AL k=3: start-up draft {al_start:.3f}, refreshed draft pushed {pushed[1]:.3f}, "
+          f"loaded {al_fresh:.3f}")
     assert pushed[0] == pytest.approx(al_start, abs=0.02), "the same draft served twice must accept alike"
     assert al_start - al_fresh > 0.2, "dropping the most written tokens must cost acceptance (else this proves nothing)"
     assert pushed[1] == pytest.approx(al_fresh, abs=0.02), "the pushed refresh must serve like its fresh checkpoint"
