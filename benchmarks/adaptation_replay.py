@@ -18,7 +18,7 @@
 
 The `generic` arm starts the default strategy from a draft trained on the toy chat corpus (built once, cached) and
 is measured beside `frozen-chat` (that init, never adapted); `generic-refresh` also re-targets that draft's vocab to
-the task's completion tokens (AdapterConfig.vocab_refresh_every=1; `-lr2x`: and a 2x draft lr, same compute).
+the task's completion tokens (AdapterConfig.vocab_refresh_every=1; `-lr2x`/`-lr4x`: and a 2x/4x draft lr, same compute).
 Measures on every run; --reuse only re-prints the last JSON.
 """
 from __future__ import annotations
@@ -74,7 +74,8 @@ ARMS = {"default": {},
         "generic": {"init": "chat"},  # the default strategy from a generic-domain init (UltraChat analogue)
         # ... whose draft vocab is re-targeted to the task's completion tokens (AdapterConfig.vocab_refresh_every)
         "generic-refresh": {"init": "chat", "adapter": {"vocab_refresh_every": 1}},
-        "generic-refresh-lr2x": {"init": "chat", "adapter": {"vocab_refresh_every": 1}, "trainer": {"lr": 1e-3}}}
+        "generic-refresh-lr2x": {"init": "chat", "adapter": {"vocab_refresh_every": 1}, "trainer": {"lr": 1e-3}},
+        "generic-refresh-lr4x": {"init": "chat", "adapter": {"vocab_refresh_every": 1}, "trainer": {"lr": 2e-3}}}
 
 
 def arm_config(name: str) -> dict:
