@@ -17,7 +17,9 @@
         [--arms default tv ...] [--eval-prompts 64] [--reuse] [--rerecord]
 
 The `generic` arm starts the default strategy from a draft trained on the toy chat corpus (built once, cached) and
-is measured beside `frozen-chat` (that init, never adapted). Measures on every run; --reuse only re-prints the last JSON.
+is measured beside `frozen-chat` (that init, never adapted); `generic-refresh` also re-targets that draft's vocab to
+the task's completion tokens (AdapterConfig.vocab_refresh_every=1; `-lr2x`/`-lr4x`: and a 2x/4x draft lr, same compute).
+Measures on every run; --reuse only re-prints the last JSON.
 """
 from __future__ import annotations
 
@@ -72,6 +74,10 @@ ARMS = {"default": {},
         "boost": {"strategy": {"boost_factor": 3.0, "boost_drop": 0.05}},
         "lr2x": {"trainer": {"lr": 1e-3}},
         "generic": {"init": "chat"},  # the default strategy from a generic-domain init (UltraChat analogue)
+        # ... whose draft vocab is re-targeted to the task's completion tokens (AdapterConfig.vocab_refresh_every)
+        "generic-refresh": {"init": "chat", "adapter": {"vocab_refresh_every": 1}},
+        "generic-refresh-lr2x": {"init": "chat", "adapter": {"vocab_refresh_every": 1}, "trainer": {"lr": 1e-3}},
+        "generic-refresh-lr4x": {"init": "chat", "adapter": {"vocab_refresh_every": 1}, "trainer": {"lr": 2e-3}},
         # UntilBoundaryDraftWorker: serves one step behind and trains as many steps as the recorded step lasted
         # (its capture budget stays the default's: the sampler is sized once, from the initial train_steps)
         "until-boundary": {"clock": True}}
@@ -147,13 +153,13 @@ def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides:
 
 
 # 2) replay ------------------------------------------------------------------------------------
-def make_adapter(name: str, draft_dirs: dict[str, Path], embed) -> DraftAdapter:
+def make_adapter(name: str, draft_dirs: dict[str, Path], embed, head=None) -> DraftAdapter:
     from draftadapt.checkpoint import load_eagle3
 
     c = arm_config(name)
     return DraftAdapter(load_eagle3(draft_dirs[c["init"]]), embed, load_section(AdapterConfig, c["adapter"]),
                         load_section(TrainerConfig, c["trainer"]), load_section(CacheConfig, c["cache"]),
-                        strategy=load_section(StrategyConfig, c["strategy"]))
+                        strategy=load_section(StrategyConfig, c["strategy"]), target_head=head)
 
 
 def oracle_draft(engine, tok, policy, draft_dir: Path, args, version: int, task):
@@ -200,7 +206,8 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
         draft_dirs["chat"] = toy_draft(tok_dir, ToyDraftConfig(domain="chat", steps=args.generic_steps))
     tok = AutoTokenizer.from_pretrained(tok_dir)
     policy = AutoModelForCausalLM.from_pretrained(traj.policy_dir(0), dtype=torch.float32).eval()
-    adapters = {a: make_adapter(a, draft_dirs, policy.get_input_embeddings()) for a in arms}
+    adapters = {a: make_adapter(a, draft_dirs, policy.get_input_embeddings(), policy.get_output_embeddings())
+                for a in arms}
     frozen = {k: v.clone() for k, v in draft_state_for_push(load_eagle3(draft_dir)).items()}
     frozen_chat = draft_state_for_push(load_eagle3(draft_dirs["chat"])) if "chat" in draft_dirs else None
     task = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in traj.meta["config"]["task"].items()})
@@ -215,9 +222,12 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
             # 1) every arm sees the same features of step v's rollouts (policy v), then trains
             policy.load_state_dict(traj.policy_state(v))
             ro = traj.rollouts(v)
-            # (the teacher is over each draft's own vocab: one feature pass per initial draft)
-            first = {arm_config(a)["init"]: a for a in reversed(arms)}
-            batches = {init: list(features(policy, adapters[a], ro, v)) for init, a in first.items()}
+            # (the teacher is over each draft's own vocab: one feature pass per initial draft and vocab)
+            def key(a):
+                ids = adapters[a].features.draft_vocab_ids
+                return arm_config(a)["init"], None if ids is None else tuple(ids.tolist())
+            first = {key(a): a for a in reversed(arms)}
+            batches = {k: list(features(policy, adapters[a], ro, v)) for k, a in first.items()}
             advs = ro.advantages.split(64)
             train, step_s = {}, recorded_step_seconds(traj, v)
             # a background worker serves at v+1 what it trained through step v-1 (one step behind)
@@ -225,13 +235,15 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
                       for a in arms if arm_config(a).get("clock")}
             for a in sorted(arms, key=lambda a: bool(arm_config(a).get("clock"))):  # fixed budgets first
                 ad = adapters[a]
-                for b, adv in zip(batches[arm_config(a)["init"]], advs):
+                for b, adv in zip(batches[key(a)], advs):
                     ad.on_rollouts(b, advantages=adv)
                 if a in behind:  # until the boundary: as many steps as the recorded step lasted
                     ad.config = replace(ad.config, train_steps=clock_steps(train, step_s, BASE["adapter"]["train_steps"]))
                 st = ad.on_step_end(v + 1, counters=counters[a])
                 train[a] = {"steps": st.train.steps, "tokens": st.train.tokens, "seconds": st.train.seconds} \
                     if st.train else {"steps": 0, "tokens": 0, "seconds": 0.0}
+                if st.vocab is not None:  # a vocab refresh (vocab_refresh_every): coverage before/after
+                    train[a]["vocab"] = st.vocab._asdict()
             # 2) the engine serves policy v+1; each draft is pushed and measured on the same seeded samples
             policy.load_state_dict(traj.policy_state(v + 1))
             swapper.refit_policy(policy.state_dict(), v + 1)

@@ -113,3 +113,16 @@ def plot_curves(runs: dict[str, list[dict]], png: Path) -> Path | None:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def ratio_per_step(runs: dict[str, list[dict]], num: str, den: str) -> list[list]:
+    """Per version: [version, mean AL of `num`, of `den`, ratio num/den mean, lo, hi] with a 95% t interval of the
+    per-trajectory ratios (the generic-domain goal: num = a generic init, den = the in-domain default)."""
+    seeds = list(runs.values())
+    n = min(len(rows) for rows in seeds)
+    out = []
+    for i in range(n):
+        rs = [rows[i] for rows in seeds]
+        mean = [t_interval([r["al"][a] for r in rs])[0] for a in (num, den)]
+        out.append([rs[0]["version"], *mean, *t_interval([r["al"][num] / r["al"][den] for r in rs])])
+    return out

@@ -54,6 +54,7 @@ from .drafts.mtp import MTPDraft
 from .metrics import SpecCounters
 from .strategy import StrategyConfig, StrategyDraftWorker, train_budget
 from .trainer import TrainerConfig
+from .vocab_refresh import VocabRefresher
 from .workers import CacheInfo, DraftWorker, FeatureSpec, LocalDraftWorker, TrainResult  # noqa: F401 (re-exported)
 
 FORMAT = "draftadapt.adapter/1"
@@ -110,6 +111,9 @@ class DraftAdapter:
         self.acceptance_ema: float | None = None
         self.acceptance_after_push: float | None = None  # first acceptance length measured after a push
         self.dropped_rollouts = 0  # since the last on_step_end
+        # vocab_refresh_every: counts completion tokens, re-targets the draft vocab at boundaries (LocalDraftWorker only)
+        self.vocab = VocabRefresher(config.vocab_refresh_every, config.vocab_refresh_margin, worker) \
+            if config.vocab_refresh_every else None
         # Engine counters are read as deltas from here; not saved: they describe the engines, not the run.
         self._seen = sink.spec_counters() if sink is not None else None
 
@@ -153,11 +157,14 @@ class DraftAdapter:
                           f"({self.dropped_nonfinite} dropped so far); check the policy forward that was captured",
                           stacklevel=2)
             return 0
-        if self.last_version is not None and v < self.last_version - self.config.staleness_window:
+        old_vocab = self.vocab is not None and self.vocab.is_stale(v)
+        if old_vocab or self.last_version is not None and v < self.last_version - self.config.staleness_window:
             n = batch.cu_seqlens.numel() - 1
             self.dropped_rollouts += n
-            warnings.warn(f"on_rollouts: dropped {n} sequences of policy version {v}, older than the staleness window "
-                          f"({self.config.staleness_window}) behind version {self.last_version}", stacklevel=2)
+            why = (f"captured before the draft vocab was refreshed (versions <= {self.vocab.stale_through})"
+                   if old_vocab else f"older than the staleness window ({self.config.staleness_window}) behind "
+                   f"version {self.last_version}")
+            warnings.warn(f"on_rollouts: dropped {n} sequences of policy version {v}, {why}", stacklevel=2)
             return 0
         self.newest_rollout_version = v if self.newest_rollout_version is None else max(v, self.newest_rollout_version)
         if batch.cu_seqlens.numel() < 2:  # the step budget kept no window of this micro-batch
@@ -182,6 +189,8 @@ class DraftAdapter:
         ends = batch.cu_seqlens.cpu()
         targets = torch.cat([lm.new_zeros(1), lm])[ends[1:]] - torch.cat([lm.new_zeros(1), lm])[ends[:-1]]
         self.sampler.record(v, batch.priority[targets > 0], batch.seq_lens.cpu()[targets > 0])
+        if self.vocab is not None:
+            self.vocab.observe(batch)
         return self.worker.add(batch)
 
     def _check_batch(self, batch: RolloutBatch) -> None:
@@ -225,14 +234,19 @@ class DraftAdapter:
                 train, skipped = None, "no draft training has finished yet (background worker)"
             else:
                 self.trained_since_push = True
-        # 3) the push, judged on this step's acceptance (served by the draft pushed before)
+        # 3) the vocab refresh, when due: the push below then carries the new d2t
+        refresh = self.vocab.maybe_refresh(v) if self.vocab is not None else None
+        if refresh is not None:
+            self.features, self.trained_since_push = self.worker.feature_spec(), True
+        # 4) the push, judged on this step's acceptance (served by the draft pushed before)
         pushed, reason, seconds, nbytes, result = self._maybe_push(v, al, ref)
         self._track_acceptance(al, pushed)
         stats = AdapterStats(policy_version=v, train=train, train_skipped_reason=skipped, pushed=pushed,
                              push_reason=reason, push_seconds=seconds, push_bytes=nbytes, push_result=result,
                              last_pushed_version=self.last_pushed_version, cache=self.worker.cache_info(),
                              dropped_stale=dropped, dropped_rollouts=self.dropped_rollouts, spec=spec,
-                             acceptance_reference=ref, budget=self.sampler.end_step(v, cfg.staleness_window))
+                             acceptance_reference=ref, budget=self.sampler.end_step(v, cfg.staleness_window),
+                             vocab=refresh)
         self.last_version, self.dropped_rollouts = v, 0
         return stats
 
@@ -275,7 +289,7 @@ class DraftAdapter:
             return False, f"not due{nxt}", 0.0, 0, None
         if not self.trained_since_push:
             return False, f"{why} but the draft has not trained since the last push", 0.0, 0, None
-        # 4) push: the only place weights leave the adapter
+        # 5) push: the only place weights leave the adapter
         start = time.perf_counter()
         state = self.worker.state_for_push()
         result = self.sink.push_draft(state, version=v)
@@ -327,7 +341,8 @@ class DraftAdapter:
         each checkpoint its own); without it the resumed cache starts empty. Tensors are live
         references: torch.save the result before training on."""
         return {"format": FORMAT, "config": asdict(self.config), "worker": self.worker.state_dict(cache_dir),
-                "sampler": self.sampler.state_dict(), **{k: getattr(self, k) for k in self._COUNTERS}}
+                "sampler": self.sampler.state_dict(), **{k: getattr(self, k) for k in self._COUNTERS},
+                **({"vocab": self.vocab.state_dict()} if self.vocab is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != FORMAT:
@@ -337,6 +352,9 @@ class DraftAdapter:
             self.sampler.load_state_dict(state["sampler"])
         for k in self._COUNTERS:
             setattr(self, k, state[k])
+        if self.vocab is not None and "vocab" in state:
+            self.vocab.load_state_dict(state["vocab"])
+            self.features = self.worker.feature_spec()  # the draft's restored d2t
 
 
 def _nonfinite_fields(batch: RolloutBatch) -> list[str]:

@@ -43,6 +43,9 @@ class AdapterConfig:
     capture_tokens: int | None = None  # positions captured per step at most; None = train_steps x batch_tokens
     capture_fraction: float | None = None  # also keep only this fraction of the step's completion tokens
     window_tokens: int = 2048  # longest window a sequence is trained as (longer ones are cut, true positions kept)
+    vocab_refresh_every: int = 0  # every this many boundaries, rebuild a reduced EAGLE-3 draft vocab from the
+    #   completion tokens seen so far (vocab_refresh.py); 0 = never (the vocab the draft was built with stays)
+    vocab_refresh_margin: float = 0.02  # ... only when that raises their coverage by at least this much
 
     @property
     def budget_tokens(self) -> int:
@@ -51,7 +54,8 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("train_steps", 0), ("batch_tokens", 1), ("min_tokens", 0), ("staleness_window", 0),
-                          ("push_every", 0), ("top_k", 0), ("seed", 0), ("window_tokens", 1)):
+                          ("push_every", 0), ("top_k", 0), ("seed", 0), ("window_tokens", 1),
+                          ("vocab_refresh_every", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"AdapterConfig.{name}={value!r}; set it to an int >= {low}")
@@ -66,6 +70,8 @@ class AdapterConfig:
                              f"{TEACHERS}, and top_k > 0 exactly when teacher='topk'")
         if self.capture_tokens is not None and (not isinstance(self.capture_tokens, int) or self.capture_tokens < 1):
             raise ValueError(f"AdapterConfig.capture_tokens={self.capture_tokens!r}; use positions >= 1 or None")
+        if not 0 <= self.vocab_refresh_margin <= 1:
+            raise ValueError(f"AdapterConfig.vocab_refresh_margin={self.vocab_refresh_margin!r}; use a share in [0, 1]")
         if self.capture_fraction is not None and not 0 < self.capture_fraction <= 1:
             raise ValueError(f"AdapterConfig.capture_fraction={self.capture_fraction!r}; use a value in (0, 1] or None")
 
@@ -115,6 +121,7 @@ class AdapterStats:
     spec: SpecCounters | None  # spec-decode counters of this step's rollouts (delta), when known
     acceptance_reference: float | None  # what this step's acceptance length was compared with
     budget: BudgetStats | None = None  # rollout vs captured vs kept tokens of this step
+    vocab: Any = None  # a VocabRefresh when this boundary re-targeted the draft vocab (vocab_refresh.py)
 
     def as_dict(self) -> dict[str, float]:
         """Flat floats under the names RL users chart; unknown values are left out, not NaN.
@@ -141,6 +148,10 @@ class AdapterStats:
             out.update(self.spec.as_dict())
         if self.budget is not None:
             out.update(self.budget.as_dict())
+        if self.vocab is not None:
+            v = self.vocab
+            out.update({"draft/vocab_coverage_before": v.coverage_before, "draft/vocab_coverage": v.coverage_after,
+                        "draft/vocab_admitted": float(v.admitted)})
         return out
 
 

@@ -147,6 +147,7 @@ class LocalDraftWorker:
 
     def load_state_dict(self, state: dict) -> None:
         self.trainer.load_state_dict(state["trainer"])
+        self._target_ids = self.draft.target_ids().cpu()  # the restored d2t (a vocab refresh may have changed it)
         self.generator.set_state(state["generator"])
         cache_dir = state["cache_dir"]
         if cache_dir is None:

@@ -45,10 +45,16 @@ def build_draft_vocab(sequences: Iterable[Sequence[int] | torch.Tensor], vocab_s
     result depends only on the counts. Tokens never seen fill the remaining slots by id."""
     if not 0 < draft_vocab_size <= vocab_size:
         raise ValueError(f"draft_vocab_size={draft_vocab_size} must be in 1..vocab_size={vocab_size}")
-    counts = token_counts(sequences, vocab_size)
+    return vocab_from_counts(token_counts(sequences, vocab_size), draft_vocab_size)
+
+
+def vocab_from_counts(counts: torch.Tensor, draft_vocab_size: int) -> DraftVocab:
+    """The vocab of the `draft_vocab_size` most frequent ids of `counts` [V] (ties: lower id first)."""
+    if not 0 < draft_vocab_size <= len(counts):
+        raise ValueError(f"draft_vocab_size={draft_vocab_size} must be in 1..vocab_size={len(counts)}")
     order = torch.sort(-counts, stable=True).indices  # by count descending, then id ascending
     kept = order[:draft_vocab_size].sort().values
-    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d = torch.zeros(len(counts), dtype=torch.bool)
     t2d[kept] = True
     return DraftVocab(d2t=kept - torch.arange(draft_vocab_size), t2d=t2d, counts=counts)
 
