@@ -47,7 +47,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--eval-seed", type=int, default=777)
     ap.add_argument("--name", default="oracle_convergence")
+    ap.add_argument("--against", metavar="LAB_JSON", help="measure nothing: read the oracle JSONs named by --runs "
+                    "(one per seed) and the lab's combined result, and report each lab arm's fraction of the "
+                    "frozen -> (these oracles) gap at --version, with 95%% t intervals over seeds")
+    ap.add_argument("--runs", nargs="+", default=[], help="with --against: oracle result names, seed order")
     args = ap.parse_args()
+    if args.against:
+        return against(args)
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,6 +111,30 @@ def main() -> None:
                            "trajectory": traj.meta.get("reward"), "frozen_al": frozen, "rows": rows,
                            "table": table})
     print(json.dumps({"frozen": frozen}))
+
+
+def against(args) -> None:
+    """Fractions of the gap to these oracles closed by the lab's arms (paired by seed, same measurement)."""
+    from _common import RESULTS
+    from replay_stats import t_interval
+
+    lab_runs = json.loads((RESULTS / f"{args.against}.json").read_text())["runs"]
+    seeds = sorted(lab_runs, key=lambda k: int(k.split("/")[1]))
+    oracles = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.runs]
+    if len(oracles) != len(seeds):
+        raise ValueError(f"--runs names {len(oracles)} oracle results for {len(seeds)} lab seeds {seeds}")
+    rows = [next(r for r in lab_runs[k] if r["version"] == args.version) for k in seeds]
+    for point in sorted({x["point"] for o in oracles for x in o["rows"]}):
+        al = [sum(x["al"] for x in o["rows"] if x["point"] == point) / max(1, sum(x["point"] == point for x in o["rows"]))
+              for o in oracles]
+        gaps = [a - r["al"]["frozen"] for a, r in zip(al, rows)]
+        table = [[arm, *t_interval([(r["al"][arm] - r["al"]["frozen"]) / g for r, g in zip(rows, gaps)])]
+                 for arm in rows[0]["al"] if arm not in ("frozen",)]
+        print(f"oracle {point} at v{args.version}: gap over frozen {t_interval(gaps)}")
+        print_table(["arm", "fraction of that gap", "ci lo", "ci hi"], table)
+        write_json(f"{args.name}_{point.replace(':', '-')}", {"stamp": stamp(), "lab": args.against, "runs": args.runs,
+                                                              "version": args.version, "oracle_al": al, "gaps": gaps,
+                                                              "gap": t_interval(gaps), "fractions": table})
 
 
 if __name__ == "__main__":
