@@ -37,7 +37,7 @@ def parse(point: str) -> tuple[int, int, bool]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trajectory", type=Path, required=True, help="a recorded trajectory directory of the lab")
+    ap.add_argument("--trajectory", type=Path, help="a recorded trajectory directory of the lab (required unless --against)")
     ap.add_argument("--version", type=int, default=10, help="policy version to train the oracles on")
     ap.add_argument("--grid", nargs="+", default=["768:300", "768:600", "1536:600"],
                     help="prompts:steps per oracle; a trailing :lag trains it on the samples and features of policy "
@@ -54,6 +54,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.against:
         return against(args)
+    if args.trajectory is None:
+        ap.error("--trajectory is required (or --against LAB_JSON --runs ... to summarize)")
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,7 +132,8 @@ def against(args) -> None:
         gaps = [a - r["al"]["frozen"] for a, r in zip(al, rows)]
         table = [[arm, *t_interval([(r["al"][arm] - r["al"]["frozen"]) / g for r, g in zip(rows, gaps)])]
                  for arm in rows[0]["al"] if arm not in ("frozen",)]
-        print(f"oracle {point} at v{args.version}: gap over frozen {t_interval(gaps)}")
+        print(f"oracle {point} at v{args.version}: gap over frozen [mean, lo, hi] "
+              f"{[round(float(x), 3) for x in t_interval(gaps)]}")
         print_table(["arm", "fraction of that gap", "ci lo", "ci hi"], table)
         write_json(f"{args.name}_{point.replace(':', '-')}", {"stamp": stamp(), "lab": args.against, "runs": args.runs,
                                                               "version": args.version, "oracle_al": al, "gaps": gaps,
