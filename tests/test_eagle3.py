@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import require, tiny_config, tiny_model
+from vllm_parity_helpers import run_parity_script
 
 from draftadapt.drafts.eagle3 import Eagle3Draft, apply_rope, default_aux_layer_ids
 from draftadapt.drafts.vocab import build_draft_vocab, full_vocab
@@ -223,11 +220,7 @@ VLLM_PARITY = textwrap.dedent("""
 @pytest.mark.vllm
 def test_vllm_loads_export_and_its_draft_steps_equal_ttt_unroll(tmp_path):
     require("vllm")
-    tests = Path(__file__).parent
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", VLLM_PARITY, str(tests), str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=tests.parent)
-    assert "PARITY OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_parity_script(VLLM_PARITY, "PARITY OK", tmp_path)
 
 
 def test_vocab_keeps_most_frequent_tokens_ties_to_lower_id():

@@ -12,15 +12,12 @@ step before's output (post final_layernorm), always MTP layer 0 (spec_step_idx 0
 Tolerance: max |vLLM - ours| < 1e-4 on fp32 logits of magnitude ~1-10 (same argmax everywhere).
 Runs in a subprocess: vLLM's distributed state is process-global (~15 s).
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from conftest import require
+from vllm_parity_helpers import run_parity_script
 
 SCRIPT = textwrap.dedent("""
     import socket, sys
@@ -107,9 +104,4 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.vllm
 def test_vllms_mimo_mtp_loads_our_export_and_its_draft_steps_equal_ours(tmp_path):
     require("vllm")
-    tests = Path(__file__).parent
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tests), str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=tests.parent)
-    assert "MTP PARITY OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
-    print(proc.stdout.strip().splitlines()[-1])
+    print(run_parity_script(SCRIPT, "MTP PARITY OK", tmp_path))
