@@ -286,7 +286,8 @@ def main(argv=None) -> dict:
     policy.save_pretrained(final_policy, safe_serialization=True)
     tok.save_pretrained(str(final_policy))  # (MTP: a tokenizer beside a qwen2 config encodes to nothing; the
     #   comparison engines get mech.tokenizer_dir)
-    result = {"method": mech.method, "before": before, "after": after, "frozen": None, "adapted": None}
+    result = {"method": mech.method, "before": before, "after": after, "frozen": None, "adapted": None,
+              "toy_build": toy_build(mech)}
     arms = {"frozen": None} if k > 0 else {}  # None: the first draft (model-free: the method itself)
     if adapter is not None:
         arms["adapted"] = adapter.worker.draft
@@ -307,10 +308,22 @@ def main(argv=None) -> dict:
     return result
 
 
+def toy_build(mech) -> dict:
+    """sha256 prefixes of the toy artefacts this run started from: two runs with equal hashes ran the same toy."""
+    from draftadapt.toy.build import weights_hash
+
+    build = {"policy": weights_hash(mech.policy_dir)}
+    if mech.initial_draft is not None:
+        build["draft"] = weights_hash(mech.initial_draft)
+    return build
+
+
 def print_summary(res: dict, out: Path) -> None:
     def f(x, key, fmt):
         return "-" if x is None or x.get(key) is None else format(x[key], fmt)
 
+    build = res.get("toy_build") or {}
+    print(f"\ntoy build: {', '.join(f'{k} {v}' for k, v in build.items())}  (same hashes = same toy)")
     print("\n                      before RL   after RL")
     print(f"accuracy (T=1)        {f(res['before'], 'accuracy', '8.1%')}   {f(res['after'], 'accuracy', '8.1%')}")
     print(f"\nacceptance length on the final policy (same prompts, k drafts, {res.get('method', 'eagle3')}):")

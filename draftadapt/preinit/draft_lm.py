@@ -38,9 +38,11 @@ class DraftLMPreinitConfig:
 
 
 def preinit_draft_lm(target_dir: str | Path, prompts: list[list[int]], cfg: DraftLMPreinitConfig,
-                     out_dir: str | Path, tokenizer_dir: str | Path | None = None, progress: bool = True) -> Path:
+                     out_dir: str | Path, tokenizer_dir: str | Path | None = None, progress: bool = True,
+                     sampler=None) -> Path:
     """Regenerate, init, distil, export (module docstring); returns the draft checkpoint dir, with
-    `draftadapt_preinit.json` (timings, final loss/agreement, config) beside the weights."""
+    `draftadapt_preinit.json` (timings, final loss/agreement, config) beside the weights. `sampler`:
+    what samples the target (an object with `Engine.generate`'s signature); None = a vLLM engine."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..distill import train_draft_lm_offline
@@ -51,9 +53,12 @@ def preinit_draft_lm(target_dir: str | Path, prompts: list[list[int]], cfg: Draf
     tokenizer_dir = Path(tokenizer_dir or target_dir)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     # 1) the target's own samples
-    with Engine(EngineConfig(model=str(target_dir), tokenizer=str(tokenizer_dir), max_num_seqs=64,
-                             worker_extension=None)) as eng:
-        roll = rollout_sequences(eng, tok, prompts, cfg.samples_per_prompt, cfg.max_tokens)
+    if sampler is not None:
+        roll = rollout_sequences(sampler, tok, prompts, cfg.samples_per_prompt, cfg.max_tokens, seed=cfg.seed)
+    else:
+        with Engine(EngineConfig(model=str(target_dir), tokenizer=str(tokenizer_dir), max_num_seqs=64,
+                                 worker_extension=None)) as eng:
+            roll = rollout_sequences(eng, tok, prompts, cfg.samples_per_prompt, cfg.max_tokens, seed=cfg.seed)
     # 2) + 3) truncation init, distillation
     prev = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -81,11 +86,22 @@ def toy_draft_lm(policy_dir: str | Path, cfg: DraftLMPreinitConfig = DraftLMPrei
     """A draft LM for the toy policy, distilled on its own samples of toy task prompts; cached."""
     from transformers import AutoTokenizer
 
+    from ..toy.build import BUILD_VERSION, TorchSampler, run_pinned, weights_hash
     from ..toy.draft import domain_prompts
 
-    key = hashlib.sha256(json.dumps([asdict(cfg), prompts, seed], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([asdict(cfg), prompts, seed, BUILD_VERSION], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:10]
     out = Path(policy_dir).parent / f"{Path(policy_dir).name}-draftlm-{key}"
     if (out / "model.safetensors").exists():
         return out
     tok = AutoTokenizer.from_pretrained(str(policy_dir))
-    return preinit_draft_lm(policy_dir, domain_prompts(tok, "task", prompts, seed), cfg, out, progress=progress)
+    # sampled in torch, in a process with pinned kernels: the same draft LM on every CPU (toy.build)
+    run_pinned(_build_toy_draft_lm, policy_dir, domain_prompts(tok, "task", prompts, seed), cfg, out, progress,
+               TorchSampler)
+    if progress:
+        print(f"toy draft LM built: {out} (weights {weights_hash(out)})")
+    return out
+
+
+def _build_toy_draft_lm(policy_dir, prompts, cfg, out, progress, sampler_cls) -> Path:
+    return preinit_draft_lm(policy_dir, prompts, cfg, out, progress=progress, sampler=sampler_cls(policy_dir))

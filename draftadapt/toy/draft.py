@@ -30,6 +30,8 @@ class ToyDraftConfig:
     steps: int = 600  # TTT optimizer steps
     batch_size: int = 32  # sequences per step
     seed: int = 100  # prompt stream (eval prompts use other seeds)
+    # torch threads while training: TTT's step rounds differently at 2 threads even with MKL pinned (toy.build)
+    threads: int = 1
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-3, ttt_steps=3, warmup_steps=30))
 
 
@@ -49,10 +51,12 @@ def domain_prompts(tok, domain: str, n: int, seed: int, task: TaskConfig = TaskC
     raise ValueError(f"domain={domain!r}; choose 'task' or 'chat'")
 
 
-def rollout_sequences(engine, tok, prompts: list[list[int]], n: int, max_tokens: int) -> Rollouts:
+def rollout_sequences(engine, tok, prompts: list[list[int]], n: int, max_tokens: int,
+                      seed: int | None = None) -> Rollouts:
+    """`n` temperature-1 samples per prompt from `engine` (a vLLM `Engine` or a `TorchSampler`)."""
     t0 = time.perf_counter()
     outs = engine.generate(prompts, n=n, temperature=1.0, max_tokens=max_tokens, logprobs=False,
-                           stop_token_ids=[tok.eos_token_id])
+                           stop_token_ids=[tok.eos_token_id], seed=seed)
     seqs, masks, toks = [], [], 0
     for prompt, group in zip(prompts, outs):
         for c in group:
@@ -66,30 +70,37 @@ def toy_draft(policy_dir: str | Path, cfg: ToyDraftConfig = ToyDraftConfig(), pr
               root: str | Path | None = None) -> Path:
     """Directory of an EAGLE-3 draft for the toy policy at `policy_dir`, built when not cached
     (in `root`, default: beside the policy)."""
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    from .build import BUILD_VERSION, run_pinned, weights_hash
+
+    key = hashlib.sha256(json.dumps([asdict(cfg), BUILD_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:10]
     out = Path(root or Path(policy_dir).parent) / f"{Path(policy_dir).name}-eagle3-{cfg.domain}-{key}"
     if not (out / "model.safetensors").exists():
-        stats = train_toy_draft(policy_dir, out, cfg, progress)
+        stats = run_pinned(train_toy_draft, policy_dir, out, cfg, progress)
         (out / "draftadapt_train.json").write_text(json.dumps(stats, indent=1))
+        if progress:
+            print(f"toy EAGLE-3 draft built: {out} (weights {weights_hash(out)})")
     return out
 
 
 def train_toy_draft(policy_dir: str | Path, out_dir: str | Path, cfg: ToyDraftConfig, progress: bool = True) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..engine.vllm import Engine, EngineConfig
     from ..offline import train_offline
+    from .build import TorchSampler, TorchThreads
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     prompts = domain_prompts(tok, cfg.domain, cfg.prompts, cfg.seed)
-    # 1) the policy's own samples (what the draft must predict in RL rollouts)
-    with Engine(EngineConfig(model=str(policy_dir), max_num_seqs=64, worker_extension=None)) as eng:
-        roll = rollout_sequences(eng, tok, prompts, cfg.samples_per_prompt, cfg.max_tokens)
-    # 2) features from the HF policy + TTT training, then export
+    # 1) the policy's own samples (what the draft must predict in RL rollouts), drawn in torch so
+    #    the build is the same on every CPU (vLLM's CPU kernels choose their instruction set)
+    roll = rollout_sequences(TorchSampler(policy_dir), tok, prompts, cfg.samples_per_prompt, cfg.max_tokens,
+                             seed=cfg.seed)
+    # 2) features from the HF policy + TTT training, then export (the draft's init draws from torch's global generator)
+    torch.manual_seed(cfg.seed)
     target = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     t0 = time.perf_counter()
-    train_offline(target, roll.sequences, cfg.steps, draft_vocab_size=cfg.draft_vocab_size, config=cfg.trainer,
-                  loss_masks=roll.loss_masks, batch_size=cfg.batch_size, out_dir=out_dir, progress=progress)
+    with TorchThreads(cfg.threads):
+        train_offline(target, roll.sequences, cfg.steps, draft_vocab_size=cfg.draft_vocab_size, config=cfg.trainer,
+                      loss_masks=roll.loss_masks, batch_size=cfg.batch_size, out_dir=out_dir, progress=progress)
     train_s = time.perf_counter() - t0
     n_tok = sum(len(s) for s in roll.sequences)
     return {"rollout_seconds": roll.seconds, "rollout_tokens": roll.tokens, "train_seconds": train_s,

@@ -131,28 +131,33 @@ def train_mtp_head(policy, tok, cfg: ToyMTPConfig, progress: bool = True):
 def toy_mtp_policy(policy_dir: str | Path | None = None, cfg: ToyMTPConfig = ToyMTPConfig(),
                    progress: bool = True) -> ToyMTP:
     """The toy policy as a MiMo checkpoint with trained MTP layer(s), built when not cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..drafts.mtp import mtp_state_for_push
+    from .build import BUILD_VERSION, run_pinned, weights_hash
     from .policy import toy_policy
 
     policy_dir = Path(policy_dir or toy_policy(progress=progress))
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([asdict(cfg), BUILD_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:10]
     out = policy_dir.parent / f"{policy_dir.name}-mimo-mtp-{key}"
-    if (out / "model.safetensors").exists():
-        return ToyMTP(out, out / TOKENIZER_DIR)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    if not (out / "model.safetensors").exists():
+        run_pinned(build_toy_mtp, policy_dir, out, cfg, progress)
+        if progress:
+            print(f"toy MTP policy built: {out} (weights {weights_hash(out)})")
+    return ToyMTP(out, out / TOKENIZER_DIR)
+
+
+def build_toy_mtp(policy_dir: Path, out: Path, cfg: ToyMTPConfig, progress: bool) -> None:
+    """Train the MTP layer on the frozen policy and write the MiMo checkpoint to `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..drafts.mtp import mtp_state_for_push
+    from .build import TorchThreads
+
+    with TorchThreads(cfg.threads):
         policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval().requires_grad_(False)
         t0 = time.perf_counter()
         draft, history = train_mtp_head(policy, AutoTokenizer.from_pretrained(policy_dir), cfg, progress)
         seconds = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(prev)
     llama = json.loads((policy_dir / "config.json").read_text())
     trunk = qwen2_trunk(policy.state_dict(), llama["num_hidden_layers"])
-    made = write_mimo(out, mimo_config(llama, cfg.num_mtp_layers), trunk, mtp_state_for_push(draft), policy_dir)
+    write_mimo(out, mimo_config(llama, cfg.num_mtp_layers), trunk, mtp_state_for_push(draft), policy_dir)
     stats = {"train_seconds": seconds, "threads": cfg.threads, "final": history[-1].as_dict(), "config": asdict(cfg)}
     (out / "draftadapt_mtp.json").write_text(json.dumps(stats, indent=1, default=str))
-    return made
