@@ -93,10 +93,13 @@ class TorchSampler:
     `engine.vllm.Engine` that the toy builds use: reproducible wherever the kernels are pinned.
     Memory O(batch x (prompt + max_tokens) x layers x H) for the KV cache."""
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 256):
-        from transformers import AutoModelForCausalLM
+    def __init__(self, model, batch_size: int = 256):
+        """model: an HF causal LM, or the directory of one (loaded in fp32)."""
+        if isinstance(model, (str, Path)):
+            from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        self.model = model.eval()
         self.batch_size = batch_size
 
     @torch.no_grad()
