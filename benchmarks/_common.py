@@ -28,7 +28,19 @@ def stamp() -> dict:
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_sha": sha, "machine": platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "vllm": vllm_version, "processor": platform.processor(),
-            "load_average": os.getloadavg(), "git_dirty": _dirty()}
+            "load_average": os.getloadavg(), "git_dirty": _dirty(), "toy_build": toy_build()}
+
+
+def toy_build() -> dict:
+    """sha256 prefixes of the default toy policy and EAGLE-3 draft in the cache (the ones a benchmark on the
+    toy reads); an artefact not built yet is left out. Equal hashes: the same toy (draftadapt/toy/build.py)."""
+    from draftadapt.toy.build import weights_hash
+    from draftadapt.toy.draft import toy_draft_path
+    from draftadapt.toy.policy import toy_policy_path
+
+    policy = toy_policy_path()
+    paths = {"policy": policy, "draft": toy_draft_path(policy)}
+    return {k: weights_hash(p) for k, p in paths.items() if (p / "model.safetensors").exists()}
 
 
 def _dirty() -> bool | None:

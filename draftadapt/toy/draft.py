@@ -70,16 +70,23 @@ def toy_draft(policy_dir: str | Path, cfg: ToyDraftConfig = ToyDraftConfig(), pr
               root: str | Path | None = None) -> Path:
     """Directory of an EAGLE-3 draft for the toy policy at `policy_dir`, built when not cached
     (in `root`, default: beside the policy)."""
-    from .build import BUILD_VERSION, run_pinned, weights_hash
+    from .build import run_pinned, weights_hash
 
-    key = hashlib.sha256(json.dumps([asdict(cfg), BUILD_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:10]
-    out = Path(root or Path(policy_dir).parent) / f"{Path(policy_dir).name}-eagle3-{cfg.domain}-{key}"
+    out = toy_draft_path(policy_dir, cfg, root)
     if not (out / "model.safetensors").exists():
         stats = run_pinned(train_toy_draft, policy_dir, out, cfg, progress)
         (out / "draftadapt_train.json").write_text(json.dumps(stats, indent=1))
         if progress:
             print(f"toy EAGLE-3 draft built: {out} (weights {weights_hash(out)})")
     return out
+
+
+def toy_draft_path(policy_dir: str | Path, cfg: ToyDraftConfig = ToyDraftConfig(), root: str | Path | None = None) -> Path:
+    """Where `toy_draft(policy_dir, cfg, root=root)` keeps its checkpoint (built or not)."""
+    from .build import BUILD_VERSION
+
+    key = hashlib.sha256(json.dumps([asdict(cfg), BUILD_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(root or Path(policy_dir).parent) / f"{Path(policy_dir).name}-eagle3-{cfg.domain}-{key}"
 
 
 def train_toy_draft(policy_dir: str | Path, out_dir: str | Path, cfg: ToyDraftConfig, progress: bool = True) -> dict:

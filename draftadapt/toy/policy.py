@@ -156,16 +156,23 @@ def toy_policy(cfg: SFTConfig = SFTConfig(), root: str | Path | None = None, pro
     The directory name carries a hash of the config, so a changed config never reuses a stale
     checkpoint.
     """
-    from .build import BUILD_VERSION, run_pinned, weights_hash
+    from .build import run_pinned, weights_hash
 
-    key = hashlib.sha256(json.dumps([asdict(cfg), BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
-    out = Path(root or cache_root()) / f"toy-policy-{key}"
+    out = toy_policy_path(cfg, root)
     if not (out / "model.safetensors").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         run_pinned(train_policy, out, cfg, progress=progress)
         if progress:
             print(f"toy policy built: {out} (weights {weights_hash(out)})")
     return out
+
+
+def toy_policy_path(cfg: SFTConfig = SFTConfig(), root: str | Path | None = None) -> Path:
+    """Where `toy_policy(cfg, root)` keeps its checkpoint (built or not)."""
+    from .build import BUILD_VERSION
+
+    key = hashlib.sha256(json.dumps([asdict(cfg), BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root or cache_root()) / f"toy-policy-{key}"
 
 
 def perturbed_copy(policy_dir: str | Path, out_dir: str | Path, noise: float = 0.3, seed: int = 0) -> Path:
