@@ -16,10 +16,59 @@ SLOW_TIMEOUT_S = 1800  # a slow test may build the toy policy and drafts first (
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests get SLOW_TIMEOUT_S unless they set their own; the rest keep addopts' --timeout."""
+    """Slow tests get SLOW_TIMEOUT_S unless they set their own; the rest keep addopts' --timeout.
+
+    The tests that need no trained toy artefact run first, while a background process builds the artefacts
+    (`python -m draftadapt.toy`, ~12 min cold): the builds overlap the fast tests instead of adding to them.
+    Builds take a file lock per cache dir, so a test asking for an artefact mid-build waits for it."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    items.sort(key=_needs_toy)  # stable: file order within each group
+    if any(_needs_toy(i) for i in items):
+        _start_toy_builds(config)
+
+
+def _needs_toy(item) -> bool:
+    return bool(item.get_closest_marker("slow")) or any(f.startswith("toy_") for f in item.fixturenames)
+
+
+def _start_toy_builds(config) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.environ.get("DRAFTADAPT_NO_BACKGROUND_BUILD") or config.option.collectonly:
+        return
+    log = open(tempfile.mkstemp(prefix="draftadapt-toy-build-", suffix=".log")[1], "w")
+    cmd = [sys.executable, "-m", "draftadapt.toy", "--quiet", "--json", log.name + ".json"]
+    # its own process group: stopping it at the end of the session stops its pinned build child too
+    config._toy_build = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+                         log.name)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The background toy build's table (hash and seconds per artefact) or where its log is when it failed."""
+    import json
+    from pathlib import Path
+
+    build = getattr(config, "_toy_build", None)
+    if build is None:
+        return
+    proc, log = build
+    terminalreporter.section("toy artefacts (background build)")
+    if proc.poll() is None:  # the run stopped before every artefact was needed (-x, -k, a failure)
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        terminalreporter.write_line(f"stopped before it finished (builds are atomic; nothing half-written): {log}")
+        return
+    table = Path(log + ".json")
+    if proc.returncode == 0 and table.exists():
+        for name, row in json.loads(table.read_text()).items():
+            terminalreporter.write_line(f"{name:14s} weights {row['weights']}  {row['seconds']:7.1f} s")
+    else:
+        terminalreporter.write_line(f"the background build exited {proc.returncode}: see {log}")
 
 
 def require(module: str):

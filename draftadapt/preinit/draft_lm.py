@@ -86,19 +86,16 @@ def toy_draft_lm(policy_dir: str | Path, cfg: DraftLMPreinitConfig = DraftLMPrei
     """A draft LM for the toy policy, distilled on its own samples of toy task prompts; cached."""
     from transformers import AutoTokenizer
 
-    from ..toy.build import BUILD_VERSION, TorchSampler, run_pinned, weights_hash
+    from ..toy.build import BUILD_VERSION, TorchSampler, build_once, weights_hash
     from ..toy.draft import domain_prompts
 
     key = hashlib.sha256(json.dumps([asdict(cfg), prompts, seed, BUILD_VERSION], sort_keys=True,
                                     default=str).encode()).hexdigest()[:10]
     out = Path(policy_dir).parent / f"{Path(policy_dir).name}-draftlm-{key}"
-    if (out / "model.safetensors").exists():
-        return out
     tok = AutoTokenizer.from_pretrained(str(policy_dir))
     # sampled in torch, in a process with pinned kernels: the same draft LM on every CPU (toy.build)
-    run_pinned(_build_toy_draft_lm, policy_dir, domain_prompts(tok, "task", prompts, seed), cfg, out, progress,
-               TorchSampler)
-    if progress:
+    if build_once(out, _build_toy_draft_lm, policy_dir, domain_prompts(tok, "task", prompts, seed), cfg, out,
+                  progress, TorchSampler) and progress:
         print(f"toy draft LM built: {out} (weights {weights_hash(out)})")
     return out
 

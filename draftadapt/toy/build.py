@@ -16,6 +16,7 @@ instruction set themselves. This module knows nothing of what it builds: it runs
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pickle
@@ -53,6 +54,20 @@ def run_pinned(fn: Callable, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError(f"building a toy artefact ({fn.__module__}.{fn.__qualname__}) failed in its "
                                f"pinned child process (exit {rc}); its output is above")
         return pickle.loads(result.read_bytes())
+
+
+def build_once(out: Path, fn: Callable, *args: Any, **kwargs: Any) -> bool:
+    """run_pinned(fn, *args, **kwargs) unless `out` holds a checkpoint already; True when this call built it.
+    One builder at a time per cache directory (a file lock): a second process asking for the same artefact
+    (a test beside a background build, two ranks) waits for the first instead of training it again."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".draftadapt-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "model.safetensors").exists():
+            return False
+        run_pinned(fn, *args, **kwargs)
+        return True
 
 
 class TorchThreads:

@@ -70,12 +70,10 @@ def toy_draft(policy_dir: str | Path, cfg: ToyDraftConfig = ToyDraftConfig(), pr
               root: str | Path | None = None) -> Path:
     """Directory of an EAGLE-3 draft for the toy policy at `policy_dir`, built when not cached
     (in `root`, default: beside the policy)."""
-    from .build import run_pinned, weights_hash
+    from .build import build_once, weights_hash
 
     out = toy_draft_path(policy_dir, cfg, root)
-    if not (out / "model.safetensors").exists():
-        stats = run_pinned(train_toy_draft, policy_dir, out, cfg, progress)
-        (out / "draftadapt_train.json").write_text(json.dumps(stats, indent=1))
+    if build_once(out, train_toy_draft, policy_dir, out, cfg, progress):
         if progress:
             print(f"toy EAGLE-3 draft built: {out} (weights {weights_hash(out)})")
     return out
@@ -110,6 +108,8 @@ def train_toy_draft(policy_dir: str | Path, out_dir: str | Path, cfg: ToyDraftCo
                       loss_masks=roll.loss_masks, batch_size=cfg.batch_size, out_dir=out_dir, progress=progress)
     train_s = time.perf_counter() - t0
     n_tok = sum(len(s) for s in roll.sequences)
-    return {"rollout_seconds": roll.seconds, "rollout_tokens": roll.tokens, "train_seconds": train_s,
-            "feature_tokens": n_tok, "train_tokens_per_s": cfg.steps * cfg.batch_size * n_tok / len(roll.sequences) / train_s,
-            "config": asdict(cfg)}
+    stats = {"rollout_seconds": roll.seconds, "rollout_tokens": roll.tokens, "train_seconds": train_s,
+             "feature_tokens": n_tok, "train_tokens_per_s": cfg.steps * cfg.batch_size * n_tok / len(roll.sequences) / train_s,
+             "config": asdict(cfg)}
+    (Path(out_dir) / "draftadapt_train.json").write_text(json.dumps(stats, indent=1))
+    return stats

@@ -131,14 +131,13 @@ def train_mtp_head(policy, tok, cfg: ToyMTPConfig, progress: bool = True):
 def toy_mtp_policy(policy_dir: str | Path | None = None, cfg: ToyMTPConfig = ToyMTPConfig(),
                    progress: bool = True) -> ToyMTP:
     """The toy policy as a MiMo checkpoint with trained MTP layer(s), built when not cached."""
-    from .build import BUILD_VERSION, run_pinned, weights_hash
+    from .build import BUILD_VERSION, build_once, weights_hash
     from .policy import toy_policy
 
     policy_dir = Path(policy_dir or toy_policy(progress=progress))
     key = hashlib.sha256(json.dumps([asdict(cfg), BUILD_VERSION], sort_keys=True, default=str).encode()).hexdigest()[:10]
     out = policy_dir.parent / f"{policy_dir.name}-mimo-mtp-{key}"
-    if not (out / "model.safetensors").exists():
-        run_pinned(build_toy_mtp, policy_dir, out, cfg, progress)
+    if build_once(out, build_toy_mtp, policy_dir, out, cfg, progress):
         if progress:
             print(f"toy MTP policy built: {out} (weights {weights_hash(out)})")
     return ToyMTP(out, out / TOKENIZER_DIR)

@@ -156,12 +156,10 @@ def toy_policy(cfg: SFTConfig = SFTConfig(), root: str | Path | None = None, pro
     The directory name carries a hash of the config, so a changed config never reuses a stale
     checkpoint.
     """
-    from .build import run_pinned, weights_hash
+    from .build import build_once, weights_hash
 
     out = toy_policy_path(cfg, root)
-    if not (out / "model.safetensors").exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        run_pinned(train_policy, out, cfg, progress=progress)
+    if build_once(out, train_policy, out, cfg, progress=progress):
         if progress:
             print(f"toy policy built: {out} (weights {weights_hash(out)})")
     return out
