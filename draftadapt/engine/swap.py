@@ -32,7 +32,9 @@ refitted without them (the MTP weights then stay what they were: push adapted on
 
 Rollback source: the worker keeps the last weights it loaded per kind (the start-up ones: read
 back on first push at TP = 1, read from the start-up checkpoint at TP > 1): one copy of the draft,
-and one of the policy once it is refitted. The same copy repairs weights lost silently (level-2
+and one of the policy once it is refitted; at TP > 1 a rank keeps only the elements its own loaders
+take (`swap_verify.ShardCopy`: 56% of the full draft per rank at TP = 2 for the toy head, where fc and
+the norms are replicated). The same copy repairs weights lost silently (level-2
 sleep, faults: `ensure_latest`); the swapper keeps the last push to re-send it after a restart.
 """
 from __future__ import annotations
