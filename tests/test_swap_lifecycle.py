@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import save_tiny, tiny_config
+from conftest import require, save_tiny, tiny_config
 
 # ------------------------------------------------------------------ driver logic, a fake engine
 
@@ -186,7 +186,7 @@ CUDA_IPC_ARGS = (torch.Tensor, torch.Size([4, 6]), (6, 1), 0, torch.TypedStorage
 
 
 def test_native_update_info_is_plain_data_that_vllms_msgpack_serialiser_carries(monkeypatch):
-    pytest.importorskip("vllm")
+    require("vllm")
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     from draftadapt.engine import native
