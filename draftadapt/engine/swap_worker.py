@@ -21,8 +21,8 @@ import torch
 
 from .. import faults
 from .payload import KINDS, check_push, checksum, read_safetensors_dir, tensors_from_bytes, tensors_to_bytes
-from .native import NativeTransferWorker, gpu_uuid
-from .swap_verify import read_back, startup_weights
+from . import native
+from .swap_verify import ShardCopy, held_bytes, read_back, startup_weights
 from .swap_verify import verify as verify_rank
 
 class _Slot(NamedTuple):
@@ -136,7 +136,7 @@ class _Laps:
         self.phases[f"worker_{name}"], self.t = now - self.t, now
 
 
-class DraftSwapExtension(NativeTransferWorker):
+class DraftSwapExtension:
     """Methods vLLM mixes into its worker class (prefixed `draftadapt_` to avoid clashes).
 
     A mixin: a framework that installs its own worker extension (verl, NeMo-RL, OpenRLHF) puts
@@ -163,7 +163,7 @@ class DraftSwapExtension(NativeTransferWorker):
         if pc.pipeline_parallel_size != 1:
             raise RuntimeError("draftadapt pushes support pipeline_parallel_size = 1 engines (any tensor_parallel_size)")
         has_draft = self.model_runner.get_draft_model() is not None
-        native = getattr(self, "supports_draft_weight_updates", None)
+        supports = getattr(self, "supports_draft_weight_updates", None)
         return {"versions": dict(self._draftadapt_state()["versions"]),
                 "draft": _spec_of(self._draftadapt_layout("draft")[1]) if has_draft else None,
                 "policy": _spec_of(self._draftadapt_layout("policy")[1]),
@@ -171,9 +171,10 @@ class DraftSwapExtension(NativeTransferWorker):
                 "draft_method": self._draftadapt_method(),
                 "vocab_size": self.model_config.get_vocab_size(),
                 "tp_size": pc.tensor_parallel_size, "tp_rank": get_tensor_model_parallel_rank(),
-                "native_draft_update": bool(native()) if callable(native) else False,
+                "native_draft_update": bool(supports()) if callable(supports) else False,
                 "weight_transfer_backend": getattr(getattr(self.vllm_config, "weight_transfer_config", None),
-                                                   "backend", None), "gpu_uuid": gpu_uuid(self)}
+                                                   "backend", None), "gpu_uuid": native.gpu_uuid(self),
+                "vllm_version": _vllm_version()}
 
     def draftadapt_state(self, kind: str) -> bytes:
         """The weights the engine computes with now, checkpoint form, as safetensors bytes (TP = 1)."""
@@ -184,7 +185,7 @@ class DraftSwapExtension(NativeTransferWorker):
 
     def draftadapt_push(self, kind: str, version: int, expected_checksum: str | None = None,
                         payload: bytes | None = None, path: str | None = None, verify: str = "probe",
-                        two_phase: bool = False, force: bool = False,
+                        two_phase: bool = False, force: bool = False, update_info: dict | None = None,
                         inject_failure_after: int | None = None, inject_rank: int | None = None) -> dict:
         """Apply a push: validate, check the received tensors' digest equals `expected_checksum`
         (when given; else no verification), reload in place, verify this rank's shard (`verify`:
@@ -198,7 +199,7 @@ class DraftSwapExtension(NativeTransferWorker):
         try:
             return self._draftadapt_apply(kind, version, expected_checksum, payload, path, verify, two_phase, force,
                                           inject_failure_after if inject_rank in (None, get_tensor_model_parallel_rank())
-                                          else None)
+                                          else None, update_info)
         except Exception as exc:
             if not two_phase:
                 raise
@@ -206,7 +207,7 @@ class DraftSwapExtension(NativeTransferWorker):
                     "error": f"rank {get_tensor_model_parallel_rank()}: {type(exc).__name__}: {exc}"}
 
     def _draftadapt_apply(self, kind, version, expected_checksum, payload, path, verify, two_phase, force,
-                          fail_after) -> dict:
+                          fail_after, update_info=None) -> dict:
         from vllm.distributed import get_tensor_model_parallel_rank
 
         rank, lap, st = get_tensor_model_parallel_rank(), _Laps(), self._draftadapt_state()
@@ -216,7 +217,10 @@ class DraftSwapExtension(NativeTransferWorker):
                 raise ValueError(f"{kind} version {version} is older than the served version {current}: refused")
             return {"ok": True, "pushed": False, "checksum": None, "phases": {}, "rank": rank}
         model, layout = self._draftadapt_layout(kind)
-        state = tensors_from_bytes(payload) if payload is not None else read_safetensors_dir(path)
+        if update_info is not None and kind != "draft":
+            raise ValueError("update_info (vLLM's native transfer) carries draft pushes only")
+        state = (tensors_from_bytes(payload) if payload is not None else read_safetensors_dir(path) if update_info
+                 is None else native.received(update_info, self.device))
         lap("receive")
         forbidden = self._draftadapt_forbidden() if kind == "draft" else {}
         state = check_push(state, _spec_of(layout), kind, forbidden, self.model_config.get_vocab_size())
@@ -228,7 +232,7 @@ class DraftSwapExtension(NativeTransferWorker):
         previous = self._draftadapt_reference(kind, layout)
         lap("rollback_copy")
         try:
-            self._draftadapt_reload(kind, model, state, fail_after)
+            self._draftadapt_reload(kind, model, state, fail_after, update_info)
             lap("load")
             self._draftadapt_check_sharing()
             if expected_checksum is not None:
@@ -240,10 +244,11 @@ class DraftSwapExtension(NativeTransferWorker):
             self._draftadapt_restore(kind, model, layout, previous, verify)
             raise RuntimeError(f"{kind} push of version {version} failed on rank {rank}; the previous weights "
                                f"(version {current}) were restored and verified: {exc}") from exc
+        kept = self._draftadapt_keep(layout, state)
         if two_phase:
-            st["pending"][kind] = (version, state, previous)
+            st["pending"][kind] = (version, kept, previous)
         else:
-            st["last"][kind], st["versions"][kind] = state, version
+            st["last"][kind], st["versions"][kind] = kept, version
         return {"ok": True, "pushed": True, "checksum": got, "phases": lap.phases, "rank": rank}
 
     def draftadapt_commit(self, kind: str, version: int) -> bool:
@@ -279,8 +284,10 @@ class DraftSwapExtension(NativeTransferWorker):
         if not report.ok and repair:
             self._draftadapt_restore(kind, model, layout, reference, verify)
             repaired = True
+        full = sum(torch.Size(s.shape).numel() * getattr(s.module, s.param).element_size() for s in layout.values())
         return {"rank": get_tensor_model_parallel_rank(), "version": st["versions"][kind], "ok": report.ok,
-                "problem": report.problem, "repaired": repaired}
+                "problem": report.problem, "repaired": repaired, "rollback_bytes": held_bytes(reference),
+                "full_bytes": full}
 
     def draftadapt_fault_discard_draft(self) -> None:
         """FAULT INJECTION (tests, the draft-health watchdog): zero every drafter weight a push
@@ -371,7 +378,8 @@ class DraftSwapExtension(NativeTransferWorker):
         rename, packed = self._draftadapt_draft_names()
         return model, _layout(model, rename, skip, packed)
 
-    def _draftadapt_reload(self, kind: str, model, state: dict, fail_after: int | None) -> None:
+    def _draftadapt_reload(self, kind: str, model, state: dict, fail_after: int | None,
+                           update_info: dict | None = None) -> None:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
@@ -382,6 +390,9 @@ class DraftSwapExtension(NativeTransferWorker):
             return
         items = faults.killing_after_first(items, "push")
         with set_current_vllm_config(self.vllm_config), torch.no_grad(), _detached(model, self._draftadapt_shared()):
+            if update_info is not None:  # vLLM's own session loads what the IPC handles point at
+                native.load(self, update_info)
+                return
             reload_weights(self.vllm_config, model, weights_iterator=items, weights_path=None,
                            is_checkpoint_format=True)
 
@@ -408,8 +419,13 @@ class DraftSwapExtension(NativeTransferWorker):
         else:
             spec = self.vllm_config.speculative_config
             path = spec.model if kind == "draft" and spec is not None and spec.model else self.model_config.model
-            st["last"][kind] = startup_weights(path, _spec_of(layout), kind)
+            st["last"][kind] = self._draftadapt_keep(layout, startup_weights(path, _spec_of(layout), kind))
         return st["last"][kind]
+
+    def _draftadapt_keep(self, layout, state: dict):
+        """What this rank keeps of full tensors it may restore later: all of them at TP = 1, only
+        its own shard's elements at TP > 1 (`swap_verify.ShardCopy`: 1/TP of the sharded bytes)."""
+        return state if self.vllm_config.parallel_config.tensor_parallel_size == 1 else ShardCopy(layout, state)
 
     def _draftadapt_check_sharing(self) -> None:
         """The drafter still uses the target's own embedding (and lm_head, where shared) modules,
@@ -433,6 +449,12 @@ def _reprocess_tied(model) -> None:
         if method is not None and any(id(p) in owners for p in params):
             method.process_weights_after_loading(mod)
         owners.update(id(p) for p in params)
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
 
 
 def _spec_of(layout: dict[str, _Slot]) -> dict[str, list]:
