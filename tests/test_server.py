@@ -211,7 +211,7 @@ def _train_on_greedy_outputs(model_dir, config):
     from draftadapt.drafts.eagle3 import Eagle3Draft
     from draftadapt.offline import train_offline
 
-    target = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         seqs = [target.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False, eos_token_id=None)[0].tolist()
                 for p in PROMPTS]
@@ -327,3 +327,18 @@ class TestServerMode:
         al_after, _ = served.acceptance(swapper)
         print(f"restart: {waited:.1f} s; AL {al_before:.2f} before, {al_after:.2f} after the re-push")
         assert abs(al_after - al_before) < 0.05, "the same draft on the same greedy prompts: the same acceptance"
+
+    def test_a_policy_refit_over_http_serves_the_new_policy_and_keeps_the_draft(self, served):
+        from conftest import tiny_model
+
+        from draftadapt.engine.swap import EngineSwapper
+
+        swapper = EngineSwapper(served.engine())
+        before = served.rollouts()
+        assert swapper.push_draft(served.trained, (swapper.draft_version or 0) + 1).verified
+        result = swapper.refit_policy(tiny_model("llama", seed=7, hidden=128, layers=4).state_dict(),
+                                      (swapper.policy_version or 0) + 1)
+        assert result.pushed and result.verified, result
+        assert served.rollouts() != before, "the refitted policy writes other completions"
+        (check,) = served.engine().collective_rpc("draftadapt_check", kwargs={"kind": "draft"})
+        assert check["ok"] and check["version"] == swapper.draft_version, "the refit left the draft's weights alone"
