@@ -8,6 +8,7 @@ process (tiny random target, random EAGLE-3 draft), rollouts over the OpenAI API
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -283,7 +284,8 @@ class TestServerMode:
         (check,) = owner.collective_rpc("draftadapt_check", kwargs={"kind": "draft"})
         assert check["version"] == version and check["ok"] and not check["repaired"], check
 
-    @pytest.mark.parametrize("case", ["nan", "unknown name", "wrong dtype", "outside the push root", "digest"])
+    @pytest.mark.parametrize("case", ["nan", "unknown name", "wrong dtype", "outside the push root", "linked out",
+                                      "digest"])
     def test_a_bad_push_is_refused_and_the_old_draft_keeps_serving(self, served, case):
         from draftadapt.engine.payload import checksum, tensors_to_bytes
 
@@ -298,18 +300,25 @@ class TestServerMode:
         elif case == "wrong dtype":
             state["fc.weight"] = state["fc.weight"].to(torch.int32)
         kw["expected_checksum"] = "0" * 16 if case == "digest" else checksum(state)
-        if case == "outside the push root":  # a well-formed checkpoint the server could read, elsewhere
+        if case in ("outside the push root", "linked out"):  # a well-formed checkpoint the server could read
             elsewhere = served.root / "elsewhere"
             elsewhere.mkdir(exist_ok=True)
             (elsewhere / "model.safetensors").write_bytes(tensors_to_bytes(state))
             kw["path"] = str(elsewhere)
+            if case == "linked out":  # a dir inside the root whose file is a link to one outside it
+                inside = served.push_dir / "linked"
+                inside.mkdir(parents=True, exist_ok=True)
+                (inside / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+                kw["path"] = str(inside)
         else:
             kw["payload"] = tensors_to_bytes(state)  # staged by RemoteEngine, bypassing the driver's checks
         with pytest.raises(RuntimeError, match="HTTP 500.*refused") as err:
             owner.collective_rpc("draftadapt_push", kwargs=kw)
         print(f"{case}: {str(err.value)[:160]}")
+        shutil.rmtree(served.push_dir / "linked", ignore_errors=True)  # this test's own file, not a staged one
         (check,) = owner.collective_rpc("draftadapt_check", kwargs={"kind": "draft"})
         assert check["version"] == version and check["ok"] and not check["repaired"], (case, check)
+        assert list(served.push_dir.iterdir()) == [], "a refused push's staged file is removed too"
 
     def test_a_restarted_server_gets_the_latest_draft_again(self, served):
         from draftadapt.engine.swap import EngineSwapper

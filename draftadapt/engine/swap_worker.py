@@ -452,8 +452,11 @@ def _check_push_path(path: str | None, spec: dict, kind: str, forbidden: dict) -
     if path is None:
         raise ValueError(f"a {kind} push needs payload, path or update_info")
     root = os.environ.get(PUSH_ROOT_ENV)
-    if root and not Path(path).resolve().is_relative_to(Path(root).resolve()):
-        raise ValueError(f"refused {kind} push: {path} is outside this server's push root {root} ({PUSH_ROOT_ENV})")
+    if root:  # resolved: a symlinked dir or file cannot lead out of the root
+        inside = [Path(path).resolve(), *(f.resolve() for f in Path(path).glob("*.safetensors"))]
+        if not all(p.is_relative_to(Path(root).resolve()) for p in inside):
+            raise ValueError(f"refused {kind} push: {path} is (or links) outside this server's push root {root} "
+                             f"({PUSH_ROOT_ENV})")
     check_safetensors_dir(path, spec, kind, forbidden)
 
 
