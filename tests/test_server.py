@@ -163,6 +163,7 @@ class Served:
     proc: subprocess.Popen
     trained: dict  # a draft trained on the target's greedy outputs for PROMPTS
     model: str  # the served model's name (its absolute path)
+    start_draft: dict  # the draft the server started with (random)
 
     def engine(self, token="same"):
         from draftadapt.engine.remote import RemoteEngine
@@ -191,6 +192,17 @@ class Served:
         with urllib.request.urlopen(req, timeout=120) as resp:
             choices = json.loads(resp.read())["choices"]
         return [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
+
+    def rollout_ids(self, max_tokens=24) -> torch.Tensor:
+        """[len(PROMPTS), 6 + max_tokens] prompt + greedy completion ids through the OpenAI API."""
+        body = {"model": self.model, "prompt": PROMPTS, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "return_token_ids": True}
+        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            choices = sorted(json.loads(resp.read())["choices"], key=lambda c: c["index"])
+        return torch.tensor([p + c["token_ids"] for p, c in zip(PROMPTS, choices)])
 
     def acceptance(self, swapper) -> tuple[float, list[str]]:
         before = swapper.spec_counters()
@@ -240,7 +252,10 @@ def served(tmp_path_factory):
     env = {**os.environ, "DRAFTADAPT_TOKEN": token, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    s = Served(f"http://127.0.0.1:{port}", token, push_dir, root, argv, env, None, {}, str(Path(model_dir).resolve()))
+    from draftadapt.checkpoint import draft_state_for_push, load_eagle3
+
+    s = Served(f"http://127.0.0.1:{port}", token, push_dir, root, argv, env, None, {}, str(Path(model_dir).resolve()),
+               draft_state_for_push(load_eagle3(draft_dir)))
     log = open(root / "server.log", "ab")
     s.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)  # starts while the draft trains
     try:
@@ -259,7 +274,7 @@ class TestServerMode:
 
         swapper = EngineSwapper(served.engine())
         al_random, texts_random = served.acceptance(swapper)
-        result = swapper.push_draft(served.trained, 1)
+        result = swapper.push_draft(served.trained, (swapper.draft_version or 0) + 1)
         assert result.pushed and result.verified and result.bytes > 0
         assert list(served.push_dir.iterdir()) == [], "the staged file is removed after the push"
         al_trained, texts_trained = served.acceptance(swapper)
@@ -267,6 +282,40 @@ class TestServerMode:
         assert al_random < 1.2, al_random
         assert al_trained > al_random + 0.8, (al_random, al_trained)
         assert texts_trained == texts_random, "greedy outputs must not depend on the draft"
+
+    def test_on_step_end_trains_on_features_captured_in_the_trainer_and_pushes_over_http(self, served):
+        from transformers import AutoModelForCausalLM
+
+        from draftadapt.adapter import AdapterConfig, DraftAdapter
+        from draftadapt.drafts.eagle3 import Eagle3Draft
+        from draftadapt.engine.swap import EngineSwapper
+        from draftadapt.trainer import TrainerConfig
+
+        swapper = EngineSwapper(served.engine())
+        v0 = (swapper.draft_version or 0) + 1
+        assert swapper.push_draft(served.start_draft, v0).verified  # serve the random start draft again
+        policy = AutoModelForCausalLM.from_pretrained(served.model, dtype=torch.float32).eval()
+        torch.manual_seed(0)
+        draft = Eagle3Draft.from_target(policy.config, aux_layer_ids=(1, 2, 3))  # = the served start draft
+        adapter = DraftAdapter(draft, policy.get_input_embeddings(),
+                               AdapterConfig(train_steps=40, batch_tokens=256, min_tokens=64), TrainerConfig(lr=3e-3),
+                               sink=swapper)
+        adapter.on_step_end(v0)  # the counters' baseline; nothing captured yet
+        history = []
+        for step in range(v0 + 1, v0 + 4):
+            ids = served.rollout_ids()  # rollouts over HTTP, served by the draft pushed at the previous step
+            completion = torch.zeros_like(ids, dtype=torch.bool)
+            completion[:, len(PROMPTS[0]):] = True
+            with adapter.capture(policy) as cap, torch.no_grad():  # the trainer's log-prob recompute
+                policy(input_ids=ids, attention_mask=torch.ones_like(ids))
+            adapter.on_rollouts(cap.rollout_batch(ids, torch.ones_like(ids), completion, policy_version=step))
+            stats = adapter.on_step_end(step)
+            assert stats.pushed and stats.push_result.verified, stats.push_reason
+            history.append(stats.spec.acceptance_length)
+        al_adapted, _ = served.acceptance(swapper)
+        print(f"adapter over HTTP: AL per step {[round(a, 2) for a in history]}, then {al_adapted:.2f}")
+        assert history[0] < 1.2, "step 1's rollouts were served by the random draft"
+        assert al_adapted > history[0] + 0.5, (history, al_adapted)
 
     def test_a_request_without_the_token_changes_nothing(self, served):
         from draftadapt.engine.swap import EngineSwapper
