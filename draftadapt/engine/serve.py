@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--push-dir", default=str(default_push_dir()),
                    help="the only directory pushes by path may come from (RemoteEngine's push_dir)")
-    p.add_argument("--print-command", action="store_true", help="print the vllm serve command and exit")
+    p.add_argument("--print-command", action="store_true", help="print the server command (environment + argv) and exit")
     ours, _, theirs = _split(argv)
     return p.parse_args(ours), theirs
 
