@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,7 +40,8 @@ def serve(target: Path, draft: Path, root: Path) -> tuple[subprocess.Popen, str,
             "--max-num-seqs", "4", "--disable-uvicorn-access-log"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("DRAFTADAPT_TOKEN", None)
-    proc = subprocess.Popen(argv, env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # killed as a group: the engine core outlives its API server
     return proc, f"http://127.0.0.1:{port}", push_dir
 
 
@@ -69,8 +71,12 @@ def one(hidden: int, rounds: int) -> list[dict]:
                         assert res.pushed and res.verified
                         samples[arm].append(res)
         finally:
-            proc.kill()
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGTERM)  # the API server shuts its engine core down too
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     return _rows(hidden, samples, sum(t.numel() for t in states[0].values()))
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -170,18 +171,34 @@ class Served:
 
         return RemoteEngine(self.url, token=self.token if token == "same" else token, push_dir=self.push_dir)
 
-    def start(self) -> float:
+    def spawn(self) -> None:
         log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        # its own process group: vLLM's engine core is a child that outlives a killed API server (orphaned, busy)
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def start(self) -> float:
+        self.spawn()
         try:
             return self.engine().wait_ready(timeout=240)
         except TimeoutError:
-            self.proc.kill()
+            self.stop()
             raise AssertionError("server did not start:\n" + (self.root / "server.log").read_text()[-4000:])
 
     def stop(self) -> None:
-        self.proc.kill()
+        """A crash: SIGKILL to the API server and its engine core (the whole process group)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(timeout=30)
+        for _ in range(100):  # the group empties once the engine core is gone too
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        raise AssertionError("a process of the killed server (its vLLM engine core?) is still alive")
 
     def rollouts(self, max_tokens=24) -> list[str]:
         """Greedy completions of PROMPTS through the OpenAI API (one batched request)."""
@@ -256,15 +273,13 @@ def served(tmp_path_factory):
 
     s = Served(f"http://127.0.0.1:{port}", token, push_dir, root, argv, env, None, {}, str(Path(model_dir).resolve()),
                draft_state_for_push(load_eagle3(draft_dir)))
-    log = open(root / "server.log", "ab")
-    s.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)  # starts while the draft trains
+    s.spawn()  # starts while the draft trains
     try:
         s.trained = _train_on_greedy_outputs(model_dir, config)
         s.engine().wait_ready(timeout=240)
         yield s
     finally:
-        s.proc.kill()
-        s.proc.wait(timeout=30)
+        s.stop()
 
 
 @pytest.mark.vllm
