@@ -6,7 +6,9 @@ Split from `swap.py` (which moves payloads into engines); it touches no engine a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 from pathlib import Path
 from typing import Mapping
 
@@ -83,6 +85,74 @@ def check_push(state: Mapping[str, torch.Tensor], spec: Spec, kind: str, forbidd
     if problems:
         raise ValueError(f"refused {kind} push (the engine keeps serving its current weights): " + "; ".join(problems))
     return {k: state[k].detach().to(_dtype(spec[k][1])).contiguous().cpu() for k in spec}
+
+
+# safetensors dtype tags a push may carry (no F64/I8/bool/fp8: nothing the engines serve)
+_ST_DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+              "I64": (torch.int64, 8), "I32": (torch.int32, 4)}
+MAX_HEADER_BYTES = 1 << 20  # a safetensors header listing a few thousand tensors is ~100-300 KB
+
+
+def check_safetensors_dir(path: str | os.PathLike, spec: Spec, kind: str,
+                          forbidden: Mapping[str, str] | None = None) -> int:
+    """Refuse a checkpoint dir from outside (a push over HTTP) from its headers alone, before a
+    byte of tensor data is read: unknown or forbidden names, dtypes other than F32/F16/BF16/I64/I32
+    or of the wrong kind (float vs int), wrong shapes, a header over 1 MiB, or a file larger than
+    its header says (oversize). Returns the payload bytes. Values (NaN, d2t) are `check_push`'s
+    job once loaded. O(header) time and memory."""
+    forbidden = dict(forbidden or {})
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"refused {kind} push: {path} holds no *.safetensors file")
+    problems, total = [], 0
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= MAX_HEADER_BYTES or n + 8 > size:
+                raise ValueError(f"refused {kind} push: {f.name} has a header of {n} bytes (limit "
+                                 f"{MAX_HEADER_BYTES}, file {size}): not a safetensors file, or oversize")
+            try:
+                header = json.loads(fh.read(n))
+            except ValueError as exc:
+                raise ValueError(f"refused {kind} push: {f.name} has an unreadable header ({exc})") from exc
+        if not isinstance(header, dict):
+            raise ValueError(f"refused {kind} push: {f.name} has no tensor table")
+        data = 0
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            data = max(data, _header_problem(name, meta, spec, forbidden, problems))
+        if size != 8 + n + data:
+            problems.append(f"{f.name}: {size} bytes, its header accounts for {8 + n + data} (oversize)")
+        total += size
+    if problems:
+        raise ValueError(f"refused {kind} push before loading it (the engine keeps serving its current weights): "
+                         + "; ".join(problems))
+    return total
+
+
+def _header_problem(name: str, meta, spec: Spec, forbidden: Mapping[str, str], problems: list) -> int:
+    """Append what is wrong with one header entry; return the end offset of its data."""
+    try:
+        tag, shape, (start, end) = meta["dtype"], tuple(int(x) for x in meta["shape"]), meta["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        problems.append(f"{name}: malformed header entry")
+        return 0
+    if name in forbidden:
+        problems.append(f"{name}: {forbidden[name]}")
+    elif name not in spec:
+        problems.append(f"{name}: unknown tensor (the engine has no such weight)")
+    elif tag not in _ST_DTYPES:
+        problems.append(f"{name}: dtype {tag} (allowed: {sorted(_ST_DTYPES)})")
+    elif _ST_DTYPES[tag][0].is_floating_point != _dtype(spec[name][1]).is_floating_point:
+        problems.append(f"{name}: dtype {tag}, expected {spec[name][1]}")
+    elif shape != tuple(spec[name][0]):
+        problems.append(f"{name}: shape {shape}, expected {tuple(spec[name][0])}")
+    elif end - start != torch.Size(shape).numel() * _ST_DTYPES[tag][1]:
+        problems.append(f"{name}: {end - start} data bytes for shape {shape} {tag}")
+    return int(end)
 
 
 TIED = (("lm_head.weight", "model.embed_tokens.weight"),)  # (output head, input embedding) a tied model shares

@@ -325,6 +325,9 @@ def _transport(asked: str, infos: list[dict], uuids: tuple) -> str:
 def _as_engine(engine: Any) -> Any:
     """A raw `vllm.LLM` (started by the user or a framework) is wrapped in `ExternalLLM`, which
     adds `spec_counters()`; anything else is used as it is."""
+    if type(engine).__name__ == "AsyncLLM":  # its calls are coroutines: they need the loop that serves it
+        raise ValueError("an AsyncLLM is pushed through its event loop: EngineSwapper(ExternalAsyncLLM(async_llm, "
+                         "loop)) (draftadapt.engine.async_llm), called from a thread other than the loop's")
     if not hasattr(engine, "spec_counters") and hasattr(engine, "get_metrics") and hasattr(engine, "collective_rpc"):
         from .vllm import ExternalLLM
 

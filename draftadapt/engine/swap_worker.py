@@ -20,7 +20,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 
 from .. import faults
-from .payload import KINDS, check_push, checksum, read_safetensors_dir, tensors_from_bytes, tensors_to_bytes
+from .payload import (KINDS, check_push, check_safetensors_dir, checksum, read_safetensors_dir, tensors_from_bytes,
+                      tensors_to_bytes)
 from . import native
 from .swap_verify import ShardCopy, held_bytes, read_back, startup_weights
 from .swap_verify import verify as verify_rank
@@ -219,10 +220,12 @@ class DraftSwapExtension:
         model, layout = self._draftadapt_layout(kind)
         if update_info is not None and kind != "draft":
             raise ValueError("update_info (vLLM's native transfer) carries draft pushes only")
+        forbidden = self._draftadapt_forbidden() if kind == "draft" else {}
+        if payload is None and update_info is None:  # a dir: maybe written by a remote client (engine/remote.py)
+            _check_push_path(path, _spec_of(layout), kind, forbidden)
         state = (tensors_from_bytes(payload) if payload is not None else read_safetensors_dir(path) if update_info
                  is None else native.received(update_info, self.device))
         lap("receive")
-        forbidden = self._draftadapt_forbidden() if kind == "draft" else {}
         state = check_push(state, _spec_of(layout), kind, forbidden, self.model_config.get_vocab_size())
         got = checksum(state) if expected_checksum is not None else None
         if got != expected_checksum:  # before any weight is touched
@@ -435,6 +438,26 @@ class DraftSwapExtension:
         now, then = self._draftadapt_shared(live=True), self._draftadapt_shared()
         if now != then:
             raise RuntimeError(f"the drafter shared {then} with the target before this push and {now} after it")
+
+
+PUSH_ROOT_ENV = "DRAFTADAPT_PUSH_ROOT"  # set by `python -m draftadapt.server`: pushes by path come from here only
+
+
+def _check_push_path(path: str | None, spec: dict, kind: str, forbidden: dict) -> None:
+    """A push by path (a policy checkpoint dir, or a remote client's file): inside the server's
+    push root when one is set, and its safetensors headers valid before any data is read."""
+    import os
+    from pathlib import Path
+
+    if path is None:
+        raise ValueError(f"a {kind} push needs payload, path or update_info")
+    root = os.environ.get(PUSH_ROOT_ENV)
+    if root:  # resolved: a symlinked dir or file cannot lead out of the root
+        inside = [Path(path).resolve(), *(f.resolve() for f in Path(path).glob("*.safetensors"))]
+        if not all(p.is_relative_to(Path(root).resolve()) for p in inside):
+            raise ValueError(f"refused {kind} push: {path} is (or links) outside this server's push root {root} "
+                             f"({PUSH_ROOT_ENV})")
+    check_safetensors_dir(path, spec, kind, forbidden)
 
 
 def _reprocess_tied(model) -> None:
