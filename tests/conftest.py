@@ -12,14 +12,14 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SLOW_TIMEOUT_S = 1800  # a slow test may build the toy policy and drafts first (~15 min cold on 2 busy cores)
+SLOW_TIMEOUT_S = 1800  # a slow test may wait for the toy policy and drafts (~15-20 min cold on 2 busy cores)
 
 
 def pytest_collection_modifyitems(config, items):
     """Slow tests get SLOW_TIMEOUT_S unless they set their own; the rest keep addopts' --timeout.
 
     The tests that need no trained toy artefact run first, while a background process builds the artefacts
-    (`python -m draftadapt.toy`, ~12 min cold): the builds overlap the fast tests instead of adding to them.
+    (`python -m draftadapt.toy`, ~15-20 min cold): the builds overlap the fast tests instead of adding to them.
     Builds take a file lock per cache dir, so a test asking for an artefact mid-build waits for it."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
@@ -138,7 +138,7 @@ def tiny_target(request):
 
 @pytest.fixture(scope="session")
 def toy_policy_dir():
-    """The trained toy policy (built on first use, ~3 min on 2 cores, then cached)."""
+    """The trained toy policy (built on first use, ~9-11 min on 2 cores, then cached)."""
     from draftadapt.toy.policy import toy_policy
 
     return toy_policy(progress=False)
@@ -180,7 +180,7 @@ def plain_outputs(policy_dir, prompts, **gen):
 
 @pytest.fixture(scope="session")
 def toy_draft_dir(toy_policy_dir):
-    """An EAGLE-3 draft (3-step TTT, Vd=512) trained on the toy policy's own samples (~2 min, cached)."""
+    """An EAGLE-3 draft (3-step TTT, Vd=512) trained on the toy policy's own samples (~4-6 min on 2 busy cores, cached)."""
     from draftadapt.toy.draft import toy_draft
 
     return toy_draft(toy_policy_dir, progress=False)
@@ -188,7 +188,7 @@ def toy_draft_dir(toy_policy_dir):
 
 @pytest.fixture(scope="session")
 def toy_mtp(toy_policy_dir):
-    """The toy policy as a MiMo checkpoint with a trained MTP layer (~1-2 min on first use, cached):
+    """The toy policy as a MiMo checkpoint with a trained MTP layer (~3-5 min on 2 busy cores on first use, cached):
     a ToyMTP(model_dir, tokenizer_dir)."""
     from draftadapt.toy.mtp import toy_mtp_policy
 

@@ -7,8 +7,8 @@ with one MTP layer appended, so vLLM serves it with `speculative_config={"method
 2) the MTP layer: a short supervised phase with the trunk frozen - features from the policy's
    forward on the toy SFT mixture (the policy's own log-probs as the teacher, its pre-norm last
    state as the input), the same 3-step training-time test the online path uses. It is a
-   distilled head, not one pre-trained with the trunk as MiMo's are; ~150 steps, well under a
-   minute of one CPU core.
+   distilled head, not one pre-trained with the trunk as MiMo's are; 150 steps, 324-376 s on one
+   thread of 2 cores shared with a test run (two fresh builds).
 3) the checkpoint, cached beside the toy policy: `config.json` (model_type qwen2,
    `num_nextn_predict_layers`), `model.safetensors` (trunk + `model.mtp_layers.*`), and the
    tokenizer in a directory of its own (with model_type qwen2 AutoTokenizer would load the

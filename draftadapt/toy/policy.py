@@ -35,7 +35,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    steps: int = 400  # optimizer steps (a fixed budget: ~6 min on 2 idle cores, 2,900 tok/s)
+    steps: int = 400  # optimizer steps (a fixed budget: 538-678 s on 2 shared cores, 2,400-3,000 tok/s)
     rows: int = 16  # packed rows per step
     row_len: int = 256  # tokens per packed row
     lr: float = 4e-3  # peak AdamW lr, cosine to 10% after a short warm-up
