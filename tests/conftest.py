@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SLOW_TIMEOUT_S = 1800  # a slow test may wait for the toy policy and drafts (~15-20 min cold on 2 busy cores)
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: `make test-fast` starts no build
 def pytest_collection_modifyitems(config, items):
     """Slow tests get SLOW_TIMEOUT_S unless they set their own; the rest keep addopts' --timeout.
 
