@@ -12,10 +12,9 @@ split with the target's `packed_modules_mapping` (its block is the target's deco
 """
 from __future__ import annotations
 
-import re
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -25,83 +24,7 @@ from .payload import (KINDS, check_push, check_safetensors_dir, checksum, read_s
 from . import native
 from .swap_verify import ShardCopy, held_bytes, read_back, startup_weights
 from .swap_verify import verify as verify_rank
-
-class _Slot(NamedTuple):
-    module: Any  # vLLM module that holds the tensor
-    param: str  # its parameter name there
-    rows: tuple[int, int] | None  # [start, stop) of dim 0 at TP = 1 (fused qkv / gate_up, padded vocab); None = all
-    shape: tuple[int, ...]  # checkpoint shape (the full tensor, at any tensor-parallel size)
-    probe: bool  # read through the layer's matmul (CPU keeps only a repacked copy)
-    shard: Any = None  # the loader's shard id in a fused module: "q"/"k"/"v" or 0, 1, ...; None = not fused
-
-
-def _layout(model, rename, skip: Sequence[str] = (), packed: dict | None = None) -> dict[str, _Slot]:
-    """Checkpoint name -> where the engine keeps it, for every parameter outside `skip`.
-    `packed`: fused module -> its checkpoint parts, when `type(model)` declares none."""
-    from vllm.model_executor.layers.linear import LinearBase
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-    from vllm.platforms import current_platform
-
-    cpu = current_platform.is_cpu()
-    packed = getattr(type(model), "packed_modules_mapping", None) or packed or {}
-    out, seen = {}, set()
-    for mod_name, mod in model.named_modules():
-        if any(mod_name == s or mod_name.startswith(s + ".") for s in skip):
-            continue
-        prefix, _, leaf = mod_name.rpartition(".")
-        for pname, p in mod.named_parameters(recurse=False):
-            if id(p) in seen:  # tied weights load under their first name
-                continue
-            seen.add(id(p))
-            if isinstance(mod, VocabParallelEmbedding):
-                out[rename(f"{mod_name}.{pname}")] = _Slot(mod, pname, (0, mod.org_vocab_size),
-                                                           (mod.org_vocab_size, mod.embedding_dim),
-                                                           cpu and isinstance(mod, ParallelLMHead))
-            elif isinstance(mod, LinearBase):
-                subs = packed.get(leaf, [leaf])
-                sizes, shards = _full_sizes(mod, len(subs))
-                assert len(subs) == len(sizes), (mod_name, subs, sizes)
-                start = 0
-                for sub, size, shard in zip(subs, sizes, shards):
-                    shape = (size, mod.input_size) if pname == "weight" else (size,)
-                    name = f"{prefix}.{sub}.{pname}" if prefix else f"{sub}.{pname}"
-                    out[rename(name)] = _Slot(mod, pname, (start, start + size), shape, cpu and pname == "weight",
-                                              shard)
-                    start += size
-            else:
-                name = f"{mod_name}.{pname}" if mod_name else pname
-                out[rename(name)] = _Slot(mod, pname, None, tuple(p.shape), False)
-    return out
-
-
-def _full_sizes(mod, parts: int) -> tuple[list[int], list]:
-    """Checkpoint output sizes of a linear layer's parts and the shard ids its loader takes."""
-    from vllm.model_executor.layers.linear import QKVParallelLinear
-
-    if parts == 1:
-        return [mod.output_size], [None]
-    if isinstance(mod, QKVParallelLinear):  # output_sizes count replicated kv heads once per rank
-        kv = mod.total_num_kv_heads
-        return [mod.total_num_heads * mod.head_size, kv * mod.head_size, kv * mod.v_head_size], ["q", "k", "v"]
-    return list(mod.output_sizes), list(range(parts))
-
-
-def _draft_name(name: str) -> str:
-    """vLLM's Eagle3LlamaForCausalLM names -> the checkpoint names its load_weights reads."""
-    name = name.removeprefix("model.").replace("draft_id_to_target_id", "d2t")
-    return "midlayer." + name.removeprefix("layers.0.") if name.startswith("layers.0.") else name
-
-
-_MTP_LAYER = re.compile(r"^model\.mtp_layers\.(\d+)\.(?:mtp_block\.)?")
-
-
-def _mtp_namer(start: int):
-    """vLLM's MiMoMTP names -> checkpoint names (`MiMoMTP.hf_to_vllm_mapper` inverted): layer
-    index `start + i` -> i, the `mtp_block.` wrapper dropped."""
-    def rename(name: str) -> str:
-        m = _MTP_LAYER.match(name)
-        return name if m is None else f"model.mtp_layers.{int(m.group(1)) - start}." + name[m.end():]
-    return rename
+from .worker_layout import build_layout, draft_name, mtp_namer, spec_of
 
 
 @contextmanager
@@ -166,8 +89,8 @@ class DraftSwapExtension:
         has_draft = self.model_runner.get_draft_model() is not None
         supports = getattr(self, "supports_draft_weight_updates", None)
         return {"versions": dict(self._draftadapt_state()["versions"]),
-                "draft": _spec_of(self._draftadapt_layout("draft")[1]) if has_draft else None,
-                "policy": _spec_of(self._draftadapt_layout("policy")[1]),
+                "draft": spec_of(self._draftadapt_layout("draft")[1]) if has_draft else None,
+                "policy": spec_of(self._draftadapt_layout("policy")[1]),
                 "draft_forbidden": self._draftadapt_forbidden() if has_draft else {},
                 "draft_method": self._draftadapt_method(),
                 "vocab_size": self.model_config.get_vocab_size(),
@@ -222,11 +145,11 @@ class DraftSwapExtension:
             raise ValueError("update_info (vLLM's native transfer) carries draft pushes only")
         forbidden = self._draftadapt_forbidden() if kind == "draft" else {}
         if payload is None and update_info is None:  # a dir: maybe written by a remote client (engine/remote.py)
-            _check_push_path(path, _spec_of(layout), kind, forbidden)
+            _check_push_path(path, spec_of(layout), kind, forbidden)
         state = (tensors_from_bytes(payload) if payload is not None else read_safetensors_dir(path) if update_info
                  is None else native.received(update_info, self.device))
         lap("receive")
-        state = check_push(state, _spec_of(layout), kind, forbidden, self.model_config.get_vocab_size())
+        state = check_push(state, spec_of(layout), kind, forbidden, self.model_config.get_vocab_size())
         got = checksum(state) if expected_checksum is not None else None
         if got != expected_checksum:  # before any weight is touched
             raise ValueError(f"refused {kind} push of version {version} on rank {rank}: the received tensors' digest "
@@ -344,13 +267,13 @@ class DraftSwapExtension:
         if self._draftadapt_method() == "draft_model":  # an external draft LM: its own HF names, nothing renamed
             return (lambda name: name), None
         if self._draftadapt_method() != "mtp":
-            return _draft_name, None
+            return draft_name, None
         draft = self.model_runner.get_draft_model()
         if type(draft).__name__ != "MiMoMTP":
             raise RuntimeError(f"draft pushes into a {type(draft).__name__} MTP drafter are not supported; "
                                "supported: MiMoMTP (MiMoForCausalLM targets)")
         packed = getattr(type(self.model_runner.get_model()), "packed_modules_mapping", None)
-        return _mtp_namer(self.model_config.hf_config.num_hidden_layers), packed
+        return mtp_namer(self.model_config.hf_config.num_hidden_layers), packed
 
     def _draftadapt_forbidden(self) -> dict[str, str]:
         out = {"embed_tokens.weight": "a draft push must never carry embed_tokens: the drafter uses the target's"}
@@ -368,7 +291,7 @@ class DraftSwapExtension:
     def _draftadapt_layout(self, kind: str):
         if kind == "policy":
             model = self.model_runner.get_model()
-            return model, _layout(model, lambda n: n)
+            return model, build_layout(model, lambda n: n)
         if kind != "draft":
             raise ValueError(f"kind={kind!r}; choose one of {KINDS}")
         model = self.model_runner.get_draft_model()
@@ -379,7 +302,7 @@ class DraftSwapExtension:
             skip.add("model.embed_tokens")
         skip = sorted(skip)
         rename, packed = self._draftadapt_draft_names()
-        return model, _layout(model, rename, skip, packed)
+        return model, build_layout(model, rename, skip, packed)
 
     def _draftadapt_reload(self, kind: str, model, state: dict, fail_after: int | None,
                            update_info: dict | None = None) -> None:
@@ -422,7 +345,7 @@ class DraftSwapExtension:
         else:
             spec = self.vllm_config.speculative_config
             path = spec.model if kind == "draft" and spec is not None and spec.model else self.model_config.model
-            st["last"][kind] = self._draftadapt_keep(layout, startup_weights(path, _spec_of(layout), kind))
+            st["last"][kind] = self._draftadapt_keep(layout, startup_weights(path, spec_of(layout), kind))
         return st["last"][kind]
 
     def _draftadapt_keep(self, layout, state: dict):
@@ -478,7 +401,3 @@ def _vllm_version() -> str:
     import vllm
 
     return vllm.__version__
-
-
-def _spec_of(layout: dict[str, _Slot]) -> dict[str, list]:
-    return {n: [list(s.shape), str(getattr(s.module, s.param).dtype)] for n, s in layout.items()}
