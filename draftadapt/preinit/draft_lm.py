@@ -92,6 +92,8 @@ def toy_draft_lm(policy_dir: str | Path, cfg: DraftLMPreinitConfig = DraftLMPrei
     key = hashlib.sha256(json.dumps([asdict(cfg), prompts, seed, BUILD_VERSION], sort_keys=True,
                                     default=str).encode()).hexdigest()[:10]
     out = Path(policy_dir).parent / f"{Path(policy_dir).name}-draftlm-{key}"
+    if (out / "model.safetensors").exists():  # cached: no tokenizer, no prompts (build_once re-checks under its lock)
+        return out
     tok = AutoTokenizer.from_pretrained(str(policy_dir))
     # sampled in torch, in a process with pinned kernels: the same draft LM on every CPU (toy.build)
     if build_once(out, _build_toy_draft_lm, policy_dir, domain_prompts(tok, "task", prompts, seed), cfg, out,
