@@ -16,10 +16,12 @@ keeps it top-k and the loss densifies one chunk of positions at a time (sparse_t
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/ttt_scaling.py --teacher-memory --tokens 8192 \
         --name teacher_memory
 
-Each point runs in a FRESH subprocess: build, one warm-up step at 64 tokens (allocates AdamW
-state), then reset the peak-RSS counter (/proc/self/clear_refs 5), run the measured step and
-report VmHWM - VmRSS before it (CPU) or max_memory_allocated - allocated (CUDA): the memory one
-step ADDS on top of weights, optimizer state and the batch. Points of the old arm whose memory,
+Each point runs in a FRESH subprocess with no allocator environment variable (the process a user
+runs: the library fixes glibc's mmap threshold itself, draftadapt/allocator.py; each result records
+the threshold set and any MALLOC_* variable inherited from the caller): build, one warm-up step at
+64 tokens (allocates AdamW state), then reset the peak-RSS counter (/proc/self/clear_refs 5), run
+the measured step and report VmHWM - VmRSS before it (CPU) or max_memory_allocated - allocated
+(CUDA): the memory one step ADDS on top of weights, optimizer state and the batch. Points of the old arm whose memory,
 extrapolated from its smaller points, exceeds --old-max-gb are skipped (and listed). Arms are
 interleaved per T. Memory slope = least-squares GB per 1k tokens over the new arm's points.
 
@@ -61,8 +63,10 @@ def old_loss(draft, batch, embed):
     """The former ttt_loss: dense unroll, all K logit tensors and their fp32 softmax copies alive."""
     import torch
 
+    from draftadapt.allocator import limit_heap_growth
     from draftadapt.ttt import shift, unroll_dense
 
+    limit_heap_growth()  # what ttt_loss does: the arms differ in the loss, not the allocator
     scored, losses = batch.loss_mask & batch.valid, []
     for k, logit in enumerate(unroll_dense(draft, batch, embed, STEPS), start=1):
         sel = shift(scored, k) & batch.valid
@@ -79,6 +83,7 @@ def run_point(impl: str, hidden: int, t: int, dtype: str, device: str) -> dict:
     """One measured step in this process (the child side)."""
     import torch
 
+    from draftadapt import allocator
     from draftadapt.batch import DraftBatch, RolloutBatch
     from draftadapt.drafts.eagle3 import Eagle3Config, Eagle3Draft
     from draftadapt.ttt import ttt_loss
@@ -143,7 +148,9 @@ def run_point(impl: str, hidden: int, t: int, dtype: str, device: str) -> dict:
     peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else _status("VmHWM")
     return {"impl": impl, "hidden": hidden, "tokens": t, "dtype": dtype, "device": device, "added_gb": peak - before,
             "base_gb": before, "step_s": seconds, "tokens_per_s": t / seconds,
-            "params_m": sum(p.numel() for p in draft.parameters()) / 1e6}
+            "params_m": sum(p.numel() for p in draft.parameters()) / 1e6,
+            "mmap_threshold_set": allocator._applied,  # by the library (ttt_loss); 0 = not set (env, opt-out, no glibc)
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "DRAFTADAPT_MMAP"))}}
 
 
 def mem_available_gb() -> float:
@@ -165,11 +172,10 @@ def spawn(impl: str, hidden: int, t: int, dtype: str, device: str, timeout: floa
     cmd = [sys.executable, __file__, "--child", impl, str(hidden), str(t), dtype, device]
     if device == "cpu":
         cmd = ["nice", "-n", "5"] + cmd
-    # A fixed mmap threshold: glibc's dynamic one keeps freed multi-MB tensors in the heap, so RSS
-    # (and the OOM killer) would count memory the step no longer uses.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+    # No allocator variable: the child is the process a user runs; the library fixes glibc's mmap
+    # threshold itself (draftadapt/allocator.py) and each result records what it set.
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "hidden": hidden, "tokens": t, "dtype": dtype, "device": device, "error": "timeout"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import faults
+from .allocator import limit_heap_growth
 from .batch import DraftBatch
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.mtp import MTPDraft
@@ -103,6 +104,7 @@ class DraftTrainer:
     """Owns the draft's optimizer; `step(batch)` is one update."""
 
     def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, config: TrainerConfig = TrainerConfig()):
+        limit_heap_growth()  # glibc: a CPU step's RSS linear in the batch, not in its history (allocator.py)
         self.device = config.resolve_device(next(draft.parameters()).device)
         draft.to(self.device)  # fp32 master weights; the optimizer state follows them
         self.draft, self.embed, self.config = draft, embed, config

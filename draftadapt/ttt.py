@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .allocator import limit_heap_growth
 from .batch import DraftBatch, teacher_dense
 from .drafts.attention import causal_attend, layout, ttt_attend
 from .drafts.eagle3 import Eagle3Draft, attend
@@ -184,6 +185,7 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
+    limit_heap_growth()  # glibc: RSS linear in T (allocator.py)
     if weight is not None and normalizer is not None:
         raise ValueError("ttt_loss takes a position weight or a normalizer, not both")
     scored = batch.loss_mask & batch.valid
