@@ -18,6 +18,10 @@ TEACHERS = ("draft_vocab", "topk", "final_hidden")
 # fp32, yet finite, so KL terms p * (log p - log q) give 0 and never 0 * inf = nan.
 MISSING_LOGPROB = -1e4
 _CHUNK_ELEMENTS = 1 << 26  # logits upcast to fp32 at most this many elements at a time (256 MiB)
+# teacher="auto" (capture, offline features): the dense draft-vocab teacher up to this draft vocab (<= 32 KB/token
+# in fp32), top-k above it
+AUTO_DENSE_MAX_VOCAB = 8192
+AUTO_TOP_K = 64  # ids kept by an automatic top-k teacher: 64 x (8 B id + 4 B log-prob) = 768 B/token
 
 
 @dataclass
@@ -100,18 +104,22 @@ class Teacher(NamedTuple):
 
 @torch.no_grad()
 def teacher_from_logits(logits: torch.Tensor, draft_vocab_ids: torch.Tensor | None = None,
-                        top_k: int = 0) -> Teacher:
-    """Teacher from logits [M, V]: log-probs at `draft_vocab_ids` (all V ids when None) or top-k.
+                        top_k: int = 0, rows: torch.Tensor | None = None) -> Teacher:
+    """Teacher from logits [M, V] (or from rows `rows` [M] int64 of logits [R, V]): log-probs at
+    `draft_vocab_ids` (all V ids when None) or top-k.
 
-    Rows are upcast to fp32 in chunks, so memory stays bounded for large vocabularies.
+    Rows are gathered and upcast to fp32 in chunks of _CHUNK_ELEMENTS // V, so no [M, V] copy
+    exists: memory O(chunk V) plus the result (O(M k), or O(M Vd) for a draft-vocab teacher).
     """
     v = logits.shape[-1]
     ids = None if draft_vocab_ids is None else draft_vocab_ids.to(logits.device)
     in_draft = torch.ones(v, dtype=torch.bool, device=logits.device)
     if ids is not None:
         in_draft = torch.zeros_like(in_draft).index_fill_(0, ids, True)
+    logits, c = logits.detach(), max(1, _CHUNK_ELEMENTS // v)
+    chunks = logits.split(c) if rows is None else (logits.index_select(0, r) for r in rows.to(logits.device).split(c))
     parts = []
-    for x in logits.detach().split(max(1, _CHUNK_ELEMENTS // v)):
+    for x in chunks:
         x = x.float()
         lse = x.logsumexp(-1, keepdim=True)
         top_ok = in_draft[x.argmax(-1)]

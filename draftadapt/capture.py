@@ -246,8 +246,8 @@ class FeatureCapture:
         if "logits" in p:
             logits, has = p["logits"][0], src % t >= t - t_l  # [M]: the forward kept logits there
             lrow = (src // t) * t_l + (src % t - (t - t_l))  # [M] row of the kept logits (logits_to_keep)
-            tch = teacher_from_logits(logits.reshape(-1, logits.shape[-1])[lrow[has]], self.draft_vocab_ids,
-                                      self.top_k)
+            tch = teacher_from_logits(logits.reshape(-1, logits.shape[-1]), self.draft_vocab_ids, self.top_k,
+                                      rows=lrow[has])  # rows gathered per chunk: never an [M, V] copy
             mask[has] &= tch.top_in_draft
             names = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
             for name, x in zip(names, tch[:3]):
