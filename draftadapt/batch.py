@@ -48,6 +48,8 @@ class DraftBatch:
     teacher_topk_ids: torch.Tensor | None = None  # [B, T, K] int64: draft ids of the target's top-k, -1 = outside
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K] float: their full-vocab log-probs
     draft_vocab_size: int = 0  # Vd, needed to densify a top-k teacher
+    teacher_head: "HeadTeacher | None" = None  # the teacher from final_hidden through the frozen target head,
+    #   computed per chunk of positions (`teacher_dense`); None with a stored teacher
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
@@ -56,9 +58,11 @@ class DraftBatch:
             x = getattr(self, name)
             if x is not None and tuple(x.shape[:2]) != (b, t):
                 raise ValueError(f"DraftBatch.{name} has leading shape {tuple(x.shape[:2])}, input_ids has {(b, t)}")
-        if (self.teacher_logprobs is None) == (self.teacher_topk_ids is None):
-            raise ValueError("DraftBatch needs exactly one teacher: teacher_logprobs, or teacher_topk_ids + "
-                             "teacher_topk_logprobs (with draft_vocab_size)")
+        if sum(x is not None for x in (self.teacher_logprobs, self.teacher_topk_ids, self.teacher_head)) != 1:
+            raise ValueError("DraftBatch needs exactly one teacher: teacher_logprobs, teacher_topk_ids + "
+                             "teacher_topk_logprobs (with draft_vocab_size), or teacher_head (with final_hidden)")
+        if self.teacher_head is not None and self.final_hidden is None:
+            raise ValueError("a DraftBatch teacher_head reads final_hidden; pass final_hidden [B, T, H_t]")
         if self.teacher_topk_ids is not None and (self.teacher_topk_logprobs is None or self.draft_vocab_size < 1):
             raise ValueError("a top-k DraftBatch teacher needs teacher_topk_logprobs and draft_vocab_size >= 1")
 
@@ -72,10 +76,13 @@ class DraftBatch:
 
 
 def teacher_dense(batch: DraftBatch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """[M, Vd] fp32 teacher log-probs at positions (rows[m], cols[m]), dense or densified from top-k
-    (missing ids get MISSING_LOGPROB). Call it per chunk of positions: memory O(M Vd), never B T Vd."""
+    """[M, Vd] fp32 teacher log-probs at positions (rows[m], cols[m]): dense, densified from top-k
+    (missing ids get MISSING_LOGPROB), or from final_hidden through the target head. Call it per chunk of
+    positions: memory O(M Vd) (the head: O(M V) logits), never B T Vd."""
     if batch.teacher_logprobs is not None:
         return batch.teacher_logprobs[rows, cols].float()
+    if batch.teacher_head is not None:
+        return batch.teacher_head(batch.final_hidden[rows, cols]).logprobs
     ids, lps = batch.teacher_topk_ids[rows, cols], batch.teacher_topk_logprobs[rows, cols].float()  # [M, K]
     out = torch.full((ids.shape[0], batch.draft_vocab_size + 1), MISSING_LOGPROB, device=ids.device)
     out.scatter_(1, torch.where(ids >= 0, ids, batch.draft_vocab_size), lps)  # column Vd collects the -1s
@@ -129,6 +136,34 @@ def teacher_from_logits(logits: torch.Tensor, draft_vocab_ids: torch.Tensor | No
         else:
             parts.append(((x if ids is None else x.index_select(-1, ids)) - lse, None, None, top_ok))
     return Teacher(*(None if col[0] is None else torch.cat(col) for col in zip(*parts)))
+
+
+class HeadTeacher:
+    """The teacher of hidden states [M, H_t] through the frozen target head, in chunks of _CHUNK_ELEMENTS // V
+    rows: memory O(chunk V), never [M, V]. `__call__` returns a `Teacher` (draft-vocab log-probs, top check) on
+    the hidden states' device."""
+
+    def __init__(self, target_head: nn.Module, draft_vocab_ids: torch.Tensor | None = None, top_k: int = 0):
+        self.head, self.ids, self.top_k = target_head, draft_vocab_ids, top_k  # top_k > 0: a top-k Teacher
+        w = next(target_head.parameters(), None)
+        self.weight = w if w is not None and w.dim() == 2 else None  # [V, H_t] of a Linear head
+
+    def _chunks(self, hidden: torch.Tensor):
+        rows = max(1, _CHUNK_ELEMENTS // self.weight.shape[0]) if self.weight is not None else 1024
+        for h in hidden.split(rows):
+            if self.weight is not None:
+                h = h.to(device=self.weight.device, dtype=self.weight.dtype)
+            yield teacher_from_logits(self.head(h), self.ids, self.top_k)
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> Teacher:
+        parts = list(self._chunks(hidden))
+        return Teacher(*(None if col[0] is None else torch.cat(col).to(hidden.device) for col in zip(*parts)))
+
+    @torch.no_grad()
+    def top_in_draft(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[M] bool: the target's top token is in the draft vocab (no teacher kept)."""
+        return torch.cat([t.top_in_draft for t in self._chunks(hidden)]).to(hidden.device)
 
 
 @dataclass
@@ -259,14 +294,8 @@ class RolloutBatch:
             return out, keep[:, 0]
         if target_head is None:
             raise ValueError("a final_hidden teacher needs target_head (the frozen target lm_head)")
-        w = next(target_head.parameters(), None)  # [V, H_t] for a Linear head
-        rows = max(1, _CHUNK_ELEMENTS // w.shape[0]) if w is not None and w.dim() == 2 else 1024
-        parts = []
-        with torch.no_grad():
-            for h in self.final_hidden.split(rows):
-                logits = target_head(h if w is None else h.to(w.dtype))
-                parts.append(teacher_from_logits(logits, draft_vocab_ids))
-        return torch.cat([p.logprobs for p in parts]), torch.cat([p.top_in_draft for p in parts])
+        tch = HeadTeacher(target_head, draft_vocab_ids)(self.final_hidden)
+        return tch.logprobs, tch.top_in_draft
 
     def topk_draft_ids(self, draft_vocab_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(draft_vocab_ids [Vd], teacher_topk_ids mapped to draft ids [N, K], -1 where outside the draft vocab)."""
@@ -291,9 +320,16 @@ class RolloutBatch:
     def to_draft_batch(self, draft_vocab_ids: torch.Tensor | None = None, target_head: nn.Module | None = None,
                        dtype: torch.dtype = torch.float32, sparse_teacher: bool = False) -> DraftBatch:
         """Pad into the trainer's DraftBatch; floating fields cast to `dtype`. sparse_teacher=True keeps a
-        top-k teacher as top-k (draft ids; read it with `teacher_dense`) instead of a dense [B, T, Vd] one."""
+        top-k teacher as top-k (draft ids; read it with `teacher_dense`) instead of a dense [B, T, Vd] one, and
+        a final_hidden teacher as final_hidden + `HeadTeacher` (the loss runs the target head per chunk)."""
         fh, kw = self.final_hidden, {}
-        if sparse_teacher and self.teacher_topk_ids is not None:
+        lazy_head = self.teacher_logprobs is None and self.teacher_topk_ids is None
+        if sparse_teacher and lazy_head:
+            if target_head is None:
+                raise ValueError("a final_hidden teacher needs target_head (the frozen target lm_head)")
+            kw = dict(teacher_logprobs=None, teacher_head=HeadTeacher(target_head, draft_vocab_ids))
+            top_ok = kw["teacher_head"].top_in_draft(fh)
+        elif sparse_teacher and self.teacher_topk_ids is not None:
             ids, d = self.topk_draft_ids(draft_vocab_ids)
             top_ok = d[:, 0] >= 0
             kw = dict(teacher_logprobs=None, teacher_topk_ids=self.pad(d, -1), draft_vocab_size=ids.numel(),

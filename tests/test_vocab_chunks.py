@@ -108,3 +108,44 @@ def test_offline_features_keep_a_top_k_teacher_built_one_chunk_at_a_time(policy,
     ids = got.teacher_topk_ids[valid]
     assert bool((ids >= -1).all()) and bool((ids >= 0).any()) and bool((ids < 0).any())
     assert torch.equal(got.loss_mask, valid & (t2d[logp.argmax(-1)] >= 0))
+
+
+def test_final_hidden_teacher_runs_the_target_head_per_loss_chunk_with_the_dense_teachers_loss(monkeypatch):
+    """A final_hidden teacher (no logits work at capture) at V = 151,936, draft vocab 32k: to_draft_batch with
+    sparse_teacher=True (what the workers pass) keeps final_hidden + the head, and the TTT loss runs the head one
+    chunk of positions at a time; the former path built the dense [N, Vd] fp32 teacher and padded it to
+    [B, T, Vd]. Loss and gradients equal the dense teacher's."""
+    from draftadapt.drafts.eagle3 import Eagle3Draft
+    from draftadapt.drafts.vocab import build_draft_vocab
+    from draftadapt.ttt import ttt_loss
+
+    monkeypatch.setattr(batch_mod, "_CHUNK_ELEMENTS", CHUNK_ROWS * V)
+    g = torch.Generator().manual_seed(3)
+    vd, lengths = 32_000, (100, 92)
+    n = sum(lengths)
+    embed, head, final = torch.randn(V, H, generator=g) * 0.05, torch.nn.Linear(H, V, bias=False), torch.randn(n, H)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.3, generator=g)
+        top = head(final[: n * 3 // 4]).argmax(-1)  # 3/4 of the positions have their top token in the draft vocab
+    torch.manual_seed(3)
+    draft = Eagle3Draft.from_target(tiny_config("qwen3", layers=8, hidden=H, vocab=V),
+                                    build_draft_vocab([top.repeat(2), torch.randint(0, V, (20_000,), generator=g)], V, vd))
+    draft._init_weights(std=0.15)
+    rollout = batch_mod.RolloutBatch(input_ids=torch.randint(0, V, (n,), generator=g),
+                                     cu_seqlens=torch.tensor([0, lengths[0], n]), aux_hidden=torch.randn(n, 3 * H),
+                                     loss_mask=torch.ones(n, dtype=torch.bool), final_hidden=final)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    with LargestVocabTensor(V, vd) as probe:
+        sparse = rollout.to_draft_batch(draft.target_ids(), target_head=head, sparse_teacher=True)
+        got = ttt_loss(draft, sparse, embed, steps=2, chunk_elements=CHUNK_ROWS * vd)
+        grads = torch.autograd.grad(got.loss, params)
+    assert sparse.teacher_logprobs is None and n > 2 * LIVE_CHUNKS * CHUNK_ROWS and int(got.step_tokens[0]) > 100
+    assert max(probe.live.values()) <= LIVE_CHUNKS * CHUNK_ROWS, (
+        f"the final_hidden teacher built [{probe.rows[V]}, V] / [{probe.rows[vd]}, Vd] tensors ({probe.live} rows "
+        f"alive at once) for {n} positions; one chunk is {CHUNK_ROWS} rows")
+    dense = rollout.to_draft_batch(draft.target_ids(), target_head=head)
+    assert torch.equal(dense.loss_mask, sparse.loss_mask)
+    want = ttt_loss(draft, dense, embed, steps=2, chunk_elements=CHUNK_ROWS * vd)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=0)
+    for a, b in zip(grads, torch.autograd.grad(want.loss, params)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
