@@ -4,7 +4,8 @@ Arms: `old` = the former dense unroll (`ttt.unroll_dense`, masks [B, T, k*T]) wi
 unchunked loss (K x [T, Vd] fp32 logits alive); `new` = `ttt.ttt_loss` (SDPA causal step 1,
 chunked causal+diagonal steps 2..K, loss in chunks recomputed in backward). Each in fp32 and under
 bf16 autocast (fp32 master weights). Shapes: a Qwen3-0.6B-shaped draft (hidden 1024, 16/8 heads,
-head_dim 128, MLP 3072) and a Qwen3-8B-shaped one (hidden 4096, 32/8 heads, MLP 12288); draft
+head_dim 128, MLP 3072), a Qwen3-1.7B-shaped one (hidden 2048, 16/8 heads, MLP 6144; --points
+only) and a Qwen3-8B-shaped one (hidden 4096, 32/8 heads, MLP 12288); draft
 vocab 32k (an fp16 draft-vocab teacher); the target embedding 151,936 x H (bf16, frozen); one
 sequence of T tokens. The new arm runs with TrainerConfig's defaults (layer recompute on).
 
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, write_json  # noqa: E402
 
 SHAPES = {1024: dict(intermediate_size=3072, num_attention_heads=16),  # Qwen3-0.6B
+          2048: dict(intermediate_size=6144, num_attention_heads=16),  # Qwen3-1.7B
           4096: dict(intermediate_size=12288, num_attention_heads=32)}  # Qwen3-8B
 VOCAB, DRAFT_VOCAB, STEPS = 151936, 32000, 3
 # --teacher-memory: one training step from a top-64 cache sample, the teacher densified to [B, T, Vd] in the
@@ -293,7 +295,7 @@ def main() -> None:
             skipped.append(dict(impl=impl, hidden=hidden, tokens=t, dtype=dtype, why=why))
             print(f"skip {impl} H={hidden} T={t} {dtype}: {why}", flush=True)
             continue
-        base = (2.5 if hidden == 1024 else 9.0) + t * (DRAFT_VOCAB * 2 + 12 * hidden) / 1e9  # weights, Adam, batch
+        base = {1024: 2.5, 2048: 4.0}.get(hidden, 9.0) + t * (DRAFT_VOCAB * 2 + 12 * hidden) / 1e9  # weights, Adam, batch
         need = base + (predict(arm, t) if impl == "old" else 1.0 + t * 0.2e-3) + 1.0  # + what the step adds + margin
         avail = wait_for_memory(need, args.memory_patience) if args.device == "cpu" else None
         if avail is not None and avail < need:
