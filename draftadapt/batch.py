@@ -111,31 +111,39 @@ class Teacher(NamedTuple):
 
 @torch.no_grad()
 def teacher_from_logits(logits: torch.Tensor, draft_vocab_ids: torch.Tensor | None = None,
-                        top_k: int = 0, rows: torch.Tensor | None = None) -> Teacher:
+                        top_k: int = 0, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Teacher:
     """Teacher from logits [M, V] (or from rows `rows` [M] int64 of logits [R, V]): log-probs at
-    `draft_vocab_ids` (all V ids when None) or top-k.
+    `draft_vocab_ids` (all V ids when None) or top-k, stored in `dtype` (None: fp32).
 
-    Rows are gathered and upcast to fp32 in chunks of _CHUNK_ELEMENTS // V, so no [M, V] copy
-    exists: memory O(chunk V) plus the result (O(M k), or O(M Vd) for a draft-vocab teacher).
+    Rows are gathered and upcast to fp32 in chunks of _CHUNK_ELEMENTS // V and written into the result, so no
+    [M, V] copy exists: memory O(chunk V) plus the result (O(M k), or one O(M Vd) for a draft-vocab teacher).
     """
-    v = logits.shape[-1]
-    ids = None if draft_vocab_ids is None else draft_vocab_ids.to(logits.device)
-    in_draft = torch.ones(v, dtype=torch.bool, device=logits.device)
+    v, dev = logits.shape[-1], logits.device
+    ids = None if draft_vocab_ids is None else draft_vocab_ids.to(dev)
+    in_draft = torch.ones(v, dtype=torch.bool, device=dev)
     if ids is not None:
         in_draft = torch.zeros_like(in_draft).index_fill_(0, ids, True)
     logits, c = logits.detach(), max(1, _CHUNK_ELEMENTS // v)
-    chunks = logits.split(c) if rows is None else (logits.index_select(0, r) for r in rows.to(logits.device).split(c))
-    parts = []
+    m = logits.shape[0] if rows is None else rows.numel()
+    chunks = logits.split(c) if rows is None else (logits.index_select(0, r) for r in rows.to(dev).split(c))
+    dtype = dtype or torch.float32
+    top_ok = torch.empty(m, dtype=torch.bool, device=dev)
+    if top_k:
+        lp, idx = torch.empty(m, top_k, dtype=dtype, device=dev), torch.empty(m, top_k, dtype=torch.long, device=dev)
+    else:
+        lp, idx = torch.empty(m, v if ids is None else ids.numel(), dtype=dtype, device=dev), None
+    a = 0
     for x in chunks:
-        x = x.float()
+        x, b = x.float(), a + x.shape[0]
         lse = x.logsumexp(-1, keepdim=True)
-        top_ok = in_draft[x.argmax(-1)]
+        top_ok[a:b] = in_draft[x.argmax(-1)]
         if top_k:
-            val, idx = x.topk(top_k, dim=-1)  # sorted: column 0 is the top token
-            parts.append((None, idx, val - lse, top_ok))
+            val, idx[a:b] = x.topk(top_k, dim=-1)  # sorted: column 0 is the top token
+            lp[a:b] = val - lse
         else:
-            parts.append(((x if ids is None else x.index_select(-1, ids)) - lse, None, None, top_ok))
-    return Teacher(*(None if col[0] is None else torch.cat(col) for col in zip(*parts)))
+            lp[a:b] = (x if ids is None else x.index_select(-1, ids)) - lse
+        a = b
+    return Teacher(None if top_k else lp, idx, lp if top_k else None, top_ok)
 
 
 class HeadTeacher:

@@ -149,3 +149,23 @@ def test_final_hidden_teacher_runs_the_target_head_per_loss_chunk_with_the_dense
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=0)
     for a, b in zip(grads, torch.autograd.grad(want.loss, params)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_capture_of_a_draft_vocab_teacher_keeps_one_copy_of_it(policy, monkeypatch):
+    """teacher='draft_vocab' at V = 151,936, draft vocab 32k, fp16 storage: the [M, Vd] teacher is the product,
+    written chunk by chunk in its storage dtype; the former path held the fp32 parts, their concatenation, a
+    zero-filled copy and the cast at once (~4 copies)."""
+    monkeypatch.setattr(batch_mod, "_CHUNK_ELEMENTS", CHUNK_ROWS * V)
+    g = torch.Generator().manual_seed(4)
+    vd, ids = 32_000, torch.randint(0, V, (2, TOKENS // 2), generator=g)
+    vocab = torch.randperm(V, generator=g)[:vd]
+    with FeatureCapture(policy, aux_layer_ids=(1, 2, 3), draft_vocab_ids=vocab, teacher_dtype=torch.float16) as cap:
+        with torch.no_grad():
+            logits = policy(input_ids=ids).logits
+    with LargestVocabTensor(V, vd) as probe:
+        got = cap.rollout_batch(ids)
+    assert got.teacher_logprobs.shape == (TOKENS, vd) and got.teacher_logprobs.dtype == torch.float16
+    assert probe.live[V] <= LIVE_CHUNKS * CHUNK_ROWS and probe.live[vd] <= TOKENS + LIVE_CHUNKS * CHUNK_ROWS, (
+        f"capture kept {probe.live} rows of [*, V] / [*, Vd] alive at once for a [{TOKENS}, {vd}] teacher")
+    want = logits.reshape(-1, V).float().log_softmax(-1)[:, vocab].half()
+    torch.testing.assert_close(got.teacher_logprobs, want, rtol=2e-3, atol=2e-3)
