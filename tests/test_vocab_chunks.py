@@ -128,8 +128,8 @@ def test_final_hidden_teacher_runs_the_target_head_per_loss_chunk_with_the_dense
         head.weight.normal_(0, 0.3, generator=g)
         top = head(final[: n * 3 // 4]).argmax(-1)  # 3/4 of the positions have their top token in the draft vocab
     torch.manual_seed(3)
-    draft = Eagle3Draft.from_target(tiny_config("qwen3", layers=8, hidden=H, vocab=V),
-                                    build_draft_vocab([top.repeat(2), torch.randint(0, V, (20_000,), generator=g)], V, vd))
+    vocab = build_draft_vocab([top.repeat(2), torch.randint(0, V, (20_000,), generator=g)], V, vd)
+    draft = Eagle3Draft.from_target(tiny_config("qwen3", layers=8, hidden=H, vocab=V), vocab)
     draft._init_weights(std=0.15)
     rollout = batch_mod.RolloutBatch(input_ids=torch.randint(0, V, (n,), generator=g),
                                      cu_seqlens=torch.tensor([0, lengths[0], n]), aux_hidden=torch.randn(n, 3 * H),
