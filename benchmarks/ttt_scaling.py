@@ -24,7 +24,9 @@ the threshold set and any MALLOC_* variable inherited from the caller): build, o
 the measured step and report VmHWM - VmRSS before it (CPU) or max_memory_allocated - allocated
 (CUDA): the memory one step ADDS on top of weights, optimizer state and the batch. Points of the old arm whose memory,
 extrapolated from its smaller points, exceeds --old-max-gb are skipped (and listed). Arms are
-interleaved per T. Memory slope = least-squares GB per 1k tokens over the new arm's points.
+interleaved per T. Memory slope = least-squares GB per 1k tokens over the new arm's points. Arm
+`new_plain` = `new` with the library's allocator fix opted out (DRAFTADAPT_MMAP_THRESHOLD=off in the
+child): the same code in a plain glibc process, for the side-by-side memory and speed cost of the fix.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/ttt_scaling.py            # CPU sweep
     .venv/bin/python benchmarks/ttt_scaling.py --device cuda --hidden 4096 \\
@@ -175,9 +177,11 @@ def spawn(impl: str, hidden: int, t: int, dtype: str, device: str, timeout: floa
     if device == "cpu":
         cmd = ["nice", "-n", "5"] + cmd
     # No allocator variable: the child is the process a user runs; the library fixes glibc's mmap
-    # threshold itself (draftadapt/allocator.py) and each result records what it set.
+    # threshold itself (draftadapt/allocator.py) and each result records what it set. The `new_plain`
+    # arm opts out of that (glibc's dynamic threshold): what the library did before it.
+    env = {**os.environ, **({"DRAFTADAPT_MMAP_THRESHOLD": "off"} if impl == "new_plain" else {})}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "hidden": hidden, "tokens": t, "dtype": dtype, "device": device, "error": "timeout"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
