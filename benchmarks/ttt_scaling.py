@@ -213,7 +213,7 @@ def predict(points: list[dict], t: int) -> float:
 def slope(points: list[dict]) -> float | None:
     """Least-squares GB per 1k tokens."""
     pts = [(p["tokens"], p["added_gb"]) for p in points if "added_gb" in p]
-    if len(pts) < 2:
+    if len({x for x, _ in pts}) < 2:  # one T (e.g. an A/B at one point): no slope
         return None
     mx, my = statistics.mean(x for x, _ in pts), statistics.mean(y for _, y in pts)
     return 1000 * sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
