@@ -299,7 +299,8 @@ def main() -> None:
             skipped.append(dict(impl=impl, hidden=hidden, tokens=t, dtype=dtype, why=why))
             print(f"skip {impl} H={hidden} T={t} {dtype}: {why}", flush=True)
             continue
-        base = {1024: 2.5, 2048: 4.0}.get(hidden, 9.0) + t * (DRAFT_VOCAB * 2 + 12 * hidden) / 1e9  # weights, Adam, batch
+        # weights, Adam, batch
+        base = {1024: 2.5, 2048: 4.0}.get(hidden, 9.0) + t * (DRAFT_VOCAB * 2 + 12 * hidden) / 1e9
         need = base + (predict(arm, t) if impl == "old" else 1.0 + t * 0.2e-3) + 1.0  # + what the step adds + margin
         avail = wait_for_memory(need, args.memory_patience) if args.device == "cpu" else None
         if avail is not None and avail < need:

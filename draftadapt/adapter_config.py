@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .batch import AUTO_DENSE_MAX_VOCAB, AUTO_TOP_K  # noqa: F401 (re-exported)
 from .budget import BudgetStats
 from .cache import CacheConfig
 from .capture import TEACHERS
@@ -19,9 +20,6 @@ from .metrics import SpecCounters
 from .workers import CacheInfo, TrainResult
 
 REFERENCES = ("ema", "last_push")
-# teacher="auto": the dense draft-vocab teacher up to this draft vocab (<= 32 KB/token in fp32), top-k above it
-AUTO_DENSE_MAX_VOCAB = 8192
-AUTO_TOP_K = 64  # ids kept by an automatic top-k teacher: 64 x (8 B id + 4 B log-prob) = 768 B/token
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ TEACHERS = ("draft_vocab", "topk", "final_hidden")
 # fp32, yet finite, so KL terms p * (log p - log q) give 0 and never 0 * inf = nan.
 MISSING_LOGPROB = -1e4
 _CHUNK_ELEMENTS = 1 << 26  # logits upcast to fp32 at most this many elements at a time (256 MiB)
+# teacher="auto" (capture, offline features): the dense draft-vocab teacher up to this draft vocab (<= 32 KB/token
+# in fp32), top-k above it
+AUTO_DENSE_MAX_VOCAB = 8192
+AUTO_TOP_K = 64  # ids kept by an automatic top-k teacher: 64 x (8 B id + 4 B log-prob) = 768 B/token
 
 
 @dataclass
@@ -44,6 +48,8 @@ class DraftBatch:
     teacher_topk_ids: torch.Tensor | None = None  # [B, T, K] int64: draft ids of the target's top-k, -1 = outside
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, T, K] float: their full-vocab log-probs
     draft_vocab_size: int = 0  # Vd, needed to densify a top-k teacher
+    teacher_head: "HeadTeacher | None" = None  # the teacher from final_hidden through the frozen target head,
+    #   computed per chunk of positions (`teacher_dense`); None with a stored teacher
 
     def __post_init__(self) -> None:
         b, t = self.input_ids.shape
@@ -52,9 +58,11 @@ class DraftBatch:
             x = getattr(self, name)
             if x is not None and tuple(x.shape[:2]) != (b, t):
                 raise ValueError(f"DraftBatch.{name} has leading shape {tuple(x.shape[:2])}, input_ids has {(b, t)}")
-        if (self.teacher_logprobs is None) == (self.teacher_topk_ids is None):
-            raise ValueError("DraftBatch needs exactly one teacher: teacher_logprobs, or teacher_topk_ids + "
-                             "teacher_topk_logprobs (with draft_vocab_size)")
+        if sum(x is not None for x in (self.teacher_logprobs, self.teacher_topk_ids, self.teacher_head)) != 1:
+            raise ValueError("DraftBatch needs exactly one teacher: teacher_logprobs, teacher_topk_ids + "
+                             "teacher_topk_logprobs (with draft_vocab_size), or teacher_head (with final_hidden)")
+        if self.teacher_head is not None and self.final_hidden is None:
+            raise ValueError("a DraftBatch teacher_head reads final_hidden; pass final_hidden [B, T, H_t]")
         if self.teacher_topk_ids is not None and (self.teacher_topk_logprobs is None or self.draft_vocab_size < 1):
             raise ValueError("a top-k DraftBatch teacher needs teacher_topk_logprobs and draft_vocab_size >= 1")
 
@@ -68,10 +76,13 @@ class DraftBatch:
 
 
 def teacher_dense(batch: DraftBatch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """[M, Vd] fp32 teacher log-probs at positions (rows[m], cols[m]), dense or densified from top-k
-    (missing ids get MISSING_LOGPROB). Call it per chunk of positions: memory O(M Vd), never B T Vd."""
+    """[M, Vd] fp32 teacher log-probs at positions (rows[m], cols[m]): dense, densified from top-k
+    (missing ids get MISSING_LOGPROB), or from final_hidden through the target head. Call it per chunk of
+    positions: memory O(M Vd) (the head: O(M V) logits), never B T Vd."""
     if batch.teacher_logprobs is not None:
         return batch.teacher_logprobs[rows, cols].float()
+    if batch.teacher_head is not None:
+        return batch.teacher_head(batch.final_hidden[rows, cols]).logprobs
     ids, lps = batch.teacher_topk_ids[rows, cols], batch.teacher_topk_logprobs[rows, cols].float()  # [M, K]
     out = torch.full((ids.shape[0], batch.draft_vocab_size + 1), MISSING_LOGPROB, device=ids.device)
     out.scatter_(1, torch.where(ids >= 0, ids, batch.draft_vocab_size), lps)  # column Vd collects the -1s
@@ -100,27 +111,67 @@ class Teacher(NamedTuple):
 
 @torch.no_grad()
 def teacher_from_logits(logits: torch.Tensor, draft_vocab_ids: torch.Tensor | None = None,
-                        top_k: int = 0) -> Teacher:
-    """Teacher from logits [M, V]: log-probs at `draft_vocab_ids` (all V ids when None) or top-k.
+                        top_k: int = 0, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Teacher:
+    """Teacher from logits [M, V] (or from rows `rows` [M] int64 of logits [R, V]): log-probs at
+    `draft_vocab_ids` (all V ids when None) or top-k, stored in `dtype` (None: fp32).
 
-    Rows are upcast to fp32 in chunks, so memory stays bounded for large vocabularies.
+    Rows are gathered and upcast to fp32 in chunks of _CHUNK_ELEMENTS // V and written into the result, so no
+    [M, V] copy exists: memory O(chunk V) plus the result (O(M k), or one O(M Vd) for a draft-vocab teacher).
     """
-    v = logits.shape[-1]
-    ids = None if draft_vocab_ids is None else draft_vocab_ids.to(logits.device)
-    in_draft = torch.ones(v, dtype=torch.bool, device=logits.device)
+    v, dev = logits.shape[-1], logits.device
+    ids = None if draft_vocab_ids is None else draft_vocab_ids.to(dev)
+    in_draft = torch.ones(v, dtype=torch.bool, device=dev)
     if ids is not None:
         in_draft = torch.zeros_like(in_draft).index_fill_(0, ids, True)
-    parts = []
-    for x in logits.detach().split(max(1, _CHUNK_ELEMENTS // v)):
-        x = x.float()
+    logits, c = logits.detach(), max(1, _CHUNK_ELEMENTS // v)
+    m = logits.shape[0] if rows is None else rows.numel()
+    chunks = logits.split(c) if rows is None else (logits.index_select(0, r) for r in rows.to(dev).split(c))
+    dtype = dtype or torch.float32
+    top_ok = torch.empty(m, dtype=torch.bool, device=dev)
+    if top_k:
+        lp, idx = torch.empty(m, top_k, dtype=dtype, device=dev), torch.empty(m, top_k, dtype=torch.long, device=dev)
+    else:
+        lp, idx = torch.empty(m, v if ids is None else ids.numel(), dtype=dtype, device=dev), None
+    a = 0
+    for x in chunks:
+        x, b = x.float(), a + x.shape[0]
         lse = x.logsumexp(-1, keepdim=True)
-        top_ok = in_draft[x.argmax(-1)]
+        top_ok[a:b] = in_draft[x.argmax(-1)]
         if top_k:
-            val, idx = x.topk(top_k, dim=-1)  # sorted: column 0 is the top token
-            parts.append((None, idx, val - lse, top_ok))
+            val, idx[a:b] = x.topk(top_k, dim=-1)  # sorted: column 0 is the top token
+            lp[a:b] = val - lse
         else:
-            parts.append(((x if ids is None else x.index_select(-1, ids)) - lse, None, None, top_ok))
-    return Teacher(*(None if col[0] is None else torch.cat(col) for col in zip(*parts)))
+            lp[a:b] = (x if ids is None else x.index_select(-1, ids)) - lse
+        a = b
+    return Teacher(None if top_k else lp, idx, lp if top_k else None, top_ok)
+
+
+class HeadTeacher:
+    """The teacher of hidden states [M, H_t] through the frozen target head, in chunks of _CHUNK_ELEMENTS // V
+    rows: memory O(chunk V), never [M, V]. `__call__` returns a `Teacher` (draft-vocab log-probs, top check) on
+    the hidden states' device."""
+
+    def __init__(self, target_head: nn.Module, draft_vocab_ids: torch.Tensor | None = None, top_k: int = 0):
+        self.head, self.ids, self.top_k = target_head, draft_vocab_ids, top_k  # top_k > 0: a top-k Teacher
+        w = next(target_head.parameters(), None)
+        self.weight = w if w is not None and w.dim() == 2 else None  # [V, H_t] of a Linear head
+
+    def _chunks(self, hidden: torch.Tensor):
+        rows = max(1, _CHUNK_ELEMENTS // self.weight.shape[0]) if self.weight is not None else 1024
+        for h in hidden.split(rows):
+            if self.weight is not None:
+                h = h.to(device=self.weight.device, dtype=self.weight.dtype)
+            yield teacher_from_logits(self.head(h), self.ids, self.top_k)
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> Teacher:
+        parts = list(self._chunks(hidden))
+        return Teacher(*(None if col[0] is None else torch.cat(col).to(hidden.device) for col in zip(*parts)))
+
+    @torch.no_grad()
+    def top_in_draft(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[M] bool: the target's top token is in the draft vocab (no teacher kept)."""
+        return torch.cat([t.top_in_draft for t in self._chunks(hidden)]).to(hidden.device)
 
 
 @dataclass
@@ -251,14 +302,8 @@ class RolloutBatch:
             return out, keep[:, 0]
         if target_head is None:
             raise ValueError("a final_hidden teacher needs target_head (the frozen target lm_head)")
-        w = next(target_head.parameters(), None)  # [V, H_t] for a Linear head
-        rows = max(1, _CHUNK_ELEMENTS // w.shape[0]) if w is not None and w.dim() == 2 else 1024
-        parts = []
-        with torch.no_grad():
-            for h in self.final_hidden.split(rows):
-                logits = target_head(h if w is None else h.to(w.dtype))
-                parts.append(teacher_from_logits(logits, draft_vocab_ids))
-        return torch.cat([p.logprobs for p in parts]), torch.cat([p.top_in_draft for p in parts])
+        tch = HeadTeacher(target_head, draft_vocab_ids)(self.final_hidden)
+        return tch.logprobs, tch.top_in_draft
 
     def topk_draft_ids(self, draft_vocab_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(draft_vocab_ids [Vd], teacher_topk_ids mapped to draft ids [N, K], -1 where outside the draft vocab)."""
@@ -283,9 +328,16 @@ class RolloutBatch:
     def to_draft_batch(self, draft_vocab_ids: torch.Tensor | None = None, target_head: nn.Module | None = None,
                        dtype: torch.dtype = torch.float32, sparse_teacher: bool = False) -> DraftBatch:
         """Pad into the trainer's DraftBatch; floating fields cast to `dtype`. sparse_teacher=True keeps a
-        top-k teacher as top-k (draft ids; read it with `teacher_dense`) instead of a dense [B, T, Vd] one."""
+        top-k teacher as top-k (draft ids; read it with `teacher_dense`) instead of a dense [B, T, Vd] one, and
+        a final_hidden teacher as final_hidden + `HeadTeacher` (the loss runs the target head per chunk)."""
         fh, kw = self.final_hidden, {}
-        if sparse_teacher and self.teacher_topk_ids is not None:
+        lazy_head = self.teacher_logprobs is None and self.teacher_topk_ids is None
+        if sparse_teacher and lazy_head:
+            if target_head is None:
+                raise ValueError("a final_hidden teacher needs target_head (the frozen target lm_head)")
+            kw = dict(teacher_logprobs=None, teacher_head=HeadTeacher(target_head, draft_vocab_ids))
+            top_ok = kw["teacher_head"].top_in_draft(fh)
+        elif sparse_teacher and self.teacher_topk_ids is not None:
             ids, d = self.topk_draft_ids(draft_vocab_ids)
             top_ok = d[:, 0] >= 0
             kw = dict(teacher_logprobs=None, teacher_topk_ids=self.pad(d, -1), draft_vocab_size=ids.numel(),

@@ -246,15 +246,16 @@ class FeatureCapture:
         if "logits" in p:
             logits, has = p["logits"][0], src % t >= t - t_l  # [M]: the forward kept logits there
             lrow = (src // t) * t_l + (src % t - (t - t_l))  # [M] row of the kept logits (logits_to_keep)
-            tch = teacher_from_logits(logits.reshape(-1, logits.shape[-1])[lrow[has]], self.draft_vocab_ids,
-                                      self.top_k)
+            tch = teacher_from_logits(logits.reshape(-1, logits.shape[-1]), self.draft_vocab_ids, self.top_k,
+                                      rows=lrow[has], dtype=self.teacher_dtype)  # rows gathered per chunk
             mask[has] &= tch.top_in_draft
+            everywhere = bool(has.all())  # the usual case: no second [M, Vd] to scatter into
             names = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
             for name, x in zip(names, tch[:3]):
                 if x is not None:
-                    full = x.new_zeros(src.numel(), *x.shape[1:])
-                    full[has] = x
-                    kw[name] = self._host(full if x.dtype == torch.int64 else full.to(self.teacher_dtype or x.dtype))
+                    if not everywhere:
+                        x = x.new_zeros(src.numel(), *x.shape[1:]).index_copy_(0, has.nonzero()[:, 0], x)
+                    kw[name] = self._host(x)
         if self.keep_final:
             kw["final_hidden"] = self._host(_gather_cat([p["final"][0]], src, self.store_dtype, first))
         out = RolloutBatch(input_ids=self._host(ids.to(dev).long().reshape(-1)[src]), aux_hidden=aux,

@@ -28,11 +28,11 @@ from torch import nn
 from .batch import DraftBatch, teacher_dense
 from .capture import FeatureCapture
 from .drafts.draft_lm import DraftLM
+from .head_loss import LOSS_CHUNK_ELEMENTS, head_loss
 from .trainer import DraftTrainer, TrainerConfig, TrainStats
 
 FULL_TEACHER_MAX_VOCAB = 8192  # above this, a full fp32 teacher costs > 32 KB/token: use top-k
 DEFAULT_TOP_K = 64
-_CHUNK_ROWS = 1024  # positions upcast to fp32 log-softmax at a time
 
 
 class DistillResult(NamedTuple):
@@ -51,11 +51,12 @@ def teacher_bytes_per_token(vocab_size: int, teacher: str, top_k: int = 0) -> in
     return 4 * vocab_size if teacher == "draft_vocab" else 12 * top_k
 
 
-def distill_loss(draft: DraftLM, batch: DraftBatch) -> DistillResult:
+def distill_loss(draft: DraftLM, batch: DraftBatch, chunk_elements: int = LOSS_CHUNK_ELEMENTS) -> DistillResult:
     """Forward KL from the teacher (renormalised over the ids it kept) to the draft LM, mean over
-    positions where loss_mask & valid. Memory: the draft's [B, T, H] hidden states plus the
-    scored positions' logits [N, V] (kept for backward, like any LM step); the fp32 log-softmax
-    and the teacher (densified from top-k when it is one) run in chunks of _CHUNK_ROWS positions."""
+    positions where loss_mask & valid. Memory: the draft's [B, T, H] hidden states plus one chunk of
+    n = chunk_elements // V positions' logits at a time: `head_loss` computes the head's gradient
+    with each chunk's logits, so no [N, V] tensor is kept for backward; the teacher (densified from
+    top-k when it is one) is read per chunk too."""
     scored = batch.loss_mask & batch.valid  # [B, T]
     hidden = draft.hidden(batch.input_ids, batch.valid)[scored]  # [N, H]
     rows, cols = scored.nonzero(as_tuple=True)  # [N]: the teacher is read per chunk (dense or top-k)
@@ -63,14 +64,12 @@ def distill_loss(draft: DraftLM, batch: DraftBatch) -> DistillResult:
     if n == 0:
         zero = hidden.sum() * 0.0
         return DistillResult(zero, zero.detach(), 0)
-    kl_sum, hits = hidden.new_zeros((), dtype=torch.float32), 0
-    for h, r, c in zip(hidden.split(_CHUNK_ROWS), rows.split(_CHUNK_ROWS), cols.split(_CHUNK_ROWS)):
-        logq = draft.head(h).float().log_softmax(-1)  # [n, V]
-        logp = teacher_dense(batch, r, c).log_softmax(-1)  # [n, V] (MISSING_LOGPROB where top-k kept nothing)
-        p = logp.exp()
-        kl_sum = kl_sum + (p * (logp - logq)).sum()
-        hits += int((logq.argmax(-1) == logp.argmax(-1)).sum())
-    return DistillResult(kl_sum / n, torch.tensor(hits / n), n)
+    head = draft.lm.lm_head
+    assert getattr(head, "bias", None) is None, "head_loss takes a bias-free linear head"
+    teacher = lambda r, c: teacher_dense(batch, r, c)  # noqa: E731 - [n, V] per chunk, dense or top-k
+    loss, sums = head_loss(hidden, head.weight, teacher, rows, cols, torch.zeros_like(rows),
+                           torch.full((n,), 1.0 / n, device=hidden.device), 1, "kl", chunk_elements=chunk_elements)
+    return DistillResult(loss, sums[0, 2] / n, n)
 
 
 class DraftLMTrainer(DraftTrainer):

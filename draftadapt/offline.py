@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 import torch
 
-from .batch import DraftBatch
+from . import batch as _batch
+from .batch import AUTO_DENSE_MAX_VOCAB, AUTO_TOP_K, DraftBatch, teacher_from_logits
 from .checkpoint import save_eagle3
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.vocab import build_draft_vocab
@@ -25,16 +26,22 @@ from .trainer import DraftTrainer, TrainerConfig, TrainStats
 @torch.no_grad()
 def extract_features(target, sequences: Sequence[Sequence[int]], aux_layer_ids: Sequence[int],
                      draft_target_ids: torch.Tensor, loss_masks: Sequence[Sequence[bool]] | None = None,
-                     batch_size: int = 8, policy_version: int = 0) -> Iterator[DraftBatch]:
+                     batch_size: int = 8, policy_version: int = 0, top_k: int | None = None) -> Iterator[DraftBatch]:
     """DraftBatches (right-padded) from one target forward per batch of sequences.
 
     draft_target_ids: [Vd] int64 target id of every draft id. loss_masks: per-sequence bools
     (True where the next token is a training target, e.g. completion positions); None = all.
     A position is also dropped when the target's top token is outside the draft vocab.
+    top_k: the teacher kept: 0 = dense draft-vocab log-probs [B, T, Vd] fp32; k = the target's top-k as draft ids
+    (`DraftBatch.teacher_topk_*`, 12 k bytes/token, read per loss chunk); None = dense up to a draft vocab of
+    AUTO_DENSE_MAX_VOCAB ids, top-AUTO_TOP_K above (a dense fp32 teacher at Vd 32k is 128 KB/token). Memory
+    beyond the forward's own logits: one chunk of rows upcast to fp32 at a time (`teacher_from_logits`).
     """
     device = next(target.parameters()).device
-    in_draft = torch.zeros(target.config.get_text_config().vocab_size, dtype=torch.bool, device=device)
-    in_draft[draft_target_ids.to(device)] = True
+    ids = draft_target_ids.to(device)
+    k = (0 if ids.numel() <= AUTO_DENSE_MAX_VOCAB else AUTO_TOP_K) if top_k is None else top_k
+    t2d = torch.full((target.config.get_text_config().vocab_size,), -1, dtype=torch.long, device=device)
+    t2d[ids] = torch.arange(ids.numel(), device=device)  # target id -> draft id, -1 outside the draft vocab
     for start in range(0, len(sequences), batch_size):
         seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences[start:start + batch_size]]
         lens = torch.tensor([len(s) for s in seqs])
@@ -42,19 +49,32 @@ def extract_features(target, sequences: Sequence[Sequence[int]], aux_layer_ids: 
             raise ValueError(f"sequence {start + int(lens.argmin())} has {int(lens.min())} tokens; need >= 2")
         t = int(lens.max())
         valid = torch.arange(t)[None, :] < lens[:, None]  # [B, T]
-        ids = torch.zeros(len(seqs), t, dtype=torch.long)
+        ids_bt = torch.zeros(len(seqs), t, dtype=torch.long)
         mask = valid.clone()
         for row, s in enumerate(seqs):
-            ids[row, : len(s)] = s
+            ids_bt[row, : len(s)] = s
             if loss_masks is not None:
                 mask[row, : len(s)] &= torch.as_tensor(loss_masks[start + row], dtype=torch.bool)
-        valid, ids, mask = valid.to(device), ids.to(device), mask.to(device)
-        out = target(input_ids=ids, attention_mask=valid.long(), output_hidden_states=True)
+        valid, ids_bt, mask = valid.to(device), ids_bt.to(device), mask.to(device)
+        out = target(input_ids=ids_bt, attention_mask=valid.long(), output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i] for i in aux_layer_ids], dim=-1)  # [B, T, n*H_t]
-        logprobs = out.logits.float().log_softmax(-1)  # [B, T, V]
-        mask &= in_draft[logprobs.argmax(-1)]
-        yield DraftBatch(input_ids=ids, aux_hidden=aux, teacher_logprobs=logprobs[..., draft_target_ids.to(device)],
-                         loss_mask=mask, valid=valid, policy_version=policy_version)
+        b, logits = len(seqs), out.logits.reshape(len(seqs) * t, -1)  # [B*T, V], the forward's own
+        if k:
+            tch = teacher_from_logits(logits, ids, k)  # top-k over the full vocab, per chunk of rows
+            mask &= tch.top_in_draft.reshape(b, t)
+            kw = dict(teacher_logprobs=None, teacher_topk_ids=t2d[tch.topk_ids].reshape(b, t, k),
+                      teacher_topk_logprobs=tch.topk_logprobs.reshape(b, t, k), draft_vocab_size=ids.numel())
+        else:  # row chunks of the full log_softmax: the same numbers as one log_softmax over [B, T, V]
+            teacher = torch.empty(b * t, ids.numel(), device=device)  # [B*T, Vd] fp32
+            c = max(1, _batch._CHUNK_ELEMENTS // logits.shape[-1])
+            for a in range(0, b * t, c):
+                lp = logits[a:a + c].float().log_softmax(-1)  # [c, V]
+                teacher[a:a + c] = lp.index_select(-1, ids)
+                mask.view(-1)[a:a + c] &= t2d[lp.argmax(-1)] >= 0
+            kw = dict(teacher_logprobs=teacher.view(b, t, -1))
+        del out, logits
+        yield DraftBatch(input_ids=ids_bt, aux_hidden=aux, loss_mask=mask, valid=valid,
+                         policy_version=policy_version, **kw)
 
 
 def train_offline(target, sequences: Sequence[Sequence[int]], steps: int, draft: Eagle3Draft | None = None,
@@ -66,8 +86,9 @@ def train_offline(target, sequences: Sequence[Sequence[int]], steps: int, draft:
     1) draft vocab: the `draft_vocab_size` most frequent tokens the draft is trained to predict
        (the tokens after masked-in positions of `sequences`; None = the full vocab)
     2) draft: from the target config, lm_head initialised from the target head's rows
-    3) features: one no-grad target forward per batch, kept in memory (O(N T n_aux H) floats:
-       for large sets use the sharded pre-init, `draftadapt.preinit`)
+    3) features: one no-grad target forward per batch, kept in memory (O(N T n_aux H) floats and the teacher:
+       dense Vd floats/token up to AUTO_DENSE_MAX_VOCAB, top-64 above; for large sets use the sharded
+       pre-init, `draftadapt.preinit`)
     4) `steps` TTT updates cycling over the batches (lr schedule: `config`); 5) export to out_dir when given.
     """
     return _train(target, sequences, steps, draft, draft_vocab_size, aux_layer_ids, config, loss_masks, batch_size,

@@ -145,7 +145,7 @@ def test_no_tensor_over_the_draft_vocab_outgrows_one_chunk_of_positions(arch, mo
         f"{sparse.valid.numel()} positions: something densified the teacher or the logits")
 
 
-def test_distill_loss_reads_a_top_k_teacher_per_chunk_with_the_same_result(monkeypatch):
+def test_distill_loss_reads_a_top_k_teacher_per_chunk_with_the_same_result():
     import draftadapt.distill as distill
     from conftest import tiny_model
     from draftadapt.drafts.draft_lm import DraftLM
@@ -156,9 +156,8 @@ def test_distill_loss_reads_a_top_k_teacher_per_chunk_with_the_same_result(monke
     rollout.aux_hidden = torch.zeros(rollout.num_tokens, 0)
     dense, sparse = rollout.to_draft_batch(draft.target_ids()), rollout.to_draft_batch(draft.target_ids(),
                                                                                           sparse_teacher=True)
-    monkeypatch.setattr(distill, "_CHUNK_ROWS", 7)
     params = [p for p in draft.parameters() if p.requires_grad]
-    want, got = distill.distill_loss(draft, dense), distill.distill_loss(draft, sparse)
+    want, got = distill.distill_loss(draft, dense, 7 * V), distill.distill_loss(draft, sparse, 7 * V)
     torch.testing.assert_close(got.loss, want.loss, rtol=RTOL, atol=0)
     assert got.tokens == want.tokens > 10 and float(got.acc) == float(want.acc)
     for a, b in zip(torch.autograd.grad(got.loss, params), torch.autograd.grad(want.loss, params)):

@@ -42,7 +42,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..adapter import AdapterStats, DraftAdapter
-from ..capture import MISSING_LOGPROB, RolloutBatch, teacher_from_logits
+from ..batch import HeadTeacher
+from ..capture import MISSING_LOGPROB, RolloutBatch
 from ..engine.swap import EngineSwapper
 from ..engine.vllm import ExternalLLM
 
@@ -134,9 +135,7 @@ def with_head_teacher(batch: RolloutBatch, head: torch.nn.Module, draft_vocab_id
     (the rest get MISSING_LOGPROB and stay out of the loss); what a logits hook would have kept."""
     assert batch.final_hidden is not None, "capture with capture_final_hidden=True"
     rows = batch.loss_mask.nonzero().squeeze(1)  # [M]
-    w = head.weight  # [V, H]
-    logits = head(batch.final_hidden[rows].to(device=w.device, dtype=w.dtype))  # [M, V]
-    t = teacher_from_logits(logits, draft_vocab_ids, top_k)
+    t = HeadTeacher(head, draft_vocab_ids, top_k)(batch.final_hidden[rows])  # per chunk of rows: no [M, V]
     n, mask = batch.num_tokens, batch.loss_mask.clone()
     mask[rows] = t.top_in_draft.to(mask.device)
     kw: dict[str, Any] = {}
