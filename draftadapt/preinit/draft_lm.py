@@ -86,10 +86,10 @@ def toy_draft_lm(policy_dir: str | Path, cfg: DraftLMPreinitConfig = DraftLMPrei
     """A draft LM for the toy policy, distilled on its own samples of toy task prompts; cached."""
     from transformers import AutoTokenizer
 
-    from ..toy.build import BUILD_VERSION, TorchSampler, build_once, weights_hash
+    from ..toy.build import BUILD_VERSION, DRAFT_LM_REVISION, TorchSampler, build_once, weights_hash
     from ..toy.draft import domain_prompts
 
-    key = hashlib.sha256(json.dumps([asdict(cfg), prompts, seed, BUILD_VERSION], sort_keys=True,
+    key = hashlib.sha256(json.dumps([asdict(cfg), prompts, seed, BUILD_VERSION, DRAFT_LM_REVISION], sort_keys=True,
                                     default=str).encode()).hexdigest()[:10]
     out = Path(policy_dir).parent / f"{Path(policy_dir).name}-draftlm-{key}"
     if (out / "model.safetensors").exists():  # cached: no tokenizer, no prompts (build_once re-checks under its lock)
