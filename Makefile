@@ -7,9 +7,14 @@ export OMP_NUM_THREADS ?= 1
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo smoke test test-fast
+.PHONY: setup setup-skyrl demo smoke test test-fast
 setup:
 	bash scripts/setup_env.sh
+
+# SkyRL 0.4.0 in an environment of its own (.venv-skyrl, Python 3.11, --ignore-requires-python) for
+# tests/test_skyrl.py, which skips without it. Not part of `setup` or CI: ~6 min with a warm pip cache.
+setup-skyrl:
+	bash scripts/setup_skyrl.sh
 
 # The main job: toy GRPO with EAGLE-3 spec-decode rollouts and online draft adaptation.
 demo: setup

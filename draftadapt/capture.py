@@ -73,13 +73,17 @@ class FeatureCapture:
     teacher and the top-token check come later from the frozen target head, in to_draft_batch).
     `final_prenorm=True` keeps the residual ENTERING the final norm as `final_hidden` (what vLLM
     feeds a MiMo MTP draft); with `aux_layer_ids=()` no aux layer is captured.
+    `hook_logits=False` leaves the LM head unhooked (for callers that change the logits in place,
+    e.g. SkyRL's `logits.div_(temperature)`): the batch then carries no teacher and
+    `integrations.trl.with_head_teacher` builds it from the captured final hidden state.
     """
 
     def __init__(self, model: nn.Module, aux_layer_ids=None, draft_vocab_ids=None, teacher: str = "draft_vocab",
                  top_k: int = 0, capture_final_hidden: bool = False, store_dtype: torch.dtype | None = None,
                  offload_to_cpu: bool = False, layers: nn.ModuleList | None = None,
                  final_norm: nn.Module | None = None, final_prenorm: bool = False,
-                 teacher_dtype: torch.dtype | None = None, sampler: StepSampler | None = None):
+                 teacher_dtype: torch.dtype | None = None, sampler: StepSampler | None = None,
+                 hook_logits: bool = True):
         if teacher not in TEACHERS:
             raise ValueError(f"teacher={teacher!r}; choose one of {TEACHERS}")
         if (teacher == "topk") != (top_k > 0):
@@ -99,7 +103,10 @@ class FeatureCapture:
         if teacher != "final_hidden" and self.lm_head is None:
             raise ValueError(f"{type(model).__name__} has no output embeddings to take logits from; "
                              "use teacher='final_hidden'")
-        self.teacher, self.top_k = teacher, top_k
+        self.teacher, self.top_k, self.hook_logits = teacher, top_k, hook_logits
+        if not hook_logits and teacher != "final_hidden" and not capture_final_hidden:
+            raise ValueError("hook_logits=False captures no teacher: pass capture_final_hidden=True and build it with "
+                             "integrations.trl.with_head_teacher")
         if final_prenorm and teacher == "final_hidden":
             raise ValueError("teacher='final_hidden' needs the post-norm state; final_prenorm=True is for MTP drafts")
         self.keep_final = capture_final_hidden or teacher == "final_hidden" or final_prenorm
@@ -126,7 +133,7 @@ class FeatureCapture:
             h.append(self.final_norm.register_forward_pre_hook(self._grab_final_input, with_kwargs=True))
         elif self.keep_final:
             h.append(self.final_norm.register_forward_hook(self._grab_final))
-        if self.teacher != "final_hidden":  # a final_hidden teacher is built later, by to_draft_batch
+        if self.teacher != "final_hidden" and self.hook_logits:  # a final_hidden teacher: built by to_draft_batch
             h.append(self.lm_head.register_forward_hook(self._grab_logits))
         return self
 
