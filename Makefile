@@ -12,7 +12,8 @@ setup:
 	bash scripts/setup_env.sh
 
 # SkyRL 0.4.0 in an environment of its own (.venv-skyrl, Python 3.11, --ignore-requires-python) for
-# tests/test_skyrl.py, which skips without it. Not part of `setup` or CI: ~6 min with a warm pip cache.
+# tests/test_skyrl.py, which skips without it. Not part of `setup`: ~6 min with a warm pip cache; CI
+# (.ci/run) builds it in the background while the tests run, and the test waits for it there.
 setup-skyrl:
 	bash scripts/setup_skyrl.sh
 
