@@ -221,7 +221,7 @@ class EngineSwapper:
         state = check_push(state, self.expected("draft"), "draft", self._forbidden["draft"], self._vocab_size)
         latest = self._latest.get("draft")
         back = [latest["payload"] if latest is not None and latest.get("payload") is not None else
-                _one_rank(e.collective_rpc("draftadapt_state", kwargs={"kind": "draft"})) for e in self.engines]
+                e.collective_rpc("draftadapt_state", kwargs={"kind": "draft"})[0] for e in self.engines]
         try:
             for i in range(len(self.engines)):
                 self._reload_draft(i, tensors_to_bytes(state), verify)
@@ -394,9 +394,3 @@ def _as_spec(raw) -> Spec | None:
 def _served(versions: list[int | None]) -> int | None:
     return None if any(v is None for v in versions) else min(versions)
 
-
-def _one_rank(outs: list) -> Any:
-    if len(outs) != 1:
-        raise RuntimeError(f"{len(outs)} ranks answered: reading the served draft back needs tensor_parallel_size = 1 "
-                           "(or push a draft first; it is restored from the last push)")
-    return outs[0]
