@@ -9,7 +9,8 @@ or suffix (model-free: nothing to adapt, run.adapt is ignored). Same metrics, sa
 Reads top to bottom: 1) policy and first draft, 2) the engine, 3) resume, 4) the loop
 (rollouts -> rewards -> log-prob recompute with capture -> GRPO step -> policy refit -> draft
 adaptation), 5) the closing comparison: the adapted draft vs the same initial draft kept frozen,
-both on the final policy with the same prompts.
+both on the final policy with the same prompts. Every `run.probe_every` steps the loop also measures
+both on the current policy (`probe`): what adaptation bought so far, beside the rollouts' own curve.
 
 Two switches, same recipe: `run.async_lag=1` samples step t+1's rollouts (with the weights of
 version t) in a thread while step t trains, one-step off-policy; `run.draft_worker=thread` trains
