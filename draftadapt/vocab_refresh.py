@@ -169,14 +169,15 @@ class VocabRefresher:
         recent, self.recent = self.recent, torch.zeros_like(self.recent)
         draft, worker = self.worker.draft, self.worker
         uncovered = 1.0 - DraftVocab(draft.d2t.cpu(), draft.t2d.cpu(), recent).coverage() if int(recent.sum()) else 0.0
+        kept = draft.t2d.cpu().long()  # ties (e.g. tokens no one wrote) keep the current vocab: no churn
         if self.uncovered is not None and uncovered > self.uncovered:
             # the step's tokens first (a drift brings tokens the run's counts still rank low), then the run's
-            reason, judged, ranked = "uncovered", recent, recent * (int(self.counts.sum()) + 1) + self.counts
+            reason, judged, ranked = "uncovered", recent, lexicographic(recent, self.counts, kept)
         elif self.every and self.boundaries % self.every == 0 and int(self.counts.sum()):
-            reason, judged, ranked = "cadence", self.counts, self.counts
+            reason, judged, ranked = "cadence", self.counts, lexicographic(self.counts, kept)
         else:
             return None
-        new = vocab_from_counts(ranked.clone(), draft.config.draft_vocab_size)
+        new = vocab_from_counts(ranked, draft.config.draft_vocab_size)
         old_cov = DraftVocab(draft.d2t.cpu(), draft.t2d.cpu(), judged).coverage()
         new_cov = DraftVocab(new.d2t, new.t2d, judged).coverage()
         if new_cov < old_cov + self.margin:
@@ -198,6 +199,16 @@ class VocabRefresher:
         self.recent = state["recent"].clone() if "recent" in state else torch.zeros_like(self.counts)
         self.boundaries, self.newest_seen, self.stale_through = (state["boundaries"], state["newest_seen"],
                                                                  state["stale_through"])
+
+
+def lexicographic(*keys: torch.Tensor) -> torch.Tensor:
+    """[V] int64 scores that order ids by keys[0] descending, ties by keys[1], ... (then by id). O(V log V)."""
+    order = torch.arange(len(keys[0]))
+    for key in reversed(keys):  # least significant first; stable sorts keep the earlier orders within ties
+        order = order[torch.sort(-key[order], stable=True).indices]
+    score = torch.empty_like(order)
+    score[order] = torch.arange(len(order), 0, -1)
+    return score
 
 
 OFF = "set vocab_refresh_every=0 and vocab_refresh_uncovered=None"

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
-from test_vocab_refresh import TASK, VD, generic_vocab, task_batch
+from test_vocab_refresh import TASK, VD, V, generic_vocab, task_batch
 
 from draftadapt.adapter import AdapterConfig, DraftAdapter
 from draftadapt.cache import CacheConfig
 from draftadapt.drafts.eagle3 import Eagle3Draft
+from draftadapt.drafts.vocab import build_draft_vocab
 from draftadapt.trainer import TrainerConfig
 from draftadapt.vocab_refresh import head_of
 from draftadapt.workers import LocalDraftWorker
@@ -37,9 +38,9 @@ def policy_of(arch: str, tied: bool, seed: int = 0):
     return policy
 
 
-def draft_for(policy):
+def draft_for(policy, vocab=None):
     torch.manual_seed(1)
-    return Eagle3Draft.from_target(policy.config, draft_vocab=generic_vocab(), aux_layer_ids=(0, 1, 2))
+    return Eagle3Draft.from_target(policy.config, draft_vocab=vocab or generic_vocab(), aux_layer_ids=(0, 1, 2))
 
 
 def captured(adapter, policy, version: int, seed: int = 0):
@@ -118,9 +119,11 @@ def test_no_head_anywhere_is_refused_with_the_fix():
 
 def test_uncovered_tokens_refresh_on_the_first_step_that_crosses_the_margin():
     """Steps 0-1 write only tokens the draft vocab holds, step 2 writes 10% new ones (under the 25% margin),
-    step 3 writes 40%: the refresh fires at step 3 and not before; no cadence is set."""
+    step 3 writes 40%: the refresh fires at step 3 and not before; no cadence is set. The slots the step's
+    tokens leave keep the old vocab's unwritten tokens (not the lowest unseen ids)."""
     policy = policy_of("qwen3", tied=True)
-    adapter = DraftAdapter(draft_for(policy), policy.get_input_embeddings(),
+    vocab = build_draft_vocab([torch.cat([torch.arange(500, 532), TASK[:32]])], V, VD)
+    adapter = DraftAdapter(draft_for(policy, vocab), policy.get_input_embeddings(),
                            AdapterConfig(**{**CFG, "vocab_refresh_uncovered": 0.25}), policy=policy)
     known, new = TASK[:32], TASK[32:]  # in the generic vocab / not
     for step, share in enumerate((0.0, 0.0, 0.1, 0.4)):
@@ -140,6 +143,7 @@ def test_uncovered_tokens_refresh_on_the_first_step_that_crosses_the_margin():
             continue
         assert stats.vocab.uncovered == pytest.approx(0.4, abs=0.01) and stats.vocab.coverage_after == 1.0
         check_refreshed_from(adapter, policy.get_input_embeddings().weight, old_ids, stats)
+        assert stats.vocab.admitted == len(where) == 29, "only the written tokens may be admitted"
         assert stats.as_dict()["draft/vocab_uncovered"] == pytest.approx(0.4, abs=0.01)
 
 
