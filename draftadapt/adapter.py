@@ -69,10 +69,12 @@ class DraftAdapter:
                  config: AdapterConfig = AdapterConfig(),
                  trainer_config: TrainerConfig = TrainerConfig(), cache_config: CacheConfig = CacheConfig(),
                  sink: DraftSink | None = None, target_head: nn.Module | None = None,
-                 strategy: StrategyConfig = StrategyConfig()):
+                 strategy: StrategyConfig = StrategyConfig(), policy: nn.Module | None = None):
         """embed: the policy's live input embedding (vLLM's drafter shares it, so the draft trains
         against the current one). target_head: the policy's lm_head, needed for teacher="final_hidden".
-        strategy: loss, position weights, feature selection and budget (`strategy.py`)."""
+        strategy: loss, position weights, feature selection and budget (`strategy.py`).
+        policy: the policy model, optional: the vocab refresh takes its lm_head from it when target_head
+        is None (else from the first `capture(policy)`)."""
         if cache_config.staleness_window is not None:
             raise ValueError(f"CacheConfig.staleness_window={cache_config.staleness_window}: the adapter drops stale "
                              "features itself, relative to on_step_end's policy_version; set "
@@ -83,21 +85,22 @@ class DraftAdapter:
         cache_config = budget_cache_config(config, cache_config)
         args = (draft, embed, trainer_config, cache_config, config.batch_tokens, config.seed, target_head)
         worker = StrategyDraftWorker(*args, strategy=strategy) if strategy.custom_loss else LocalDraftWorker(*args)
-        self._setup(worker, config, sink, strategy)
+        self._setup(worker, config, sink, strategy, policy)
 
     @classmethod
     def with_worker(cls, worker: DraftWorker, config: AdapterConfig = AdapterConfig(),
-                    sink: DraftSink | None = None, strategy: StrategyConfig = StrategyConfig()) -> "DraftAdapter":
+                    sink: DraftSink | None = None, strategy: StrategyConfig = StrategyConfig(),
+                    policy: nn.Module | None = None) -> "DraftAdapter":
         """An adapter over any DraftWorker (a Ray actor proxy, a background-thread worker); the
         strategy's loss settings are the worker's business, its selection and budget the adapter's.
         Build the worker's cache with `budget_cache_config(config, cache_config)` so it keeps the
         step reservoir."""
         adapter = cls.__new__(cls)
-        adapter._setup(worker, config, sink, strategy)
+        adapter._setup(worker, config, sink, strategy, policy)
         return adapter
 
     def _setup(self, worker: DraftWorker, config: AdapterConfig, sink: DraftSink | None,
-               strategy: StrategyConfig = StrategyConfig()) -> None:
+               strategy: StrategyConfig = StrategyConfig(), policy: nn.Module | None = None) -> None:
         self.worker, self.config, self.sink, self.strategy = worker, config, sink, strategy
         self.features = worker.feature_spec()
         self.teacher, self.top_k = config.resolved_teacher(self.features.draft_vocab_size)
@@ -111,9 +114,9 @@ class DraftAdapter:
         self.acceptance_ema: float | None = None
         self.acceptance_after_push: float | None = None  # first acceptance length measured after a push
         self.dropped_rollouts = 0  # since the last on_step_end
-        # vocab_refresh_every: counts completion tokens, re-targets the draft vocab at boundaries (LocalDraftWorker only)
-        self.vocab = VocabRefresher(config.vocab_refresh_every, config.vocab_refresh_margin, worker) \
-            if config.vocab_refresh_every else None
+        # the vocab refresh: counts completion tokens, re-targets the draft vocab at boundaries (LocalDraftWorker only)
+        self.vocab = VocabRefresher(config.vocab_refresh_every, config.vocab_refresh_margin, worker,
+                                    config.vocab_refresh_uncovered, policy) if config.vocab_refresh else None
         # Engine counters are read as deltas from here; not saved: they describe the engines, not the run.
         self._seen = sink.spec_counters() if sink is not None else None
 
@@ -124,6 +127,8 @@ class DraftAdapter:
         fixed = {"aux_layer_ids", "draft_vocab_ids", "teacher", "top_k"} & set(capture_kwargs)
         if fixed:
             raise ValueError(f"capture() sets {sorted(fixed)} from the draft and AdapterConfig; do not pass them")
+        if self.vocab is not None:  # the refresh's lm_head, when the adapter was built without one
+            self.vocab.bind(policy_model)
         f = self.features
         kw = {"offload_to_cpu": True, "sampler": self.sampler, "store_dtype": _DTYPES[f.hidden_dtype],
               "teacher_dtype": _DTYPES[f.teacher_dtype], **capture_kwargs}

@@ -44,6 +44,15 @@ class AdapterConfig:
     vocab_refresh_every: int = 0  # every this many boundaries, rebuild a reduced EAGLE-3 draft vocab from the
     #   completion tokens seen so far (vocab_refresh.py); 0 = never (the vocab the draft was built with stays)
     vocab_refresh_margin: float = 0.02  # ... only when that raises their coverage by at least this much
+    vocab_refresh_uncovered: float | None = None  # also checked at every boundary: rebuild it (the step's tokens
+    #   first) once more than this share of the step's completion tokens is outside the draft vocab, when that
+    #   covers >= vocab_refresh_margin more of them; None = the cadence only. Either needs the policy's lm_head:
+    #   target_head=, or taken from the policy (policy= or the first capture(policy); tied: its input embedding)
+
+    @property
+    def vocab_refresh(self) -> bool:
+        """The vocab refresh runs (on the cadence, on uncovered tokens, or both)."""
+        return self.vocab_refresh_every > 0 or self.vocab_refresh_uncovered is not None
 
     @property
     def budget_tokens(self) -> int:
@@ -70,6 +79,9 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.capture_tokens={self.capture_tokens!r}; use positions >= 1 or None")
         if not 0 <= self.vocab_refresh_margin <= 1:
             raise ValueError(f"AdapterConfig.vocab_refresh_margin={self.vocab_refresh_margin!r}; use a share in [0, 1]")
+        if self.vocab_refresh_uncovered is not None and not 0 <= self.vocab_refresh_uncovered < 1:
+            raise ValueError(f"AdapterConfig.vocab_refresh_uncovered={self.vocab_refresh_uncovered!r}; use a share in "
+                             "[0, 1) or None")
         if self.capture_fraction is not None and not 0 < self.capture_fraction <= 1:
             raise ValueError(f"AdapterConfig.capture_fraction={self.capture_fraction!r}; use a value in (0, 1] or None")
 
@@ -149,7 +161,7 @@ class AdapterStats:
         if self.vocab is not None:
             v = self.vocab
             out.update({"draft/vocab_coverage_before": v.coverage_before, "draft/vocab_coverage": v.coverage_after,
-                        "draft/vocab_admitted": float(v.admitted)})
+                        "draft/vocab_admitted": float(v.admitted), "draft/vocab_uncovered": v.uncovered})
         return out
 
 

@@ -257,7 +257,8 @@ class DistributedDraftAdapter:
     def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Module | torch.Tensor,
                  config: AdapterConfig = AdapterConfig(), trainer_config: TrainerConfig = TrainerConfig(),
                  cache_config: CacheConfig = CacheConfig(), sink: DraftSink | None = None, mode: str = "owner",
-                 group=None, owner: int = 0, worker=None, target_head: nn.Module | None = None):
+                 group=None, owner: int = 0, worker=None, target_head: nn.Module | None = None,
+                 policy: nn.Module | None = None):
         if mode not in MODES:
             raise ValueError(f"DistributedDraftAdapter mode={mode!r}; choose one of {MODES}")
         if not dist.is_initialized():
@@ -277,14 +278,15 @@ class DistributedDraftAdapter:
         if mode == "data_parallel":
             w = DataParallelDraftWorker(draft, self._embed, trainer_config, cache_config, cfg.batch_tokens,
                                         config.seed, target_head, group)
-            self.adapter = DraftAdapter.with_worker(w, cfg, sink if self.is_owner else None)
+            self.adapter = DraftAdapter.with_worker(w, cfg, sink if self.is_owner else None, policy=policy)
         elif self.is_owner:
             if worker is None:
                 worker = LocalDraftWorker(draft, self._embed, trainer_config, cache_config, cfg.batch_tokens,
                                           config.seed, target_head)
-            self.adapter = DraftAdapter.with_worker(worker, cfg, sink)
-        else:
-            self.adapter = DraftAdapter.with_worker(_HoldingWorker(_spec_of(draft)), cfg, None)
+            self.adapter = DraftAdapter.with_worker(worker, cfg, sink, policy=policy)
+        else:  # the owner refreshes the draft vocab and tells this rank the new one (on_step_end)
+            held = replace(cfg, vocab_refresh_every=0, vocab_refresh_uncovered=None)
+            self.adapter = DraftAdapter.with_worker(_HoldingWorker(_spec_of(draft)), held, None)
 
     @property
     def config(self) -> AdapterConfig:
@@ -327,11 +329,15 @@ class DistributedDraftAdapter:
         stats = self.adapter.on_step_end(policy_version, counters) if self._trains_here() else None
         if self.mode == "owner" and not self.is_owner:
             self.adapter.last_version = policy_version  # on_rollouts' staleness check, as on the owner
-        # 4) every rank reports what the owner did
-        box = [_portable(stats) if self.is_owner else None]
+        # 4) every rank reports what the owner did, and captures in the owner's draft vocab after a refresh
+        box = [(_portable(stats), self.adapter.features if stats.vocab is not None else None) if self.is_owner
+               else None]
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, self.owner) if self.group else self.owner,
                                    group=self.group)
-        return box[0]
+        stats, refreshed = box[0]
+        if refreshed is not None and not self.is_owner:
+            self.worker.spec = self.adapter.features = refreshed
+        return stats
 
     def _trains_here(self) -> bool:
         return self.is_owner or self.mode == "data_parallel"

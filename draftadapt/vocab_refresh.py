@@ -1,10 +1,16 @@
 """Online vocabulary refresh: re-target an EAGLE-3 draft's reduced vocab (d2t/t2d) to the tokens
-the policy now writes (`AdapterConfig.vocab_refresh_every`).
+the policy now writes (`AdapterConfig.vocab_refresh_uncovered`, `vocab_refresh_every`).
 
 A draft built on another corpus (a generic chat draft) keeps the Vd most frequent tokens of THAT
 corpus; training never changes which tokens it can propose. `VocabRefresher` counts the completion
-tokens of every rollout the adapter caches and, at a step boundary, rebuilds the Vd-token vocab from
-those counts when that raises their coverage by at least a margin. `retarget_vocab` then remaps the
+tokens of every rollout the adapter caches. At the first step boundary where more than
+`vocab_refresh_uncovered` of that step's tokens are outside the draft vocab, it rebuilds the Vd-token
+vocab, the step's tokens first (most written first), then the rest by their count over the run, if
+that covers at least `vocab_refresh_margin` more of the step's tokens; on the cadence
+(`vocab_refresh_every`) it rebuilds from the counts over the run when that raises their coverage by the
+margin. The admitted tokens' rows come from the target's lm_head: `target_head`, else the policy's
+(`head_of`: its output embedding, the input embedding when `config.tie_word_embeddings`), taken when
+the adapter is built with `policy=` or at its first `capture(policy)`. `retarget_vocab` then remaps the
 draft in place: lm_head rows of tokens in both vocabs keep their trained weights, rows of newly
 admitted tokens start from the target's lm_head rows (as `Eagle3Draft.init_lm_head` does at
 creation), d2t/t2d are replaced. The optimizer's per-row state (Adam moments) moves with its rows;
@@ -14,7 +20,7 @@ teacher over the old draft ids, a loss mask that checked the old vocab), so the 
 Only the in-process worker (`LocalDraftWorker`, or `StrategyDraftWorker`) is supported: a
 background, Ray or data-parallel worker holds the draft elsewhere or in replicas. Knows nothing of
 engines: the next push carries the new d2t (vLLM's `draft_id_to_target_id`, read by every
-`compute_logits`). Cost: O(V) per boundary to count, O(Vd H) to remap.
+`compute_logits`). Cost: O(V) per boundary to count and check, O(Vd H) to remap.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ class VocabRefresh(NamedTuple):
     coverage_after: float  # ... the new one holds
     admitted: int  # tokens new to the draft vocab (as many left it)
     dropped_cached: int  # cached sequences dropped (captured against the old vocab)
+    uncovered: float = 0.0  # share of the step's completion tokens outside the old draft vocab
+    reason: str = "cadence"  # "uncovered" (the step crossed vocab_refresh_uncovered) or "cadence"
 
 
 def completion_token_counts(batch: RolloutBatch, vocab_size: int) -> torch.Tensor:
@@ -96,20 +104,57 @@ def remap_optimizer_rows(optimizer: torch.optim.Optimizer, param: nn.Parameter, 
             t.copy_(new)
 
 
-class VocabRefresher:
-    """Counts completion tokens; at every `every`-th boundary rebuilds the draft vocab when coverage
-    rises by >= `margin`. Counts accumulate over the whole run (a policy's vocabulary drifts slowly)."""
+def head_of(policy: nn.Module) -> nn.Module | None:
+    """The policy's lm_head as the refresh reads it: its output embedding, or its input embedding when
+    `config.tie_word_embeddings` (the same weight; some models expose it only there). None if neither."""
+    if getattr(getattr(policy, "config", None), "tie_word_embeddings", False):
+        return policy.get_input_embeddings()
+    get = getattr(policy, "get_output_embeddings", None)
+    return get() if callable(get) else None
 
-    def __init__(self, every: int, margin: float, worker) -> None:
+
+class VocabRefresher:
+    """Counts completion tokens; rebuilds the draft vocab at the first boundary where more than
+    `uncovered` of the step's tokens are outside it, or at every `every`-th boundary (0 = none), when
+    that raises coverage by >= `margin`. Counts accumulate over the whole run; `recent` is the step's."""
+
+    def __init__(self, every: int, margin: float, worker, uncovered: float | None = None,
+                 policy: nn.Module | None = None) -> None:
         check_worker(worker)
-        self.every, self.margin, self.worker = every, margin, worker
-        self.counts = torch.zeros(worker.draft.config.vocab_size, dtype=torch.long)  # [V]
+        self.every, self.margin, self.uncovered, self.worker = every, margin, uncovered, worker
+        self.head = worker.target_head  # [V, H] lm_head the admitted rows start from; else bind(policy)
+        if self.head is None and policy is not None:
+            self.bind(policy)
+        self.counts = torch.zeros(worker.draft.config.vocab_size, dtype=torch.long)  # [V] over the run
+        self.recent = torch.zeros_like(self.counts)  # [V] since the last boundary
         self.boundaries = 0
         self.newest_seen: int | None = None  # newest policy version observed
         self.stale_through: int | None = None  # batches of versions <= this were captured against an old vocab
 
+    def bind(self, policy: nn.Module) -> None:
+        """Take the target head from `policy` (`head_of`) unless one is set; checked against the draft."""
+        if self.head is not None:
+            return
+        head = head_of(policy)
+        weight = getattr(head, "weight", None)
+        want = (self.worker.draft.config.vocab_size, self.worker.draft.config.hidden_size)
+        if weight is None or tuple(weight.shape) != want:
+            got = "none" if weight is None else f"shape {tuple(weight.shape)}"
+            raise ValueError(f"the vocab refresh starts admitted tokens from the policy's lm_head rows {want}; "
+                             f"{type(policy).__name__} gives {got} (get_output_embeddings(), or the input embedding "
+                             "with config.tie_word_embeddings): pass DraftAdapter(..., target_head=<the full lm_head "
+                             "weight [vocab_size, hidden_size]>)")
+        self.head = head
+
     def observe(self, batch: RolloutBatch) -> None:
-        self.counts += completion_token_counts(batch, len(self.counts))
+        if self.head is None:
+            raise ValueError("the vocab refresh starts admitted tokens from the policy's lm_head rows and has none: "
+                             "capture with adapter.capture(policy), or build the adapter with policy=policy or "
+                             "target_head=policy.get_output_embeddings(), or set vocab_refresh_every=0 and "
+                             "vocab_refresh_uncovered=None")
+        counts = completion_token_counts(batch, len(self.counts))
+        self.counts += counts
+        self.recent += counts
         v = batch.policy_version
         self.newest_seen = v if self.newest_seen is None else max(v, self.newest_seen)
 
@@ -121,41 +166,65 @@ class VocabRefresher:
     def maybe_refresh(self, version: int) -> VocabRefresh | None:
         """At a boundary (after training, before the push): refresh if due and worth it."""
         self.boundaries += 1
-        if self.boundaries % self.every or not int(self.counts.sum()):
-            return None
+        recent, self.recent = self.recent, torch.zeros_like(self.recent)
         draft, worker = self.worker.draft, self.worker
-        new = vocab_from_counts(self.counts.clone(), draft.config.draft_vocab_size)
-        old_cov = DraftVocab(draft.d2t.cpu(), draft.t2d.cpu(), self.counts).coverage()
-        if new.coverage() < old_cov + self.margin:
+        uncovered = 1.0 - DraftVocab(draft.d2t.cpu(), draft.t2d.cpu(), recent).coverage() if int(recent.sum()) else 0.0
+        kept = draft.t2d.cpu().long()  # ties (e.g. tokens no one wrote) keep the current vocab: no churn
+        if self.uncovered is not None and uncovered > self.uncovered:
+            # the step's tokens first (a drift brings tokens the run's counts still rank low), then the run's
+            reason, judged, ranked = "uncovered", recent, lexicographic(recent, self.counts, kept)
+        elif self.every and self.boundaries % self.every == 0 and int(self.counts.sum()):
+            reason, judged, ranked = "cadence", self.counts, lexicographic(self.counts, kept)
+        else:
             return None
-        src = retarget_vocab(draft, new.d2t, worker.target_head)
+        new = vocab_from_counts(ranked, draft.config.draft_vocab_size)
+        old_cov = DraftVocab(draft.d2t.cpu(), draft.t2d.cpu(), judged).coverage()
+        new_cov = DraftVocab(new.d2t, new.t2d, judged).coverage()
+        if new_cov < old_cov + self.margin:
+            return None
+        src = retarget_vocab(draft, new.d2t, self.head)
         remap_optimizer_rows(worker.trainer.optimizer, draft.lm_head.weight, src)
         worker._target_ids = draft.target_ids().cpu()
         dropped = worker.cache.drop_stale(version + 1, 0)  # every entry: all were captured in the old vocab
         self.stale_through = self.newest_seen
-        return VocabRefresh(version, self.stale_through, old_cov, new.coverage(), int((src < 0).sum()), dropped)
+        return VocabRefresh(version, self.stale_through, old_cov, new_cov, int((src < 0).sum()), dropped, uncovered,
+                            reason)
 
     def state_dict(self) -> dict:
-        return {"counts": self.counts, "boundaries": self.boundaries, "newest_seen": self.newest_seen,
-                "stale_through": self.stale_through}
+        return {"counts": self.counts, "recent": self.recent, "boundaries": self.boundaries,
+                "newest_seen": self.newest_seen, "stale_through": self.stale_through}
 
     def load_state_dict(self, state: dict) -> None:
         self.counts = state["counts"].clone()
+        self.recent = state["recent"].clone() if "recent" in state else torch.zeros_like(self.counts)
         self.boundaries, self.newest_seen, self.stale_through = (state["boundaries"], state["newest_seen"],
                                                                  state["stale_through"])
+
+
+def lexicographic(*keys: torch.Tensor) -> torch.Tensor:
+    """[V] int64 scores that order ids by keys[0] descending, ties by keys[1], ... (then by id). O(V log V)."""
+    order = torch.arange(len(keys[0]))
+    for key in reversed(keys):  # least significant first; stable sorts keep the earlier orders within ties
+        order = order[torch.sort(-key[order], stable=True).indices]
+    score = torch.empty_like(order)
+    score[order] = torch.arange(len(order), 0, -1)
+    return score
+
+
+OFF = "set vocab_refresh_every=0 and vocab_refresh_uncovered=None"
 
 
 def check_worker(worker) -> None:
     """The refresh edits the draft, its optimizer and the cache in this process: only the local workers."""
     if type(worker) not in SUPPORTED_WORKERS:
-        raise ValueError(f"AdapterConfig.vocab_refresh_every > 0 needs an in-process LocalDraftWorker (or "
-                         f"StrategyDraftWorker), got {type(worker).__name__}; use DraftAdapter(draft, ...) without "
-                         "with_worker, or set vocab_refresh_every=0")
+        where = ("DistributedDraftAdapter(mode='owner') refreshes on the owner; data-parallel replicas would each "
+                 "re-target from their own counts" if type(worker).__name__ == "DataParallelDraftWorker" else
+                 "use DraftAdapter(draft, ...), or with_worker(LocalDraftWorker(...))")
+        raise ValueError(f"the vocab refresh (AdapterConfig.vocab_refresh_every / vocab_refresh_uncovered) needs an "
+                         f"in-process LocalDraftWorker (or StrategyDraftWorker), got {type(worker).__name__}: {where}; "
+                         f"or {OFF}")
     draft = worker.draft
     if not isinstance(draft, Eagle3Draft) or draft.config.full_vocab:
-        raise ValueError(f"AdapterConfig.vocab_refresh_every > 0 re-targets a reduced EAGLE-3 draft vocab; this draft "
-                         f"is a {type(draft).__name__}" + (" with the full vocab" if isinstance(draft, Eagle3Draft)
-                                                           else "") + ": set vocab_refresh_every=0")
-    if worker.target_head is None:
-        raise ValueError("AdapterConfig.vocab_refresh_every > 0 starts admitted tokens from the target's lm_head rows: "
-                         "pass DraftAdapter(..., target_head=policy.get_output_embeddings())")
+        raise ValueError(f"the vocab refresh re-targets a reduced EAGLE-3 draft vocab; this draft is a "
+                         f"{type(draft).__name__}" + (" with the full vocab" if isinstance(draft, Eagle3Draft)
+                                                      else "") + f": {OFF}")

@@ -9,7 +9,8 @@ or suffix (model-free: nothing to adapt, run.adapt is ignored). Same metrics, sa
 Reads top to bottom: 1) policy and first draft, 2) the engine, 3) resume, 4) the loop
 (rollouts -> rewards -> log-prob recompute with capture -> GRPO step -> policy refit -> draft
 adaptation), 5) the closing comparison: the adapted draft vs the same initial draft kept frozen,
-both on the final policy with the same prompts.
+both on the final policy with the same prompts. Every `run.probe_every` steps the loop also measures
+both on the current policy (`probe`): what adaptation bought so far, beside the rollouts' own curve.
 
 Two switches, same recipe: `run.async_lag=1` samples step t+1's rollouts (with the weights of
 version t) in a thread while step t trains, one-step off-policy; `run.draft_worker=thread` trains
@@ -74,6 +75,10 @@ class RunConfig:
     engines: int = 1  # vLLM engines; more than one needs ray: true (one engine per process)
     ray: bool = False  # engines as Ray actors (section `ray` sets their resources); else in-process
     final_compare: bool = True  # False: skip 5)'s frozen-vs-adapted engines (two engine starts; crash tests)
+    probe_every: int = 5  # every this many steps, the acceptance length of the adapted draft AND of the first
+    #   draft kept frozen on the same seeded held-out prompts and the same policy (two extra passes of the
+    #   engine, which serves the frozen draft for the second); 0 = never
+    probe_prompts: int = 64  # held-out prompts of that measurement (2 samples each)
 
     def __post_init__(self) -> None:
         if self.async_lag not in LAGS:
@@ -81,6 +86,9 @@ class RunConfig:
         if self.engines < 1 or (self.engines > 1 and not self.ray):
             raise ValueError(f"run.engines={self.engines}: use 1, or more with run.ray=true (one vLLM engine per "
                              "process, so several engines run as Ray actors)")
+        if self.probe_every < 0 or self.probe_prompts < 1:
+            raise ValueError(f"run.probe_every={self.probe_every}, run.probe_prompts={self.probe_prompts}; use "
+                             "probe_every >= 0 (0 = never) and probe_prompts >= 1")
         if self.draft_worker not in ("inline", "thread", "ray"):
             raise ValueError(f"run.draft_worker={self.draft_worker!r}; use 'inline', 'thread' or 'ray'")
 
@@ -170,6 +178,20 @@ def measure(engine, tok, problems, cfg: RecipeConfig, group: int = 2) -> dict[st
             "spec_acceptance_length": spec.acceptance_length}
 
 
+def probe(engine, swapper, tok, problems, frozen: dict, cfg: RecipeConfig) -> dict[str, float]:
+    """What adaptation bought so far: the acceptance length of the served (adapted) draft and of the first
+    draft kept frozen, on the same seeded prompts and the current policy. The engine serves the frozen
+    weights for one pass, then the adapted ones again (`serving_draft`); requests carry their own seeds
+    and torch's generator is forked, so the run's trajectory is the same with or without it."""
+    t0 = time.perf_counter()
+    with torch.random.fork_rng():
+        adapted = measure(engine, tok, problems, cfg)["spec_acceptance_length"]
+        with swapper.serving_draft(frozen):
+            kept = measure(engine, tok, problems, cfg)["spec_acceptance_length"]
+    return {"probe/acceptance_length_adapted": adapted, "probe/acceptance_length_frozen": kept,
+            "time/probe": time.perf_counter() - t0}
+
+
 def accuracy(problems, r) -> float:
     """Share of completions with the right answer (not reward > 0: a style reward pays wrong answers too)."""
     return sum(parse_answer(t) == problems[j // r.group_size].answer for j, t in enumerate(r.texts)) / len(r.texts)
@@ -224,6 +246,10 @@ def main(argv=None) -> dict:
                                     cfg.adapter.seed, ray_cfg=cfg.ray)
             adapter = DraftAdapter.with_worker(worker, cfg.adapter, sink=swapper)
     held_out = eval_problems(cfg.run.eval_prompts, seed=4321, cfg=cfg.task)
+    frozen = None  # the first draft's pushable weights, for the frozen-vs-adapted probe (before any resume)
+    if adapter is not None and cfg.run.probe_every:
+        frozen = {name: t.detach().clone() for name, t in adapter.worker.state_for_push().items()}
+        probe_set = eval_problems(cfg.run.probe_prompts, seed=2468, cfg=cfg.task)
     # 3) resume: restore policy/optimizer/draft, then refit and push them into the fresh engine
     start, logger, ready = 0, RunLogger(out), None
     if args.resume and has_checkpoint(ckpt):
@@ -247,6 +273,7 @@ def main(argv=None) -> dict:
                      seed=(cfg.run.seed * 7919 + batch_step) * per_step)
         return Generated(r, swapper.spec_counters() - c0)
 
+    last_probe = None  # "adapted/frozen" acceptance lengths of the latest probe, for the progress bar
     source = RolloutSource(generate, cfg.run.async_lag, cfg.run.steps, ready)
     bar = tqdm(range(start, cfg.run.steps), initial=start, total=cfg.run.steps, desc="GRPO")
     try:
@@ -271,10 +298,17 @@ def main(argv=None) -> dict:
                    **({k: v for k, v in astats.as_dict().items() if not k.startswith("spec_")} if astats else {})}
             if adapter is not None:
                 row["version/features"] = adapter.newest_rollout_version
+            if frozen is not None and version % cfg.run.probe_every == 0:  # the engine is idle until the next take
+                row.update(probe(engine, swapper, tok, probe_set, frozen, cfg))
+                last_probe = (f"{row['probe/acceptance_length_adapted']:.2f}/"
+                              f"{row['probe/acceptance_length_frozen']:.2f}")
+                bar.write(f"step {version}: acceptance length on {len(probe_set)} held-out prompts x2, adapted/frozen "
+                          f"first draft {last_probe} ({row['time/probe']:.1f} s)")
             if chooser is not None:  # the next rollouts run with k chosen from this step's acceptance
                 row["spec/k_schedule"] = chooser.update(engine, spec_delta)
             logger.log(version, row)
-            bar.set_postfix(reward=f"{row['reward']:.2f}", AL=f"{spec_delta.acceptance_length:.2f}")
+            bar.set_postfix(reward=f"{row['reward']:.2f}", AL=f"{spec_delta.acceptance_length:.2f}",
+                            **({"AL_adapted/frozen": last_probe} if last_probe else {}))
             if cfg.run.checkpoint_every and version % cfg.run.checkpoint_every == 0 or version == cfg.run.steps:
                 save_run(ckpt, version, policy, optimizer, adapter, extra={"before": before, "ready": source.ready})
     finally:
@@ -286,8 +320,12 @@ def main(argv=None) -> dict:
     policy.save_pretrained(final_policy, safe_serialization=True)
     tok.save_pretrained(str(final_policy))  # (MTP: a tokenizer beside a qwen2 config encodes to nothing; the
     #   comparison engines get mech.tokenizer_dir)
+    rows = logger.rows()
+    probes = [{"step": r["step"], "adapted": r["probe/acceptance_length_adapted"], "frozen":
+               r["probe/acceptance_length_frozen"], "seconds": r["time/probe"]}
+              for r in rows if r.get("probe/acceptance_length_frozen") is not None]
     result = {"method": mech.method, "before": before, "after": after, "frozen": None, "adapted": None,
-              "toy_build": toy_build(mech)}
+              "toy_build": toy_build(mech), "probes": probes, "probe_seconds": sum(p["seconds"] for p in probes)}
     arms = {"frozen": None} if k > 0 else {}  # None: the first draft (model-free: the method itself)
     if adapter is not None:
         arms["adapted"] = adapter.worker.draft
@@ -300,9 +338,10 @@ def main(argv=None) -> dict:
                                  seed=cfg.run.seed)
         with Engine(ecfg) as eng:
             result[name] = measure(eng, tok, held_out, cfg)
-    rows = logger.rows()
     logger.close()
-    plot_run(rows, out / "plot.png", title=f"GRPO toy (reward verbose_bonus={cfg.reward.verbose_bonus})")
+    plot_run(rows, out / "plot.png", title=f"GRPO toy (reward verbose_bonus={cfg.reward.verbose_bonus})",
+             keys=("reward", "accuracy", ("spec_acceptance_length", "probe/acceptance_length_adapted",
+                                          "probe/acceptance_length_frozen")))
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print_summary(result, out)
     return result
@@ -329,6 +368,12 @@ def print_summary(res: dict, out: Path) -> None:
     print(f"\nacceptance length on the final policy (same prompts, k drafts, {res.get('method', 'eagle3')}):")
     print(f"  initial draft, frozen   {f(res['frozen'], 'spec_acceptance_length', '.2f')}")
     print(f"  adapted online          {f(res['adapted'], 'spec_acceptance_length', '.2f')}")
+    if res.get("probes"):
+        p = res["probes"]
+        print(f"\nacceptance length during the run (held-out probe, same prompts, {res['probe_seconds']:.0f} s in all):")
+        print("  step  " + "".join(f"{x['step']:>6}" for x in p))
+        print("  adapt " + "".join(f"{x['adapted']:6.2f}" for x in p))
+        print("  frozen" + "".join(f"{x['frozen']:6.2f}" for x in p))
     print(f"\nlogs: {out}/metrics.jsonl, {out}/tb, plot: {out}/plot.png")
 
 

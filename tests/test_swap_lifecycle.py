@@ -65,6 +65,32 @@ def test_pushes_while_asleep_are_deferred_to_wake_up():
     assert engine.version == 1 and len(engine.pushes) == 1 and swapper.draft_version == 1
 
 
+def test_serving_draft_restores_the_start_up_draft_and_leaves_versions_alone():
+    from draftadapt.engine.swap import EngineSwapper, tensors_from_bytes, tensors_to_bytes
+
+    start = {"fc.weight": torch.zeros(2, 3)}
+
+    class Served(FreshEngine):  # also reads back the weights it serves (TP = 1)
+        served = start
+
+        def collective_rpc(self, method, args=(), kwargs=None):
+            if method == "draftadapt_state":
+                return [tensors_to_bytes(self.served)]
+            out = super().collective_rpc(method, args, kwargs)
+            if method == "draftadapt_push":
+                self.served = tensors_from_bytes(kwargs["payload"])
+            return out
+
+    engine = Served()
+    swapper = EngineSwapper(engine)
+    frozen = {"fc.weight": torch.ones(2, 3)}
+    with swapper.serving_draft(frozen):
+        assert torch.equal(engine.served["fc.weight"], frozen["fc.weight"])
+    assert torch.equal(engine.served["fc.weight"], start["fc.weight"]) and engine.version is None
+    assert all(p["force"] and p["version"] is None for p in engine.pushes) and swapper.draft_version is None
+    assert swapper.push_draft({"fc.weight": torch.randn(2, 3)}, 0).pushed, "the next push must go through"
+
+
 # ------------------------------------------------------------------ one live engine, composed extension
 
 @pytest.fixture(scope="module")
@@ -200,3 +226,15 @@ def test_native_update_info_is_plain_data_that_vllms_msgpack_serialiser_carries(
     wire = MsgpackDecoder().decode(MsgpackEncoder().encode(info(native.plain_args(CUDA_IPC_ARGS))))
     assert native.typed_args(wire["ipc_handles"][0]["GPU-0"], 0) == CUDA_IPC_ARGS
     assert native.typed_update_info(wire, 0)["ipc_handles"][0]["GPU-0"] == CUDA_IPC_ARGS
+
+
+def test_serving_draft_serves_a_baseline_then_the_latest_push_again(live):
+    engine, swapper, config = live
+    adapted, frozen = _draft(config, 5), _draft(config, 6)
+    swapper.push_draft(adapted, 5)
+    with swapper.serving_draft(frozen):
+        assert _same(_served(engine), frozen)
+    assert _same(_served(engine), adapted) and swapper.draft_version == 5
+    assert engine.collective_rpc("draftadapt_info")[0]["versions"]["draft"] == 5
+    assert swapper.ensure_latest() == ["ok"], "the worker's rollback copy must be the latest push again"
+    assert swapper.push_draft(_draft(config, 7), 6).pushed

@@ -130,8 +130,9 @@ def test_refresh_is_refused_where_it_cannot_run(policy):
     adapter = make_adapter(policy, vocab_refresh_every=0)
     with pytest.raises(ValueError, match="LocalDraftWorker"):
         DraftAdapter.with_worker(BackgroundDraftWorker(adapter.worker), AdapterConfig(vocab_refresh_every=1))
-    with pytest.raises(ValueError, match="target_head=policy.get_output_embeddings"):
-        DraftAdapter(make_draft(policy), policy.get_input_embeddings(), AdapterConfig(vocab_refresh_every=1))
+    headless = DraftAdapter(make_draft(policy), policy.get_input_embeddings(), AdapterConfig(vocab_refresh_every=1))
+    with pytest.raises(ValueError, match="target_head=policy.get_output_embeddings"):  # no head, no capture(policy)
+        headless.on_rollouts(task_batch(0))
     with pytest.raises(ValueError, match="vocab_refresh_every"):
         AdapterConfig(vocab_refresh_every=-1)
 

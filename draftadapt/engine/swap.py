@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -209,6 +210,36 @@ class EngineSwapper:
                 raise RuntimeError(f"engine {i}: the prefix cache could not be reset after restoring {kind} weights")
         return report
 
+    @contextmanager
+    def serving_draft(self, state: Mapping[str, torch.Tensor], verify: str = "probe"):
+        """Serve `state` inside the block (a baseline to measure against, e.g. the first draft kept
+        frozen), then the draft served before it again: the last push (any TP), else the start-up
+        draft read back (TP = 1). Versions and the push kept for restarts are untouched, so the next
+        `push_draft` goes through as usual; push nothing inside the block. Cost: two verified loads."""
+        if self._sleeping():
+            raise RuntimeError("serving_draft while the engines sleep: call wake_up() first")
+        state = check_push(state, self.expected("draft"), "draft", self._forbidden["draft"], self._vocab_size)
+        latest = self._latest.get("draft")
+        back = [latest["payload"] if latest is not None and latest.get("payload") is not None else
+                e.collective_rpc("draftadapt_state", kwargs={"kind": "draft"})[0] for e in self.engines]
+        try:
+            for i in range(len(self.engines)):
+                self._reload_draft(i, tensors_to_bytes(state), verify)
+            yield
+        finally:
+            for i, payload in enumerate(back):
+                self._reload_draft(i, payload, verify)
+
+    def _reload_draft(self, i: int, payload: bytes, verify: str) -> None:
+        """Load draft weights into engine i under the version it serves (`force`), verified."""
+        version = self._versions["draft"][i]
+        kw = dict(kind="draft", version=version, expected_checksum=checksum(tensors_from_bytes(payload)),
+                  payload=payload, path=None, verify=verify, force=True)
+        self._settle(i, "draft", version, verify, self.engines[i].collective_rpc("draftadapt_push",
+                                                                                  kwargs=self._kw(i, kw)))
+        if not self.engines[i].reset_prefix_cache():
+            raise RuntimeError(f"engine {i}: the prefix cache could not be reset after a draft reload")
+
     def _sleeping(self) -> bool:
         return self.asleep or any(bool(getattr(e, "is_sleeping", lambda: False)()) for e in self.engines)
 
@@ -362,3 +393,4 @@ def _as_spec(raw) -> Spec | None:
 
 def _served(versions: list[int | None]) -> int | None:
     return None if any(v is None for v in versions) else min(versions)
+

@@ -75,9 +75,15 @@ def _clean(v):
     return v
 
 
-def plot_run(rows: list[dict], png: str | Path, keys: tuple[str, ...] = ("reward", "accuracy", "spec_acceptance_length"),
+LABELS = {"spec_acceptance_length": "rollouts (served draft)", "probe/acceptance_length_adapted": "adapted (probe)",
+          "probe/acceptance_length_frozen": "first draft kept frozen (probe)"}
+
+
+def plot_run(rows: list[dict], png: str | Path,
+             keys: tuple[str | tuple[str, ...], ...] = ("reward", "accuracy", "spec_acceptance_length"),
              title: str = "") -> Path | None:
-    """One panel per key over steps; returns the PNG path (None without matplotlib)."""
+    """One panel per key over steps (a tuple of keys: one panel, one labelled curve each, titled by
+    the first); returns the PNG path (None without matplotlib)."""
     try:
         import matplotlib
 
@@ -87,11 +93,15 @@ def plot_run(rows: list[dict], png: str | Path, keys: tuple[str, ...] = ("reward
         log.warning("matplotlib is not installed (pip install matplotlib): no plot")
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2))
-    for ax, key in zip(axes, keys):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3)
-        ax.set_title(key)
+    for ax, panel in zip(axes, keys):
+        curves = (panel,) if isinstance(panel, str) else panel
+        for key in curves:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=LABELS.get(key, key))
+        if len(curves) > 1 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.set_title(curves[0])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
