@@ -44,6 +44,8 @@ class AdapterConfig:
     vocab_refresh_every: int = 0  # every this many boundaries, rebuild a reduced EAGLE-3 draft vocab from the
     #   completion tokens seen so far (vocab_refresh.py); 0 = never (the vocab the draft was built with stays)
     vocab_refresh_margin: float = 0.02  # ... only when that raises their coverage by at least this much
+    watchdog: bool = True  # around an engine-swapper sink, check the served draft after every push and every
+    #   step's counters; re-push a lost draft; report draft/watchdog_* metrics (watchdog.py). False = off
 
     @property
     def budget_tokens(self) -> int:
@@ -70,6 +72,8 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.capture_tokens={self.capture_tokens!r}; use positions >= 1 or None")
         if not 0 <= self.vocab_refresh_margin <= 1:
             raise ValueError(f"AdapterConfig.vocab_refresh_margin={self.vocab_refresh_margin!r}; use a share in [0, 1]")
+        if not isinstance(self.watchdog, bool):
+            raise ValueError(f"AdapterConfig.watchdog={self.watchdog!r}; use True (on, the default) or False (off)")
         if self.capture_fraction is not None and not 0 < self.capture_fraction <= 1:
             raise ValueError(f"AdapterConfig.capture_fraction={self.capture_fraction!r}; use a value in (0, 1] or None")
 
@@ -120,6 +124,7 @@ class AdapterStats:
     acceptance_reference: float | None  # what this step's acceptance length was compared with
     budget: BudgetStats | None = None  # rollout vs captured vs kept tokens of this step
     vocab: Any = None  # a VocabRefresh when this boundary re-targeted the draft vocab (vocab_refresh.py)
+    watchdog: Any = None  # a WatchdogStep: the watchdog's alarms and repairs this step (None: no watchdog)
 
     def as_dict(self) -> dict[str, float]:
         """Flat floats under the names RL users chart; unknown values are left out, not NaN.
@@ -150,6 +155,8 @@ class AdapterStats:
             v = self.vocab
             out.update({"draft/vocab_coverage_before": v.coverage_before, "draft/vocab_coverage": v.coverage_after,
                         "draft/vocab_admitted": float(v.admitted)})
+        if self.watchdog is not None:
+            out.update(self.watchdog.as_dict())
         return out
 
 
