@@ -31,6 +31,12 @@ return at once with the stats of the last finished run, and `state_for_push` ret
 of the last finished optimizer step; the push itself still happens only at the step boundary.
 It does not talk to vLLM: pushes and spec-decode counters go through a `DraftSink` (e.g. the
 engine swapper), and it never touches the policy's weights or gradients (capture only copies).
+
+The draft-health watchdog (watchdog.py) is on by default (`AdapterConfig.watchdog`): around an
+engine swapper sink, every push is followed by a version check of the engines, and every
+`on_step_end` checks the step's counters against the training accuracy of the draft last pushed,
+before this step's push. A lost draft is re-pushed; alarms and repairs are logged and reported as
+`draft/watchdog_*` in `AdapterStats.as_dict()`. It draws no random numbers and generates nothing.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from .metrics import SpecCounters
 from .strategy import StrategyConfig, StrategyDraftWorker, train_budget
 from .trainer import TrainerConfig
 from .vocab_refresh import VocabRefresher
+from .watchdog import WatchdogStep, watchdog_for
 from .workers import CacheInfo, DraftWorker, FeatureSpec, LocalDraftWorker, TrainResult  # noqa: F401 (re-exported)
 
 FORMAT = "draftadapt.adapter/1"
@@ -101,7 +108,12 @@ class DraftAdapter:
 
     def _setup(self, worker: DraftWorker, config: AdapterConfig, sink: DraftSink | None,
                strategy: StrategyConfig = StrategyConfig(), policy: nn.Module | None = None) -> None:
-        self.worker, self.config, self.sink, self.strategy = worker, config, sink, strategy
+        self.worker, self.config, self.strategy = worker, config, strategy
+        self.watchdog = watchdog_for(sink) if config.watchdog else None  # None: off, or a sink it cannot check
+        self.sink = self.watchdog or sink  # pushes go through the watchdog, which records what it must serve
+        self._watched = (0, 0)  # (len(watchdog.history), watchdog.repairs) at the last step's end
+        self.last_step_acc: tuple[float, ...] | None = None  # training accuracy of the last finished training
+        self.served_step_acc: tuple[float, ...] | None = None  # ... of the draft the sink last accepted
         self.features = worker.feature_spec()
         self.teacher, self.top_k = config.resolved_teacher(self.features.draft_vocab_size)
         self.sampler = StepSampler(config.budget_tokens, config.capture_fraction, config.window_tokens, config.seed)
@@ -225,6 +237,8 @@ class DraftAdapter:
         dropped = self.worker.drop_stale(v, cfg.staleness_window)
         # 2) train on what is left (more when this step's acceptance fell, if the strategy says so)
         spec = self._measure(counters)
+        if self.watchdog is not None and spec is not None:  # the served draft's health, before this step pushes
+            self.watchdog.check_step(spec, self.served_step_acc)
         al = spec.acceptance_length if spec is not None and spec.drafts > 0 else None
         ref = self.acceptance_ema if cfg.acceptance_reference == "ema" else self.acceptance_after_push
         budget = train_budget(cfg.train_steps, self.strategy, al, ref)
@@ -238,7 +252,7 @@ class DraftAdapter:
             if train.steps == 0:  # a background worker whose first run has not finished yet
                 train, skipped = None, "no draft training has finished yet (background worker)"
             else:
-                self.trained_since_push = True
+                self.trained_since_push, self.last_step_acc = True, tuple(train.step_acc)
         # 3) the vocab refresh, when due: the push below then carries the new d2t
         refresh = self.vocab.maybe_refresh(v) if self.vocab is not None else None
         if refresh is not None:
@@ -251,9 +265,19 @@ class DraftAdapter:
                              last_pushed_version=self.last_pushed_version, cache=self.worker.cache_info(),
                              dropped_stale=dropped, dropped_rollouts=self.dropped_rollouts, spec=spec,
                              acceptance_reference=ref, budget=self.sampler.end_step(v, cfg.staleness_window),
-                             vocab=refresh)
+                             vocab=refresh, watchdog=self._watchdog_step())
         self.last_version, self.dropped_rollouts = v, 0
         return stats
+
+    def _watchdog_step(self) -> WatchdogStep | None:
+        """The watchdog's alarms and repairs since the previous step's end (None: no watchdog)."""
+        wd = self.watchdog
+        if wd is None:
+            return None
+        (seen, repairs), self._watched = self._watched, (len(wd.history), wd.repairs)
+        new = wd.history[seen:]
+        expected = next((h.expected_acceptance_length for h in reversed(new) if h.expected_acceptance_length), None)
+        return WatchdogStep([a for h in new for a in h.alarms], wd.repairs - repairs, expected)
 
     def _check_order(self, policy_version: int) -> int:
         if not isinstance(policy_version, int) or isinstance(policy_version, bool) or policy_version < 0:
@@ -303,6 +327,7 @@ class DraftAdapter:
         if not result.pushed:
             return False, f"{why}; the sink refused: {result.skipped_reason}", seconds, 0, result
         self.last_pushed_version, self.trained_since_push = v, False
+        self.served_step_acc = self.last_step_acc
         return True, why, seconds, sum(t.numel() * t.element_size() for t in state.values()), result
 
     def _track_acceptance(self, al: float | None, pushed: bool) -> None:

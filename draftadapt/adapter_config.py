@@ -48,6 +48,8 @@ class AdapterConfig:
     #   first) once more than this share of the step's completion tokens is outside the draft vocab, when that
     #   covers >= vocab_refresh_margin more of them; None = the cadence only. Either needs the policy's lm_head:
     #   target_head=, or taken from the policy (policy= or the first capture(policy); tied: its input embedding)
+    watchdog: bool = True  # around an engine-swapper sink, check the served draft after every push and every
+    #   step's counters; re-push a lost draft; report draft/watchdog_* metrics (watchdog.py). False = off
 
     @property
     def vocab_refresh(self) -> bool:
@@ -82,6 +84,8 @@ class AdapterConfig:
         if self.vocab_refresh_uncovered is not None and not 0 <= self.vocab_refresh_uncovered < 1:
             raise ValueError(f"AdapterConfig.vocab_refresh_uncovered={self.vocab_refresh_uncovered!r}; use a share in "
                              "[0, 1) or None")
+        if not isinstance(self.watchdog, bool):
+            raise ValueError(f"AdapterConfig.watchdog={self.watchdog!r}; use True (on, the default) or False (off)")
         if self.capture_fraction is not None and not 0 < self.capture_fraction <= 1:
             raise ValueError(f"AdapterConfig.capture_fraction={self.capture_fraction!r}; use a value in (0, 1] or None")
 
@@ -132,6 +136,7 @@ class AdapterStats:
     acceptance_reference: float | None  # what this step's acceptance length was compared with
     budget: BudgetStats | None = None  # rollout vs captured vs kept tokens of this step
     vocab: Any = None  # a VocabRefresh when this boundary re-targeted the draft vocab (vocab_refresh.py)
+    watchdog: Any = None  # a WatchdogStep: the watchdog's alarms and repairs this step (None: no watchdog)
 
     def as_dict(self) -> dict[str, float]:
         """Flat floats under the names RL users chart; unknown values are left out, not NaN.
@@ -162,6 +167,8 @@ class AdapterStats:
             v = self.vocab
             out.update({"draft/vocab_coverage_before": v.coverage_before, "draft/vocab_coverage": v.coverage_after,
                         "draft/vocab_admitted": float(v.admitted), "draft/vocab_uncovered": v.uncovered})
+        if self.watchdog is not None:
+            out.update(self.watchdog.as_dict())
         return out
 
 

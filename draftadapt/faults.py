@@ -23,7 +23,7 @@ POINTS = {  # name -> where it sits, what has happened when it fires
     "draft_train": "trainer.DraftTrainer.step: one draft optimizer step taken, the next not",
     "push": "engine/swap_worker.py: inside a draft push, the first new tensor loaded into the engine, the rest not",
     "checkpoint": "grpo/state.save_run: inside the checkpoint write, the policy written, the run state not",
-    "checkpoint_swap": "checkpoint.atomic_write_dir: the old checkpoint parked, the new one not yet moved in",
+    "checkpoint_swap": "atomic.atomic_write_dir: the old checkpoint parked, the new one not yet moved in",
     "generation": "engine/vllm.Engine.generate: the first request of the call finished, the others still running",
 }
 T = TypeVar("T")

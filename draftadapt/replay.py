@@ -31,7 +31,7 @@ from typing import Iterator
 import torch
 
 from .batch import RolloutBatch
-from .checkpoint import atomic_write_dir
+from .atomic import atomic_write_dir
 
 FORMAT = "draftadapt.trajectory/1"
 META = "trajectory.json"

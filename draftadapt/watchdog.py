@@ -17,14 +17,22 @@ every push. It runs two checks:
 An alarm is repaired (the latest version is pushed again to the engines that lost it: the
 worker forgets its version, then a full, verified push) or raised, per `WatchdogConfig.on_alarm`.
 An acceptance alarm on an engine whose weights check out cannot be repaired by a re-push (the
-served policy moved away from the draft: push a draft trained on it) and is raised or warned.
+served policy moved away from the draft: push a draft trained on it) and is raised or warned,
+per `WatchdogConfig.on_unrepairable`. An acceptance alarm always reads the served draft back
+(digest), whatever `check_digest` says for the routine checks.
+
+`DraftAdapter` puts one around its sink by default (`AdapterConfig.watchdog`, with `ADAPTER`:
+repair, version-only routine checks, warn when a re-push cannot help - the adapter's own training
+and push are then the remedy) and reports each step's alarms and repairs as `draft/watchdog_*`
+metrics (`WatchdogStep`). Costs: one `draftadapt_info` RPC per engine after each push; one copy of
+the pushed tensors in host memory (what a repair re-pushes); a read-back only on an alarm.
 It knows nothing of training; the engine side goes through the swapper's engines' RPCs.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -32,6 +40,7 @@ from .metrics import SpecCounters
 
 log = logging.getLogger("draftadapt.watchdog")
 ACTIONS = ("repair", "raise", "warn")
+UNREPAIRABLE = ("raise", "warn")
 
 
 class DraftHealthError(RuntimeError):
@@ -47,10 +56,19 @@ class WatchdogConfig:
     min_expected_gain: float = 0.3  # ... only when the expected AL - 1 is at least this (the draft should draft)
     position_floor: float = 0.02  # alarm when a position's acceptance rate is below this ...
     position_expected: float = 0.3  # ... while training accuracy at that draft step is at least this
+    on_unrepairable: str = "raise"  # an acceptance alarm with the right weights served (a re-push cannot help):
+    #   "raise" | "warn" (log it and report it; the adapter's next training and push are the remedy)
 
     def __post_init__(self) -> None:
         if self.on_alarm not in ACTIONS:
             raise ValueError(f"WatchdogConfig.on_alarm={self.on_alarm!r}; choose one of {ACTIONS}")
+        if self.on_unrepairable not in UNREPAIRABLE:
+            raise ValueError(f"WatchdogConfig.on_unrepairable={self.on_unrepairable!r}; choose one of {UNREPAIRABLE}")
+
+
+# What DraftAdapter uses by default: repair a lost draft, check versions after every push (the push itself verified
+# the digest), read the draft back only on an acceptance alarm, and never stop a run for an alarm a re-push cannot fix.
+ADAPTER = WatchdogConfig(on_alarm="repair", check_digest=False, on_unrepairable="warn")
 
 
 @dataclass
@@ -67,6 +85,35 @@ class Health:
     alarms: list[Alarm] = field(default_factory=list)
     acceptance_length: float | None = None
     expected_acceptance_length: float | None = None
+
+
+class WatchdogStep(NamedTuple):
+    """What the watchdog saw over one adapter step (pushes and the step's counter check)."""
+
+    alarms: list[Alarm]  # every alarm raised since the previous step, repaired or not
+    repairs: int  # re-pushes made to repair them
+    expected_acceptance_length: float | None  # AL the served draft's training accuracy implies (None: unknown)
+
+    def as_dict(self) -> dict[str, float]:
+        """`draft/watchdog_alarms` and `draft/watchdog_repairs` every step (0.0 when healthy: a chart needs the
+        zeros), `draft/watchdog_alarm-{kind}` per kind seen, `draft/watchdog_expected_acceptance_length` when known."""
+        out = {"draft/watchdog_alarms": float(len(self.alarms)), "draft/watchdog_repairs": float(self.repairs)}
+        for a in self.alarms:
+            key = f"draft/watchdog_alarm-{a.kind}"
+            out[key] = out.get(key, 0.0) + 1.0
+        if self.expected_acceptance_length is not None:
+            out["draft/watchdog_expected_acceptance_length"] = self.expected_acceptance_length
+        return out
+
+
+def watchdog_for(sink, config: WatchdogConfig = ADAPTER) -> "DraftWatchdog | None":
+    """The watchdog for an adapter's sink: the sink itself when it is one, a new one around an engine swapper
+    (anything with `engines` and `expected`), None for any other sink (nothing to read back)."""
+    if isinstance(sink, DraftWatchdog):
+        return sink
+    if hasattr(sink, "engines") and hasattr(sink, "expected"):
+        return DraftWatchdog(sink, config)
+    return None
 
 
 def expected_acceptance_length(step_acc: Sequence[float]) -> float:
@@ -90,7 +137,8 @@ class DraftWatchdog:
 
     def __init__(self, swapper, config: WatchdogConfig = WatchdogConfig()):
         self.swapper, self.config = swapper, config
-        self.latest: tuple[int, dict[str, torch.Tensor], str] | None = None  # (version, state, digest)
+        self.latest: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, state as the engines hold it)
+        self._digest: str | None = None  # of latest's state, computed when first needed
         self.history: list[Health] = []
         self.repairs = 0
 
@@ -98,10 +146,10 @@ class DraftWatchdog:
     def push_draft(self, state: Mapping[str, torch.Tensor], version: int, **kw) -> Any:
         result = self.swapper.push_draft(state, version, **kw)
         if result.pushed or self.latest is None or version >= self.latest[0]:
-            from .engine.payload import check_push, checksum
+            from .engine.payload import check_push
 
             cast = check_push(state, self.swapper.expected("draft"), "draft")
-            self.latest = (version, {k: v.detach().clone() for k, v in cast.items()}, checksum(cast))
+            self.latest, self._digest = (version, {k: v.detach().clone() for k, v in cast.items()}), None
         self._after("push")
         return result
 
@@ -123,25 +171,30 @@ class DraftWatchdog:
         return self._after("wake")
 
     # ---- checks
-    def check_engines(self) -> Health:
-        """Served version and read-back digest of every engine against the latest push."""
+    def check_engines(self, digest: bool | None = None) -> Health:
+        """Served version and (digest: default `config.check_digest`) read-back digest of every engine
+        against the latest push. An engine of several workers (tensor parallel) is checked for its
+        versions only: each worker reads back its own shard."""
         if self.latest is None:
             return Health(True)
         from .engine.payload import checksum, tensors_from_bytes
 
-        version, _, digest = self.latest
+        version = self.latest[0]
+        digest = self.config.check_digest if digest is None else digest
         alarms = []
         for i, eng in enumerate(self.swapper.engines):
-            served = _one(eng.collective_rpc("draftadapt_info"))["versions"]["draft"]
-            if served != version:
+            infos = eng.collective_rpc("draftadapt_info")
+            served = sorted({info["versions"]["draft"] for info in infos}, key=str)
+            if served != [version]:
+                served = served[0] if len(served) == 1 else served
                 alarms.append(Alarm("stale_version", i, f"engine {i} serves draft version {served}, the latest "
                                                         f"push was {version}"))
                 continue
-            if self.config.check_digest:
+            if digest and len(infos) == 1:
                 got = checksum(tensors_from_bytes(_one(eng.collective_rpc("draftadapt_state", kwargs={"kind": "draft"}))))
-                if got != digest:
+                if got != self._latest_digest():
                     alarms.append(Alarm("digest", i, f"engine {i} computes with draft weights of digest {got}, "
-                                                     f"version {version} pushed {digest}"))
+                                                     f"version {version} pushed {self._latest_digest()}"))
         return Health(not alarms, alarms)
 
     def check_step(self, counters: SpecCounters, train_step_acc: Sequence[float] | None = None) -> Health:
@@ -166,7 +219,16 @@ class DraftWatchdog:
         return self._record(health)
 
     # ---- internals
+    def _latest_digest(self) -> str:
+        if self._digest is None:
+            from .engine.payload import checksum
+
+            self._digest = checksum(self.latest[1])
+        return self._digest
+
     def _after(self, event: str) -> Health:
+        if getattr(self.swapper, "_sleeping", lambda: False)():  # a push into sleeping engines is deferred to the
+            return self._record(Health(True))  # wake-up: check then (after_wake)
         health = self.check_engines()
         if not health.ok:
             health = self._handle(health, event)
@@ -180,13 +242,16 @@ class DraftWatchdog:
         if self.config.on_alarm == "raise":
             raise DraftHealthError(msg + ". Fix: push the latest draft again (WatchdogConfig(on_alarm='repair') does "
                                          "it), or after a refit push a draft trained on the new policy")
-        weights = health if any(a.engine is not None for a in health.alarms) else self.check_engines()
+        weights = health if any(a.engine is not None for a in health.alarms) else self.check_engines(digest=True)
         if weights.ok:  # acceptance alarm, served weights are right: a re-push cannot help
-            raise DraftHealthError(msg + ". The engines serve the latest pushed draft (digest checked), so its "
-                                         "acceptance collapsed because the served policy moved: push a draft trained "
-                                         "on the current policy")
+            why = (". The engines serve the latest pushed draft (digest checked), so its acceptance collapsed because "
+                   "the served policy moved: push a draft trained on the current policy")
+            if self.config.on_unrepairable == "warn":
+                log.warning("draftadapt watchdog: %s%s", msg, why)
+                return health
+            raise DraftHealthError(msg + why)
         self._repair(sorted({a.engine for a in weights.alarms}))
-        after = self.check_engines()
+        after = self.check_engines(digest=True)
         if not after.ok:
             raise DraftHealthError(msg + "; the repair (re-push of the latest version) did not help: "
                                    + "; ".join(a.detail for a in after.alarms) + ". Restart the engine")
@@ -197,7 +262,7 @@ class DraftWatchdog:
                       health.acceptance_length, health.expected_acceptance_length)
 
     def _repair(self, engines: Sequence[int]) -> None:
-        version, state, _ = self.latest
+        version, state = self.latest
         for i in engines:
             self.swapper.engines[i].collective_rpc("draftadapt_forget_version", kwargs={"kind": "draft"})
             # the swapper's own record of engine i must forget it too, or it skips the push

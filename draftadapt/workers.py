@@ -15,8 +15,11 @@ a step pays only the snapshot (plus a wait when one run outlasts a whole step). 
 a frozen view of the cache and a copy of the policy's input embedding, both taken when it starts:
 `add`/`drop_stale` keep working on the live cache and the policy keeps training, without locks,
 and the weights a run produces do not depend on thread timing (a test checks them bit for bit
-against the inline worker's). A failure in the thread is raised by the next call, every call after
-it too; it is never swallowed. It knows nothing of engines or of the GRPO loop.
+against the inline worker's). The run also computes with the caller's intra-op thread count: the float
+results of the draft's matmuls and reductions depend on it, and a new thread takes torch's
+process-wide setting, which differs from the caller's own OpenMP setting once `torch.set_num_threads`
+was called from any other thread (`_pinned`). A failure in the thread is raised by the next call,
+every call after it too; it is never swallowed. It knows nothing of engines or of the GRPO loop.
 """
 from __future__ import annotations
 
@@ -210,7 +213,7 @@ class BackgroundDraftWorker:
         # the run's inputs, fixed now: the caller keeps adding features and training the policy
         self.inner.cache = _frozen_view(self.cache)
         self.inner.trainer.embed = _weight(self._live_embed).detach().clone()  # [V, H]
-        self._run = self._pool.submit(self.inner.train, num_steps)
+        self._run = self._pool.submit(_pinned, torch.get_num_threads(), self.inner.train, num_steps)
         return self._last
 
     def _collect(self) -> None:
@@ -271,6 +274,16 @@ class BackgroundDraftWorker:
             self._collect()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _pinned(threads: int, fn, *args):
+    """fn(*args) with `threads` intra-op threads in this thread: the caller's count, so a run's float results equal
+    the inline worker's. torch.get_num_threads() is per thread (OpenMP's setting of the calling thread); a new
+    thread starts from torch's process-wide value, the last one set from ANY thread. torch._C's own setter: an
+    in-process vLLM CPU engine replaces `torch.set_num_threads` with a no-op for the whole process."""
+    if torch.get_num_threads() != threads:
+        torch._C.set_num_threads(threads)
+    return fn(*args)
 
 
 def _weight(embed: nn.Embedding | torch.Tensor) -> torch.Tensor:

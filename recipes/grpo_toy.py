@@ -257,7 +257,7 @@ def main(argv=None) -> dict:
         start, before, ready = st.step, st.extra["before"], st.extra.get("ready")
         swapper.refit_policy(policy.state_dict(), start)
         if adapter is not None:
-            swapper.push_draft(adapter.worker.state_for_push(), start)
+            adapter.sink.push_draft(adapter.worker.state_for_push(), start)  # through the watchdog, when on
         logger.truncate_after(start)
         print(f"resumed at step {start}")
     else:

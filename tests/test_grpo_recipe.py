@@ -39,6 +39,8 @@ def test_grpo_steps_raise_the_reward_and_log_a_person_can_follow(toy_policy_dir,
     for key in ("reward", "accuracy", "kl", "spec_acceptance_length", "spec_acceptance_rate-pos-2", "draft/loss",
                 "draft/push_seconds", "rollout_tokens_per_s", "time/generation", "time/policy_train", "time/draft"):
         assert key in rows[-1], key
+    assert all(r["draft/watchdog_alarms"] == 0.0 and r["draft/watchdog_repairs"] == 0.0 for r in rows), \
+        "the watchdog is on in the recipe and a healthy run raises no alarm"
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tb").iterdir())
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     assert res["adapted"]["spec_acceptance_length"] > 1.5 and res["frozen"]["spec_acceptance_length"] > 1.5

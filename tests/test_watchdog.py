@@ -178,3 +178,80 @@ def test_faults_on_a_live_engine_are_caught(toy_policy_dir, toy_draft_dir, tmp_p
             step(wd)
     finally:
         eng.shutdown()
+
+
+# --------------------------------------------------------------------------- on by default in the adapter
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_the_adapter_repairs_a_zeroed_engine_draft_by_default_and_the_flag_turns_it_off(toy_policy_dir, toy_draft_dir,
+                                                                                          caplog):
+    """A DraftAdapter with an EngineSwapper sink and the default AdapterConfig: the toy policy's real rollouts,
+    their features captured and trained on, one push (push_every=100). The engine's drafter weights are then
+    zeroed (a lost draft: sleep/wake, a broken sync), version unchanged: the next step's counter check trips,
+    the read-back finds the digest, the draft is re-pushed, and the step's metrics and the log say so; the step
+    after drafts again. With AdapterConfig(watchdog=False) the same fault goes unseen and keeps serving."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftadapt.adapter import AdapterConfig, DraftAdapter
+    from draftadapt.checkpoint import load_eagle3
+    from draftadapt.engine.swap import EngineSwapper
+    from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
+    from draftadapt.grpo.loop import collate, collect_rollouts
+    from draftadapt.toy.eval import encode_prompt, eval_problems
+    from draftadapt.trainer import TrainerConfig
+
+    tok = AutoTokenizer.from_pretrained(toy_policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(toy_policy_dir, dtype=torch.float32).eval()
+    prompts = [encode_prompt(tok, p.prompt) for p in eval_problems(16, seed=3)]
+    cfg = EngineConfig(model=str(toy_policy_dir), spec=SpecConfig("eagle3", 3, model=str(toy_draft_dir)), max_num_seqs=32)
+
+    def step(adapter, eng, v):
+        """One RL step's draft side: rollouts (counted), their features captured, the boundary."""
+        c0 = adapter.sink.spec_counters()
+        r = collect_rollouts(eng, prompts, lambda i, text: 0.0, tok.decode, 2, 1.0, 48, [tok.eos_token_id], v, seed=v)
+        counters = adapter.sink.spec_counters() - c0
+        b = collate(r, tok.pad_token_id)
+        with torch.no_grad(), adapter.capture(policy) as cap:
+            policy(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        adapter.on_rollouts(cap.rollout_batch(b.input_ids, attention_mask=b.attention_mask,
+                                              completion_mask=b.completion_mask, policy_version=v))
+        return adapter.on_step_end(v, counters=counters)
+
+    def run(eng, first, watchdog):
+        """Versions first..first+3: push at the first, the fault after the second."""
+        config = AdapterConfig(train_steps=2, batch_tokens=2048, min_tokens=1, push_every=100, acceptance_drop=None,
+                               **({} if watchdog else {"watchdog": False}))
+        adapter = DraftAdapter(load_eagle3(toy_draft_dir), policy.get_input_embeddings(), config,
+                               TrainerConfig(lr=1e-5, ttt_steps=3), sink=EngineSwapper(eng))
+        stats = [step(adapter, eng, first), step(adapter, eng, first + 1)]
+        eng.collective_rpc("draftadapt_inject_fault", kwargs={"kind": "draft"})
+        stats += [step(adapter, eng, first + 2), step(adapter, eng, first + 3)]
+        return adapter, stats
+
+    eng = Engine(cfg)
+    try:
+        caplog.set_level("WARNING", logger="draftadapt.watchdog")
+        adapter, on = run(eng, 0, watchdog=True)
+        assert adapter.watchdog is not None and adapter.sink is adapter.watchdog, "on by default around a swapper"
+        assert on[0].pushed and [s.pushed for s in on[1:]] == [False, False, False]
+        m = [s.as_dict() for s in on]
+        assert m[1]["draft/watchdog_alarms"] == 0.0 and m[1]["spec_acceptance_length"] > 2.0, m[1]
+        assert m[1]["draft/watchdog_expected_acceptance_length"] > 2.0, "the served draft's training accuracy"
+        # the fault: this step's rollouts drafted with zeros; the check finds it and repairs before the push
+        assert m[2]["spec_acceptance_length"] < 1.3, m[2]
+        assert m[2]["draft/watchdog_alarm-acceptance_collapse"] == 1.0 and m[2]["draft/watchdog_alarm-digest"] == 1.0
+        assert m[2]["draft/watchdog_repairs"] == 1.0 and all(a.repaired for a in on[2].watchdog.alarms)
+        assert "repaired by re-pushing draft version 0" in caplog.text
+        assert m[3]["spec_acceptance_length"] > 2.0 and m[3]["draft/watchdog_alarms"] == 0.0, "the re-pushed draft drafts"
+        # off: the same fault, nothing checks, the zeroed draft keeps serving
+        caplog.clear()
+        adapter, off = run(eng, 10, watchdog=False)
+        assert adapter.watchdog is None and off[0].pushed
+        m = [s.as_dict() for s in off]
+        assert not any(k.startswith("draft/watchdog") for row in m for k in row), "no watchdog metrics when off"
+        assert m[1]["spec_acceptance_length"] > 2.0
+        assert m[2]["spec_acceptance_length"] < 1.3 and m[3]["spec_acceptance_length"] < 1.3, m[3]
+        assert "watchdog" not in caplog.text
+    finally:
+        eng.shutdown()

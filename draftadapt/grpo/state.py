@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from .. import faults
-from ..checkpoint import atomic_write_dir, recover_parked, sweep_leftovers
+from ..atomic import atomic_write_dir, recover_parked, sweep_leftovers
 
 STATE = "run_state.pt"
 

@@ -83,7 +83,7 @@ def write_mimo(out_dir: str | Path, config: dict, trunk: dict[str, torch.Tensor]
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from ..checkpoint import atomic_write_dir
+    from ..atomic import atomic_write_dir
 
     bad = [k for k in mtp if not k.startswith("model.mtp_layers.")]
     if bad:

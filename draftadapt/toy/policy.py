@@ -104,7 +104,7 @@ def train_policy(out_dir: str | Path, cfg: SFTConfig = SFTConfig(), progress: bo
     rng = random.Random(cfg.seed)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    from ..checkpoint import readable_tempdir
+    from ..atomic import readable_tempdir
 
     tmp = readable_tempdir(out_dir)
     try:
