@@ -8,14 +8,17 @@ recorded. Run: nice -n 5 python benchmarks/realistic_shape.py [--layers 4 --roll
 (the defaults are the slow test's shape: 4 of the 28 layers, one 2048-token rollout, k=1, bf16 policy and engine)
 
 Full depth, long windows (issue 28 item 3; results/realistic_full_depth.json):
-  OMP_NUM_THREADS=2 nice -n 5 python benchmarks/realistic_shape.py --layers 28 --rollouts 8 --tokens 2048 \
-      --documents-of 8 --windows 8192 16384 --logprob-chunk 1024 --train-steps 1 --kv-cache-gib 3 \
-      --name realistic_full_depth
-A 16k-token training window needs a 16k-token captured sequence, and the rollouts are 2k tokens: the 8
-rollouts (each from its own 64-token prompt) are captured as ONE document, prompt 1 + rollout 1 + prompt 2 +
-rollout 2 ... (16,896 tokens, completion mask on the rollouts) - the length of an agentic multi-turn
-trajectory, though these turns were sampled independently. The log-prob forward runs as RL frameworks run it
-at long lengths: the policy body, then log-probs per 1024 positions through the head (no [T, 151936] tensor),
+  OMP_NUM_THREADS=2 nice -n 5 python benchmarks/realistic_shape.py --layers 28 --rollouts 8 --tokens 128 \
+      --documents-of 8 --document-tokens 16896 --windows 8192 16384 --logprob-chunk 1024 --train-steps 1 \
+      --kv-cache-gib 1 --name realistic_full_depth
+A 16k-token training window needs a 16k-token captured sequence. 2k-token rollouts at 28 layers ran at ~2.6
+tokens/s for 8 sequences on this shared 2-core machine (load 10-14): 16k rollout tokens would take ~100 min,
+so the run generates 8 rollouts of 128 tokens (the per-token engine cost is measured, and extrapolated in
+results/README.md) and captures ONE document made of them, prompt 1 + rollout 1 + prompt 2 + rollout 2 ...,
+cycled to 16,896 tokens (= 8 x (64 + 2048), what 8 prompts with 2k-token rollouts give; the length of an
+agentic multi-turn trajectory), completion mask on the rollouts. A random target's tokens carry nothing, so
+the capture and TTT costs depend only on the length. The log-prob forward runs as RL frameworks run it at
+long lengths: the policy body, then log-probs per 1024 positions through the head (no [T, 151936] tensor),
 the teacher from the captured final hidden state through the frozen head (teacher "final_hidden"). One train
 step per window size, each from the initial draft on the same document; the 16k one is pushed and served.
 """
@@ -46,6 +49,8 @@ def main() -> None:
     ap.add_argument("--engine-dtype", default="bfloat16")
     ap.add_argument("--backward", action="store_true", help="also run the policy backward under capture")
     ap.add_argument("--documents-of", type=int, default=1, help="rollouts concatenated into one captured document")
+    ap.add_argument("--document-tokens", type=int, default=0,
+                    help="> 0: each document cycles its rollouts up to this many tokens")
     ap.add_argument("--windows", type=int, nargs="*", default=[],
                     help="train one adapter per window size (window = budget = batch) instead of --window")
     ap.add_argument("--logprob-chunk", type=int, default=0,
@@ -58,6 +63,7 @@ def main() -> None:
                           capture_tokens=args.capture_tokens, window_tokens=args.window, batch_tokens=args.window,
                           train_steps=args.train_steps, backward=args.backward, policy_dtype=args.policy_dtype,
                           engine_dtype=args.engine_dtype, document_rollouts=args.documents_of,
+                          document_tokens=args.document_tokens,
                           train_windows=tuple(args.windows), logprob_chunk=args.logprob_chunk,
                           kv_cache_gib=args.kv_cache_gib, max_model_len=max(4096, args.tokens + 128),
                           after_tokens=64)

@@ -48,6 +48,8 @@ class RealisticConfig:
     document_rollouts: int = 1  # rollouts concatenated into one captured document, prompt 1 + rollout 1 + prompt 2
     #   + rollout 2 ... (the length of an agentic multi-turn trajectory; the turns were sampled independently, so
     #   only the length is multi-turn); the completion mask covers the rollouts. 1: each rollout is a sequence
+    document_tokens: int = 0  # > 0: each document cycles its (prompt, rollout) pairs up to this many tokens (a
+    #   long document from short rollouts when rollouts of the full length cost too much engine time)
     train_windows: tuple[int, ...] = ()  # one adapter per window size (window = budget = batch), each trained
     #   `train_steps` steps on the same documents from the initial draft, the last one pushed and served;
     #   (): the one adapter of window_tokens / capture_tokens / batch_tokens
@@ -170,7 +172,7 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path, on_stage=None) -> d
         fig.update(completion_lengths=lens, acceptance_length_before=(c1 - c0).acceptance_length,
                    drafts_before=(c1 - c0).drafts)
         # 3) the policy's log-prob forward (+ backward) under capture, one document per micro-batch
-        docs = _documents(prompts, [o[0].token_ids for o in outs], cfg.document_rollouts)
+        docs = _documents(prompts, [o[0].token_ids for o in outs], cfg.document_rollouts, cfg.document_tokens)
         fig["document_tokens"] = [len(d) for d, _ in docs]
         policy = st.run("load_policy", lambda: AutoModelForCausalLM.from_pretrained(
             target_dir, dtype=getattr(torch, cfg.policy_dtype)))
@@ -216,15 +218,20 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path, on_stage=None) -> d
     return {"config": asdict(cfg), "stages": st.rows, "figures": fig}
 
 
-def _documents(prompts: list[list[int]], completions: list[list[int]], n: int) -> list[tuple[list[int], list[bool]]]:
-    """(token ids, completion mask) per document: every n consecutive (prompt, rollout) pairs back to back."""
+def _documents(prompts: list[list[int]], completions: list[list[int]], n: int,
+               length: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, completion mask) per document: every n consecutive (prompt, rollout) pairs back to back,
+    cycled up to `length` tokens when length > 0."""
     docs = []
     for i in range(0, len(prompts), n):
         ids, comp = [], []
-        for p, c in zip(prompts[i:i + n], completions[i:i + n]):
-            ids += list(p) + list(c)
-            comp += [False] * len(p) + [True] * len(c)
-        docs.append((ids, comp))
+        while True:
+            for p, c in zip(prompts[i:i + n], completions[i:i + n]):
+                ids += list(p) + list(c)
+                comp += [False] * len(p) + [True] * len(c)
+            if len(ids) >= length:
+                break
+        docs.append((ids[:length or None], comp[:length or None]))
     return docs
 
 
