@@ -76,7 +76,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--train-prompts", type=int, default=8)
     ap.add_argument("--train-tokens", type=int, default=2048, help="rollout length the draft is trained on")
-    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--train-steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-prompts", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--draft-config-max-pos", type=int, default=2048,
@@ -128,7 +129,7 @@ def main() -> None:
             adapter = DraftAdapter(draft, policy.get_input_embeddings(),
                                    AdapterConfig(train_steps=args.train_steps, batch_tokens=4096, min_tokens=1,
                                                  capture_tokens=None, acceptance_drop=None, seed=args.seed),
-                                   TrainerConfig(ttt_steps=args.k), sink=EngineSwapper(engine))
+                                   TrainerConfig(ttt_steps=args.k, lr=args.lr), sink=EngineSwapper(engine))
             t0 = time.perf_counter()
             for prompt, out in zip(train_prompts, outs):
                 ids = torch.tensor([prompt + list(out[0].token_ids)])
