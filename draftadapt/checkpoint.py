@@ -32,16 +32,21 @@ def draft_state_for_push(draft: Eagle3Draft) -> dict[str, torch.Tensor]:
     return state
 
 
-def eagle3_hf_config(draft: Eagle3Draft) -> dict[str, Any]:
-    """config.json content vLLM maps to `Eagle3LlamaForCausalLM`."""
+def eagle3_hf_config(draft: Eagle3Draft, target_config=None) -> dict[str, Any]:
+    """config.json content vLLM maps to `Eagle3LlamaForCausalLM`. With target_config, max_position_embeddings
+    is at least the target's: an EAGLE draft runs at the target's positions (a draft config saying 2048 under-sizes
+    the rotary cache of vLLMs before #48894; 0.32 raises it itself), and no supported rope type
+    (SUPPORTED_ROPE_TYPES) reads it, so the draft computes the same cos/sin either way."""
     c = draft.config
+    tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    max_pos = max(c.max_position_embeddings, getattr(tc, "max_position_embeddings", None) or 0)
     return {
         "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
         "head_dim": c.head_dim, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
         "rope_parameters": dict(c.rope_parameters), "rope_theta": c.rope_parameters.get("rope_theta", 10000.0),
-        "max_position_embeddings": c.max_position_embeddings, "num_hidden_layers": 1,
+        "max_position_embeddings": max_pos, "num_hidden_layers": 1,
         "vocab_size": c.vocab_size, "draft_vocab_size": c.draft_vocab_size, "target_hidden_size": c.target_hidden_size,
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
         "norm_before_residual": c.norm_before_residual,
@@ -86,7 +91,7 @@ def save_eagle3(draft: Eagle3Draft, out_dir: str | os.PathLike, target_config=No
     if target_config is not None:
         check_against_target(draft.config, target_config)
     state = {k: v.contiguous().cpu() for k, v in draft_state_for_push(draft).items()}
-    config = eagle3_hf_config(draft)
+    config = eagle3_hf_config(draft, target_config)
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

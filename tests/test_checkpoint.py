@@ -59,6 +59,35 @@ def test_config_json_carries_the_fields_vllm_reads(tmp_path):
     assert (hf.head_dim, hf.num_key_value_heads, hf.rope_parameters["rope_theta"]) == (cfg.head_dim, 2, 10000.0)
 
 
+def test_a_draft_saying_2048_positions_is_exported_at_the_targets_positions_and_rope(tmp_path):
+    """Drafts other trainers ship say max_position_embeddings=2048; rollouts run past it. The export writes the
+    target's (40960 for Qwen3) and the target's rope, and the draft read back computes the same cos/sin."""
+    cfg = tiny_config("qwen3", layers=8, hidden=H, vocab=V)
+    cfg.max_position_embeddings, cfg.rope_parameters = 40960, {"rope_type": "default", "rope_theta": 1_000_000.0}
+    torch.manual_seed(0)
+    draft = Eagle3Draft.from_target(cfg, None, max_position_embeddings=2048)
+    assert draft.config.max_position_embeddings == 2048
+    cfg_json = json.loads((save_eagle3(draft, tmp_path / "d", cfg) / "config.json").read_text())
+    assert cfg_json["max_position_embeddings"] == 40960, "the export must not cap the draft's positions at 2048"
+    assert cfg_json["rope_parameters"] == {"rope_type": "default", "rope_theta": 1_000_000.0}
+    assert cfg_json["rope_theta"] == 1_000_000.0
+    back = load_eagle3(tmp_path / "d", target_config=cfg)
+    assert torch.equal(back.midlayer.inv_freq, draft.midlayer.inv_freq), "same rotary frequencies: positions past 2048 mean the same"
+
+
+@pytest.mark.vllm
+def test_vllm_raises_an_eagle3_drafts_max_position_embeddings_to_the_targets_max_model_len():
+    """The fact the export leans on for checkpoints it did not write (vLLM 0.32, #48894): an EAGLE draft config
+    below the target's max_model_len is raised to it, not used to clamp positions."""
+    from types import SimpleNamespace
+
+    from vllm.config.speculative import SpeculativeConfig
+
+    draft_cfg = SimpleNamespace(max_position_embeddings=2048)
+    SpeculativeConfig._maybe_override_draft_max_position_embeddings(draft_cfg, 8300)
+    assert draft_cfg.max_position_embeddings == 8300
+
+
 def test_export_never_carries_embedding_or_t2d_and_d2t_only_for_reduced_vocab(tmp_path):
     for vd in (100, V):
         cfg, draft = make_draft(vd)

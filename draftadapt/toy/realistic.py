@@ -11,6 +11,7 @@ API (Engine, DraftAdapter, EngineSwapper, save_eagle3) the way an RL loop would.
 """
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -43,18 +44,59 @@ class RealisticConfig:
     kv_cache_gib: int = 1
     temperature: float = 1.0
     seed: int = 0
+    # Long windows (benchmarks/realistic_shape.py --layers 28 --windows 8192 16384); the defaults keep the above.
+    document_rollouts: int = 1  # rollouts concatenated into one captured document, prompt 1 + rollout 1 + prompt 2
+    #   + rollout 2 ... (the length of an agentic multi-turn trajectory; the turns were sampled independently, so
+    #   only the length is multi-turn); the completion mask covers the rollouts. 1: each rollout is a sequence
+    document_tokens: int = 0  # > 0: each document cycles its (prompt, rollout) pairs up to this many tokens (a
+    #   long document from short rollouts when rollouts of the full length cost too much engine time)
+    train_windows: tuple[int, ...] = ()  # one adapter per window size (window = budget = batch), each trained
+    #   `train_steps` steps on the same documents from the initial draft, the last one pushed and served;
+    #   (): the one adapter of window_tokens / capture_tokens / batch_tokens
+    logprob_chunk: int = 0  # > 0: the log-prob forward as RL frameworks run it at long lengths - the policy body,
+    #   then log-probs per chunk of this many positions through the head (no [T, V] logits), and the teacher
+    #   from the captured final hidden state through the frozen head, per chunk ("final_hidden"). 0: one
+    #   forward with full logits, the teacher from them
 
 
 class Stages:
-    """Wall time and RSS per stage: rss_gb now, peak_gb = the process's peak so far."""
+    """Wall time and RSS per stage: rss_gb now, peak_gb = the process's peak so far; stage_peak_gb (this
+    process) and engine_peak_gb (its child processes: the vLLM EngineCore) sampled every 0.2 s during the stage.
+    `on_row(rows)` runs after each stage (a benchmark writes partial results with it)."""
 
-    def __init__(self):
+    def __init__(self, on_row=None):
         self.rows: dict[str, dict] = {}
+        self.on_row = on_row
 
     def run(self, name: str, fn, **extra):
+        import threading
+
+        import psutil
+
+        me, peaks, done = psutil.Process(), [0, 0], threading.Event()
+
+        def poll():
+            while True:
+                try:
+                    kids = sum(c.memory_info().rss for c in me.children(recursive=True))
+                except psutil.Error:
+                    kids = 0
+                peaks[0], peaks[1] = max(peaks[0], me.memory_info().rss), max(peaks[1], kids)
+                if done.wait(0.2):
+                    return
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
         t0 = time.perf_counter()
-        out = fn()
-        self.rows[name] = {"seconds": time.perf_counter() - t0, "rss_gb": rss_gb(), "peak_gb": peak_rss_gb(), **extra}
+        try:
+            out = fn()
+        finally:
+            done.set()
+            th.join()
+        self.rows[name] = {"seconds": time.perf_counter() - t0, "rss_gb": rss_gb(), "peak_gb": peak_rss_gb(),
+                           "stage_peak_gb": peaks[0] / 2**30, "engine_peak_gb": peaks[1] / 2**30, **extra}
+        if self.on_row is not None:
+            self.on_row(self.rows)
         return out
 
 
@@ -91,8 +133,8 @@ def aux_ids(layers: int) -> tuple[int, int, int]:
     return ids if ids[0] < ids[1] < ids[2] else (layers - 3, layers - 2, layers - 1)
 
 
-def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
-    """Run every stage once; returns {"config", "stages", "figures"}."""
+def run_realistic(cfg: RealisticConfig, workdir: str | Path, on_stage=None) -> dict:
+    """Run every stage once; returns {"config", "stages", "figures"}. on_stage(rows): after each stage."""
     from transformers import AutoModelForCausalLM
 
     from ..adapter import AdapterConfig, DraftAdapter
@@ -102,7 +144,7 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
     from ..engine.vllm import Engine, EngineConfig, SpecConfig
     from ..trainer import TrainerConfig
 
-    work, st, fig = Path(workdir), Stages(), {}
+    work, st, fig = Path(workdir), Stages(on_stage), {}
     tc = target_config(cfg.layers)
     # 1) a random target and a random draft over the 32k lowest ids (d2t all zeros, as vLLM loads it)
     target_dir = st.run("build_target", lambda: save_target(work / "target", cfg.layers, cfg.seed))
@@ -129,26 +171,40 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
         st.rows["rollouts"].update(tokens=sum(lens), tokens_per_s=sum(lens) / st.rows["rollouts"]["seconds"])
         fig.update(completion_lengths=lens, acceptance_length_before=(c1 - c0).acceptance_length,
                    drafts_before=(c1 - c0).drafts)
-        # 3) the policy's log-prob forward (+ backward) under capture, one sequence per micro-batch
+        # 3) the policy's log-prob forward (+ backward) under capture, one document per micro-batch
+        docs = _documents(prompts, [o[0].token_ids for o in outs], cfg.document_rollouts, cfg.document_tokens)
+        fig["document_tokens"] = [len(d) for d, _ in docs]
         policy = st.run("load_policy", lambda: AutoModelForCausalLM.from_pretrained(
             target_dir, dtype=getattr(torch, cfg.policy_dtype)))
-        adapter = DraftAdapter(draft, policy.get_input_embeddings(),
-                               AdapterConfig(train_steps=cfg.train_steps, batch_tokens=cfg.batch_tokens, min_tokens=1,
-                                             capture_tokens=cfg.capture_tokens, window_tokens=cfg.window_tokens,
-                                             acceptance_drop=None, seed=cfg.seed),
-                               TrainerConfig(ttt_steps=cfg.k), sink=EngineSwapper(engine))
-        fig["teacher"], fig["top_k"] = adapter.teacher, adapter.top_k
-        st.run("capture_step", lambda: _capture(policy, adapter, prompts, outs, cfg))
-        # 4) the step boundary: train on the kept windows, push into the running engine
-        stats = st.run("train_and_push", lambda: adapter.on_step_end(0))
-        fig["budget"] = stats.budget._asdict()
-        fig["train"] = {"steps": stats.train.steps, "tokens": stats.train.tokens, "seconds": stats.train.seconds,
-                        "loss": stats.train.loss}
-        cache = adapter.worker.cache
-        fig.update(pushed=stats.pushed, push_seconds=stats.push_seconds, push_mb=stats.push_bytes / 2**20,
-                   cache_bytes_per_token=cache.num_bytes / max(1, cache.num_tokens),
-                   cache_windows=[(int(e.positions[0]), e.num_tokens) for e in cache._entries])
-        st.run("export_draft", lambda: save_eagle3(adapter.worker.draft, work / "draft1", tc))
+        sink, chunked = EngineSwapper(engine), cfg.logprob_chunk > 0
+        windows = cfg.train_windows or (cfg.window_tokens,)
+        for version, w in enumerate(windows):
+            sfx, one = (f"_w{w}", copy.deepcopy(draft)) if cfg.train_windows else ("", draft)
+            sizes = (w, w, w) if cfg.train_windows else (cfg.capture_tokens, cfg.window_tokens, cfg.batch_tokens)
+            adapter = DraftAdapter(one, policy.get_input_embeddings(),
+                                   AdapterConfig(train_steps=cfg.train_steps, batch_tokens=sizes[2], min_tokens=1,
+                                                 capture_tokens=sizes[0], window_tokens=sizes[1],
+                                                 teacher="final_hidden" if chunked else "auto",
+                                                 acceptance_drop=None, seed=cfg.seed),
+                                   TrainerConfig(ttt_steps=cfg.k), sink=sink,
+                                   target_head=policy.get_output_embeddings() if chunked else None)
+            row = {"teacher": adapter.teacher, "top_k": adapter.top_k}
+            st.run("capture_step" + sfx, lambda: _capture(policy, adapter, docs, cfg, version))
+            # 4) the step boundary: train on the kept windows, push into the running engine
+            stats = st.run("train_and_push" + sfx, lambda: adapter.on_step_end(version))
+            cache = adapter.worker.cache
+            row.update(budget=stats.budget._asdict(),
+                       train={"steps": stats.train.steps, "tokens": stats.train.tokens,
+                              "seconds": stats.train.seconds, "loss": stats.train.loss},
+                       pushed=stats.pushed, push_seconds=stats.push_seconds, push_mb=stats.push_bytes / 2**20,
+                       cache_bytes_per_token=cache.num_bytes / max(1, cache.num_tokens),
+                       cache_windows=[(int(e.positions[0]), e.num_tokens) for e in cache._entries])
+            st.run("export_draft" + sfx, lambda: save_eagle3(adapter.worker.draft, work / f"draft1{sfx}", tc))
+            if cfg.train_windows:
+                fig.setdefault("windows", {})[w] = row
+                del stats, cache, adapter, one  # the next window's adapter starts from the initial draft
+            else:
+                fig.update(row)
         # 5) the engine serves the pushed draft: the counters keep moving
         c2 = engine.spec_counters()
         st.run("rollouts_after_push", lambda: engine.generate(prompts, temperature=cfg.temperature, logprobs=False,
@@ -156,24 +212,62 @@ def run_realistic(cfg: RealisticConfig, workdir: str | Path) -> dict:
                                                                seed=cfg.seed + 1))
         after = engine.spec_counters() - c2
         fig.update(acceptance_length_after=after.acceptance_length, drafts_after=after.drafts,
-                   draft_version_served=adapter.sink.draft_version)
+                   draft_version_served=sink.draft_version)
     finally:
         engine.shutdown()
     return {"config": asdict(cfg), "stages": st.rows, "figures": fig}
 
 
-def _capture(policy, adapter, prompts, outs, cfg: RealisticConfig) -> None:
-    """What the RL loop's log-prob recompute does, one sequence per micro-batch."""
+def _documents(prompts: list[list[int]], completions: list[list[int]], n: int,
+               length: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, completion mask) per document: every n consecutive (prompt, rollout) pairs back to back,
+    cycled up to `length` tokens when length > 0."""
+    docs = []
+    for i in range(0, len(prompts), n):
+        ids, comp = [], []
+        while True:
+            for p, c in zip(prompts[i:i + n], completions[i:i + n]):
+                ids += list(p) + list(c)
+                comp += [False] * len(p) + [True] * len(c)
+            if len(ids) >= length:
+                break
+        docs.append((ids[:length or None], comp[:length or None]))
+    return docs
+
+
+def chunked_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """log p(targets) [B, T] from hidden [B, T, H] through `head`, `chunk` positions at a time: one [chunk, V]
+    block at a time, and under grad each chunk is recomputed in backward (nothing [T, V] is kept for it)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(h, t):
+        return head(h).float().log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
+
+    grad = torch.is_grad_enabled()
+    parts = [checkpoint(one, h, t, use_reentrant=False) if grad else one(h, t)
+             for h, t in zip(hidden.split(chunk, 1), targets.split(chunk, 1))]
+    return torch.cat(parts, 1)
+
+
+def _capture(policy, adapter, docs, cfg: RealisticConfig, version: int = 0) -> None:
+    """What the RL loop's log-prob recompute does, one document per micro-batch."""
     policy.train()
-    for prompt, out in zip(prompts, outs):
-        ids = torch.tensor([prompt + out[0].token_ids])  # [1, T]
-        comp = torch.arange(ids.shape[1])[None] >= len(prompt)
-        with adapter.capture(policy) as cap, torch.set_grad_enabled(cfg.backward):
-            logits = policy(input_ids=ids, use_cache=False).logits  # [1, T, V]
-            lp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) \
-                if cfg.backward else None
-        batch = cap.rollout_batch(input_ids=ids, completion_mask=comp, policy_version=0)
-        del logits
+    for doc, mask in docs:
+        ids, comp = torch.tensor([doc]), torch.tensor([mask])  # [1, T]
+        if cfg.logprob_chunk > 0:  # the body under capture, then the log-probs per chunk of positions
+            with adapter.capture(policy.model) as cap, torch.set_grad_enabled(cfg.backward):
+                hidden = policy.model(input_ids=ids, use_cache=False).last_hidden_state  # [1, T, H]
+            batch = cap.rollout_batch(input_ids=ids, completion_mask=comp, policy_version=version)
+            with torch.set_grad_enabled(cfg.backward):
+                lp = chunked_logprobs(policy.get_output_embeddings(), hidden[:, :-1], ids[:, 1:], cfg.logprob_chunk)
+            del hidden
+        else:
+            with adapter.capture(policy) as cap, torch.set_grad_enabled(cfg.backward):
+                logits = policy(input_ids=ids, use_cache=False).logits  # [1, T, V]
+                lp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) \
+                    if cfg.backward else None
+            batch = cap.rollout_batch(input_ids=ids, completion_mask=comp, policy_version=version)
+            del logits
         if cfg.backward:
             (-(lp * comp[:, 1:]).sum() / comp.sum()).backward()
         del lp
