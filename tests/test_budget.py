@@ -81,7 +81,9 @@ def test_capture_copies_and_builds_a_teacher_only_for_kept_windows(monkeypatch):
     ids = torch.randint(0, 1147, (3, 40), generator=torch.Generator().manual_seed(0))
     seen = []
     real = capture_mod.teacher_from_logits
-    monkeypatch.setattr(capture_mod, "teacher_from_logits", lambda x, *a: seen.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(capture_mod, "teacher_from_logits",  # the rows it builds a teacher for (rows=: gathered per chunk)
+                        lambda x, *a, rows=None, **kw: seen.append(x.shape[0] if rows is None else rows.numel())
+                        or real(x, *a, rows=rows, **kw))
     sampler = StepSampler(tokens=24, window=12, seed=3)
     with FeatureCapture(model, aux_layer_ids=(1, 2, 3), sampler=sampler, store_dtype=torch.bfloat16) as cap:
         model(input_ids=ids, use_cache=False)
