@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--draft-config-max-pos", type=int, default=2048,
                     help="max_position_embeddings written into the served draft's config.json (0: as exported)")
-    ap.add_argument("--eval-on", choices=("train", "other"), default="train",
+    ap.add_argument("--eval-on", choices=("train", "other"), default="other",
                     help="train: the training prompts again, so positions 0-2k repeat the trained text and what comes "
                          "after is the same kind of text at positions never trained on; other: fresh prompts")
     ap.add_argument("--seed", type=int, default=0)
