@@ -82,7 +82,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--draft-config-max-pos", type=int, default=2048,
                     help="max_position_embeddings written into the served draft's config.json (0: as exported)")
+    ap.add_argument("--eval-on", choices=("train", "other"), default="other",
+                    help="train: the training prompts again, so positions 0-2k repeat the trained text and what comes "
+                         "after is the same kind of text at positions never trained on; other: fresh prompts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="long_rollout_positions", help="results/<name>.json")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from transformers import AutoModelForCausalLM
@@ -117,6 +121,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(args.seed)
         train_prompts = torch.randint(0, args.vocab, (args.train_prompts, args.prompt_tokens), generator=g).tolist()
         eval_prompts = torch.randint(0, args.vocab, (args.eval_prompts, args.prompt_tokens), generator=g).tolist()
+        if args.eval_on == "train":
+            eval_prompts = train_prompts[:args.eval_prompts]
         with Engine(ecfg) as engine:
             # 1) training rollouts, positions 0-2k only
             t0 = time.perf_counter()
@@ -143,10 +149,11 @@ def main() -> None:
                             "max_trained_position": int(max(len(p) + len(o[0].token_ids)
                                                             for p, o in zip(train_prompts, outs)) - 1)}
             # 3) long rollouts from other prompts, per-request rounds bucketed by position
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), engine.spec_counters()
             evals = engine.generate(eval_prompts, temperature=0.0, max_tokens=args.eval_tokens, logprobs=False,
                                     ignore_eos=True, seed=args.seed + 1000)
             fig["eval_rollout_seconds"] = time.perf_counter() - t0
+            fig["eval_acceptance_length_counters"] = (engine.spec_counters() - c0).acceptance_length
         tot = [[0, 0, 0] for _ in BUCKETS]
         per_seq = []
         for prompt, out in zip(eval_prompts, evals):
@@ -166,7 +173,7 @@ def main() -> None:
         table.append([name, r, d, a, a / d, 1 + a / r])
     print_table(["positions", "rounds", "drafted", "accepted", "accept rate", "accept length"], table)
     print({k: v for k, v in fig.items()}, per_seq)
-    write_json("long_rollout_positions", {
+    write_json(args.name, {
         "question": "does an EAGLE-3 draft trained on positions 0-2k keep its acceptance past 2048 on 8k rollouts, "
                     "served with a config.json that says max_position_embeddings=2048?",
         "args": vars(args), "buckets": rows, "figures": fig, "eval_sequences": per_seq,
