@@ -363,7 +363,9 @@ class DraftAdapter:
 
     # 4) resume --------------------------------------------------------------------------------
     _COUNTERS = ("last_version", "newest_rollout_version", "last_push_version", "last_pushed_version",
-                 "trained_since_push", "acceptance_ema", "acceptance_after_push", "dropped_rollouts")
+                 "trained_since_push", "acceptance_ema", "acceptance_after_push", "dropped_rollouts",
+                 "last_step_acc", "served_step_acc")
+    _SINCE_WATCHDOG = ("last_step_acc", "served_step_acc")  # states saved before the watchdog have none
 
     def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
         """Everything a resumed run needs: draft weights, optimizer, sampling RNG, push/acceptance
@@ -381,7 +383,7 @@ class DraftAdapter:
         if "sampler" in state:  # states saved before the step budget existed have none
             self.sampler.load_state_dict(state["sampler"])
         for k in self._COUNTERS:
-            setattr(self, k, state[k])
+            setattr(self, k, state.get(k) if k in self._SINCE_WATCHDOG else state[k])
         if self.vocab is not None and "vocab" in state:
             self.vocab.load_state_dict(state["vocab"])
             self.features = self.worker.feature_spec()  # the draft's restored d2t
