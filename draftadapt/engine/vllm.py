@@ -18,7 +18,7 @@ from typing import Sequence
 from .. import faults
 from ..metrics import SequenceSpec, SpecCounters
 from . import cpu_fix, guard
-from .limits import check_draft_fits, check_k, check_lengths, max_spec_len  # noqa: F401  (re-exported)
+from .limits import check_draft_fits, check_draft_positions, check_k, check_lengths, max_spec_len  # noqa: F401
 
 log = logging.getLogger("draftadapt.engine")
 _live_in_process: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -161,6 +161,8 @@ class Engine:
         self.cfg = cfg
         self._llm = None
         check_draft_fits(cfg)  # a mismatched draft starts, then hangs or crashes at the first spec step
+        if cfg.spec is not None and cfg.spec.model:  # a draft that stops accepting at its config's positions
+            check_draft_positions(cfg.spec.model, cfg.spec.method, cfg.max_model_len or cfg.extra.get("max_model_len"))
         if cfg.spec is not None:  # a k over vLLM's verifier limit starts, then dies at the first verification
             check_k(cfg.spec.num_speculative_tokens, cfg.max_model_len or cfg.extra.get("max_model_len"),
                     max_spec_len())
