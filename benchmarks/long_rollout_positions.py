@@ -45,12 +45,12 @@ def target_config(args):
                        rms_norm_eps=1e-6, initializer_range=args.init_std)
 
 
-def buckets(prompt_len: int, accepted, drafted) -> list[list[int]]:
-    """[[drafted, accepted, rounds]] per BUCKETS entry, each round placed at the position of its first draft."""
-    out = [[0, 0, 0] for _ in BUCKETS]
+def buckets(prompt_len: int, accepted, drafted, edges=BUCKETS) -> list[list[int]]:
+    """[[drafted, accepted, rounds]] per `edges` entry, each round placed at the position of its first draft."""
+    out = [[0, 0, 0] for _ in edges]
     pos = prompt_len + 1  # the prefill emits the first token; the first round drafts the next one
     for a, d in zip(accepted, drafted):
-        i = next(j for j, (lo, hi) in enumerate(BUCKETS) if lo <= pos < hi)
+        i = next(j for j, (lo, hi) in enumerate(edges) if lo <= pos < hi)
         out[i][0] += d
         out[i][1] += a
         out[i][2] += d > 0

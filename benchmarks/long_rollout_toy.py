@@ -25,21 +25,9 @@ from pathlib import Path
 
 import torch
 from _common import print_table, write_json
+from long_rollout_positions import buckets as place_rounds
 
 BUCKETS = ((0, 512), (512, 2048), (2048, 4096), (4096, 8192), (8192, 1 << 30))
-
-
-def buckets(prompt_len: int, accepted, drafted) -> list[list[int]]:
-    """[[drafted, accepted, rounds]] per BUCKETS entry, each round placed at the position of its first draft."""
-    out = [[0, 0, 0] for _ in BUCKETS]
-    pos = prompt_len + 1  # the prefill emits the first token; the first round drafts the next one
-    for a, d in zip(accepted, drafted):
-        i = next(j for j, (lo, hi) in enumerate(BUCKETS) if lo <= pos < hi)
-        out[i][0] += d
-        out[i][1] += a
-        out[i][2] += d > 0
-        pos += a + 1
-    return out
 
 
 def main() -> None:
@@ -84,7 +72,7 @@ def main() -> None:
     tot, per_seq = [[0, 0, 0] for _ in BUCKETS], []
     for prompt, out in zip(prompts, outs):
         c = out[0]
-        b = buckets(len(prompt), c.spec.accepted, c.spec.drafted)
+        b = place_rounds(len(prompt), c.spec.accepted, c.spec.drafted, BUCKETS)
         tot = [[x + y for x, y in zip(r, s)] for r, s in zip(tot, b)]
         per_seq.append({"tokens": len(c.token_ids), "distinct_tokens": len(set(c.token_ids)),
                         "acceptance_length": [1 + a / r if r else None for d, a, r in b]})
