@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import print_table, write_json  # noqa: E402
 
 from draftadapt.preinit.pipeline import STAGES, load_config, run_preinit  # noqa: E402
+import draftadapt.toy.preinit_sources  # noqa: E402,F401 (registers data.source=toy and run.target=toy)
 
 ARMS = {"in-domain (toy-task, DAPO analogue)": "preinit_toy_task.yaml",
         "generic (toy-chat, UltraChat analogue)": "preinit_toy_chat.yaml"}

@@ -96,6 +96,7 @@ def preinit(args) -> None:
     from pathlib import Path
 
     from .preinit.pipeline import format_summary, load_config, run_preinit
+    from .toy import preinit_sources  # noqa: F401 (registers data.source=toy and run.target=toy)
 
     cfg = load_config(args.config, args.overrides)
     if args.fresh and Path(cfg.run.out_dir).exists():

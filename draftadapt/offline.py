@@ -20,6 +20,7 @@ from .batch import AUTO_DENSE_MAX_VOCAB, AUTO_TOP_K, DraftBatch, teacher_from_lo
 from .checkpoint import save_eagle3
 from .drafts.eagle3 import Eagle3Draft
 from .drafts.vocab import build_draft_vocab
+from .sampling import own_samples
 from .trainer import DraftTrainer, TrainerConfig, TrainStats
 
 
@@ -116,14 +117,9 @@ def train_from_own_samples(engine, target, prompts: Sequence[Sequence[int]], ste
     must predict in RL rollouts. `target` is the same policy as a transformers model (features).
     Shut an in-process engine down before starting one that serves the exported draft."""
     # 1) the policy's own samples
-    outs = engine.generate(prompts, n=n, temperature=temperature, max_tokens=max_tokens, logprobs=False, seed=seed,
-                           stop_token_ids=stop_token_ids)
-    seqs, masks, tokens = [], [], 0
-    for prompt, group in zip(prompts, outs):
-        for c in group:
-            seqs.append([*prompt, *c.token_ids])
-            masks.append([i + 1 >= len(prompt) for i in range(len(seqs[-1]))])  # next token is a completion token
-            tokens += len(c.token_ids)
+    roll = own_samples(engine, prompts, n, max_tokens, temperature=temperature, stop_token_ids=stop_token_ids,
+                       seed=seed)
+    seqs, masks, tokens = roll.sequences, roll.loss_masks, roll.tokens
     seqs_masks = [(s, m) for s, m in zip(seqs, masks) if len(s) >= 2]
     if not seqs_masks:
         raise ValueError("the engine returned no completion to train on; raise max_tokens or check stop_token_ids")

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from draftadapt.preinit.pipeline import format_summary, load_config, run_preinit  # noqa: E402
+import draftadapt.toy.preinit_sources  # noqa: E402,F401 (registers data.source=toy and run.target=toy)
 
 PRESETS = {name: ROOT / "recipes" / f"preinit_{name.replace('-', '_')}.yaml"
            for name in ("dapo", "ultrachat", "custom", "toy-task", "toy-chat")}

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from draftadapt.preinit.data import DataConfig, RenderConfig, load_rows, parse_rows, render, toy_rows
+from draftadapt.preinit.data import DataConfig, RenderConfig, load_rows, parse_rows, render
+from draftadapt.toy.preinit_sources import toy_rows  # also registers data.source=toy
 
 DAPO_GOOD = [
     {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "Q: 3 + 4 ="}], "ability": "MATH",
@@ -134,6 +135,11 @@ def test_toy_rows_are_real_schemas_and_the_toy_draft_prompts(tok):
     assert toy_rows("task", 1, 0)[0]["reward_model"]["ground_truth"].isdigit()
     with pytest.raises(ValueError, match="path 'task' with schema 'dapo'"):
         DataConfig(source="toy", path="task", schema="ultrachat")
+
+
+def test_an_unregistered_source_is_refused_naming_how_to_register_it():
+    with pytest.raises(ValueError, match="register_rows.*draftadapt.toy.preinit_sources"):
+        DataConfig(source="toy-math", path="task", schema="dapo")
 
 
 def test_hub_rows_come_from_datasets_load_dataset_with_the_split(monkeypatch):

@@ -133,7 +133,7 @@ def test_speculators_export_round_trips_and_vllm_reads_its_config(tmp_path):
 @pytest.mark.slow
 def test_pipeline_on_a_local_dapo_file_resumes_after_crashes_and_evaluates(tmp_path, toy_policy_dir, monkeypatch):
     """prepare -> regenerate (vLLM) -> vocab -> capture [crash] -> train [crash] -> export -> evaluate (vLLM)."""
-    from draftadapt.preinit.data import toy_rows
+    from draftadapt.toy.preinit_sources import toy_rows
     from draftadapt.preinit.pipeline import _Context, load_config, run_preinit
 
     rows = toy_rows("task", 24, seed=100) + [{"data_source": "x", "reward_model": {"ground_truth": "1"}},

@@ -1,7 +1,9 @@
-"""Pre-init data: rows of DAPO-Math-17k / UltraChat-200k (hub, local file or toy), checked and rendered.
+"""Pre-init data: rows of DAPO-Math-17k / UltraChat-200k (hub, local file or a registered source), checked
+and rendered.
 
 `load_rows` reads raw rows from the hub (`datasets.load_dataset`, imported lazily), a local
-jsonl/parquet file in the dataset's real schema, or the toy workload written in those schemas.
+jsonl/parquet file in the dataset's real schema, or a source registered with `register_rows` (the toy
+workload registers its rows, written in those schemas, from `draftadapt/toy/preinit_sources.py`).
 `parse_rows` checks each row against its schema and `render` turns conversations into token
 ids with the target's chat template (or a plain template); both count bad rows by reason and
 skip them, or reject the whole input when `on_bad_rows="error"`. Knows nothing of models,
@@ -11,22 +13,31 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger("draftadapt.preinit")
-SOURCES = ("hub", "local", "toy")
+SOURCES = ("hub", "local")  # built in; more by register_rows (the toy's: `import draftadapt.toy.preinit_sources`)
 SCHEMAS = ("dapo", "ultrachat")
-TOY_SCHEMAS = {"task": "dapo", "chat": "ultrachat"}  # toy domain -> the real schema its rows are written in
+# name -> (rows(cfg) -> raw rows in a real schema, {path: the schema its rows are written in} or None = any)
+ROW_SOURCES: dict[str, tuple[Callable[["DataConfig"], Iterable[dict]], dict[str, str] | None]] = {}
+
+
+def register_rows(name: str, rows: Callable[["DataConfig"], Iterable[dict]],
+                  schemas: dict[str, str] | None = None) -> None:
+    """Make `data.source=name` read `rows(cfg)`: raw rows in one of SCHEMAS, generated or read by the caller's
+    package (the toy registers its task and chat rows this way, so this module imports no workload)."""
+    if name in SOURCES:
+        raise ValueError(f"data source {name!r} is built in; register another name")
+    ROW_SOURCES[name] = (rows, schemas)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "hub"  # "hub" (datasets.load_dataset), "local" (jsonl/parquet file) or "toy"
-    path: str = "BytedTsinghua-SIA/DAPO-Math-17k"  # hub id, local file, or toy domain "task" | "chat"
+    source: str = "hub"  # "hub" (datasets.load_dataset), "local" (jsonl/parquet file) or a registered source
+    path: str = "BytedTsinghua-SIA/DAPO-Math-17k"  # hub id, local file, or what the source reads (toy: "task" | "chat")
     split: str = "train"  # hub split ("train" for DAPO, "train_sft" for UltraChat)
     schema: str = "dapo"  # row layout: "dapo" (prompt messages + reward_model) or "ultrachat" (messages)
     max_rows: int | None = None  # read at most this many rows (toy: rows generated)
@@ -36,15 +47,18 @@ class DataConfig:
     on_bad_rows: str = "skip"  # "skip": count and drop bad rows; "error": refuse the input, listing them
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source={self.source!r}; choose one of {SOURCES}")
+        if self.source not in SOURCES and self.source not in ROW_SOURCES:
+            raise ValueError(f"data.source={self.source!r}; choose one of {SOURCES + tuple(ROW_SOURCES)}, or register "
+                             "it first (draftadapt.preinit.data.register_rows; the toy's rows: "
+                             "`import draftadapt.toy.preinit_sources`)")
         if self.schema not in SCHEMAS:
             raise ValueError(f"data.schema={self.schema!r}; choose one of {SCHEMAS}")
         if self.on_bad_rows not in ("skip", "error"):
             raise ValueError(f"data.on_bad_rows={self.on_bad_rows!r}; choose 'skip' or 'error'")
-        if self.source == "toy" and TOY_SCHEMAS.get(self.path) != self.schema:
-            raise ValueError(f"toy data path={self.path!r} schema={self.schema!r}; use path 'task' with schema "
-                             "'dapo' or path 'chat' with schema 'ultrachat'")
+        schemas = ROW_SOURCES[self.source][1] if self.source in ROW_SOURCES else None
+        if schemas is not None and schemas.get(self.path) != self.schema:
+            raise ValueError(f"{self.source} data path={self.path!r} schema={self.schema!r}; use "
+                             + " or ".join(f"path {p!r} with schema {sc!r}" for p, sc in schemas.items()))
         if self.max_rows is not None and self.max_rows <= 0:
             raise ValueError(f"data.max_rows={self.max_rows}; use a positive int or null")
 
@@ -116,8 +130,8 @@ class BadRows:
 # 1) raw rows ------------------------------------------------------------------------------------
 def load_rows(cfg: DataConfig) -> Iterator[dict | None]:
     """Raw rows of the source in its real schema; None for a row that could not be read at all."""
-    if cfg.source == "toy":
-        yield from toy_rows(cfg.path, cfg.max_rows or 1024, cfg.seed)
+    if cfg.source in ROW_SOURCES:
+        yield from ROW_SOURCES[cfg.source][0](cfg)
         return
     rows = _hub_rows(cfg) if cfg.source == "hub" else _local_rows(Path(cfg.path))
     for n, row in enumerate(rows):
@@ -154,34 +168,6 @@ def _local_rows(path: Path) -> Iterator[dict | None]:
                 yield row if isinstance(row, dict) else None
     else:
         raise ValueError(f"data.path={str(path)!r}: unknown file type; use .jsonl or .parquet")
-
-
-def toy_rows(domain: str, n: int, seed: int) -> list[dict]:
-    """Toy rows in the real schemas: task problems as DAPO rows, chat as UltraChat rows.
-
-    Prompts come from random.Random(seed) exactly as toy/draft.py `domain_prompts` draws them;
-    reference responses from a second stream, so they do not shift the prompts.
-    """
-    from ..toy.task import STYLES, TaskConfig, sample_chat, sample_problem, solution
-
-    rng, other = random.Random(seed), random.Random(seed + 1)
-    rows = []
-    for i in range(n):
-        if domain == "task":
-            p = sample_problem(rng)
-            rows.append({"data_source": "toy-task", "prompt": [{"role": "user", "content": p.prompt}],
-                         "ability": "ARITHMETIC", "extra_info": {"index": i},
-                         "reward_model": {"ground_truth": str(p.answer), "style": "rule"},
-                         "response": solution(p, other.choices(STYLES, weights=TaskConfig().style_weights)[0],
-                                              other)})
-        elif domain == "chat":
-            ex = sample_chat(rng)
-            rows.append({"prompt": ex.prompt, "prompt_id": f"toy-{i}",
-                         "messages": [{"role": "user", "content": ex.prompt},
-                                      {"role": "assistant", "content": ex.response}]})
-        else:
-            raise ValueError(f"toy domain {domain!r}; choose 'task' or 'chat'")
-    return rows
 
 
 # 2) schema checks -------------------------------------------------------------------------------

@@ -9,11 +9,10 @@
    `distill.default_teacher`), teacher computed on the fly from a frozen HF forward, so no feature
    shards are written (a draft LM needs no hidden state); 4) export: an HF checkpoint dir with
    the target's tokenizer, checked against the target (`check_draft_lm`).
-`toy_draft_lm` is the same for the toy policy, cached beside it.
+The toy's draft LM (`toy/draft_lm.py`) is built with it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,17 +47,19 @@ def preinit_draft_lm(target_dir: str | Path, prompts: list[list[int]], cfg: Draf
     from ..distill import train_draft_lm_offline
     from ..drafts.draft_lm import DraftLM, check_draft_lm
     from ..engine.vllm import Engine, EngineConfig
-    from ..toy.draft import rollout_sequences
+    from ..sampling import own_samples
 
     tokenizer_dir = Path(tokenizer_dir or target_dir)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     # 1) the target's own samples
     if sampler is not None:
-        roll = rollout_sequences(sampler, tok, prompts, cfg.samples_per_prompt, cfg.max_tokens, seed=cfg.seed)
+        roll = own_samples(sampler, prompts, cfg.samples_per_prompt, cfg.max_tokens, stop_token_ids=[tok.eos_token_id],
+                           seed=cfg.seed)
     else:
         with Engine(EngineConfig(model=str(target_dir), tokenizer=str(tokenizer_dir), max_num_seqs=64,
                                  worker_extension=None)) as eng:
-            roll = rollout_sequences(eng, tok, prompts, cfg.samples_per_prompt, cfg.max_tokens, seed=cfg.seed)
+            roll = own_samples(eng, prompts, cfg.samples_per_prompt, cfg.max_tokens, stop_token_ids=[tok.eos_token_id],
+                               seed=cfg.seed)
     # 2) + 3) truncation init, distillation
     prev = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -79,28 +80,3 @@ def preinit_draft_lm(target_dir: str | Path, prompts: list[list[int]], cfg: Draf
              "params": sum(p.numel() for p in draft.parameters()), "config": asdict(cfg)}
     (out / "draftadapt_preinit.json").write_text(json.dumps(stats, indent=1, default=str))
     return out
-
-
-def toy_draft_lm(policy_dir: str | Path, cfg: DraftLMPreinitConfig = DraftLMPreinitConfig(), prompts: int = 512,
-                 seed: int = 100, progress: bool = True) -> Path:
-    """A draft LM for the toy policy, distilled on its own samples of toy task prompts; cached."""
-    from transformers import AutoTokenizer
-
-    from ..toy.build import BUILD_VERSION, DRAFT_LM_REVISION, TorchSampler, build_once, weights_hash
-    from ..toy.draft import domain_prompts
-
-    key = hashlib.sha256(json.dumps([asdict(cfg), prompts, seed, BUILD_VERSION, DRAFT_LM_REVISION], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:10]
-    out = Path(policy_dir).parent / f"{Path(policy_dir).name}-draftlm-{key}"
-    if (out / "model.safetensors").exists():  # cached: no tokenizer, no prompts (build_once re-checks under its lock)
-        return out
-    tok = AutoTokenizer.from_pretrained(str(policy_dir))
-    # sampled in torch, in a process with pinned kernels: the same draft LM on every CPU (toy.build)
-    if build_once(out, _build_toy_draft_lm, policy_dir, domain_prompts(tok, "task", prompts, seed), cfg, out,
-                  progress, TorchSampler) and progress:
-        print(f"toy draft LM built: {out} (weights {weights_hash(out)})")
-    return out
-
-
-def _build_toy_draft_lm(policy_dir, prompts, cfg, out, progress, sampler_cls) -> Path:
-    return preinit_draft_lm(policy_dir, prompts, cfg, out, progress=progress, sampler=sampler_cls(policy_dir))

@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,12 +24,20 @@ from .features import (CaptureConfig, TrainConfig, TrainSequence, capture_to_sha
 log = logging.getLogger("draftadapt.preinit")
 STAGES = ("prepare", "regenerate", "vocab", "capture", "train", "export", "evaluate")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# run.target names -> resolve(progress) -> checkpoint dir: a workload's own target, registered by its package
+# (the toy's cached policy: `import draftadapt.toy.preinit_sources`), so this module imports no workload
+TARGETS: dict[str, Callable[[bool], str | Path]] = {}
+
+
+def register_target(name: str, resolve: Callable[[bool], str | Path]) -> None:
+    """Make `run.target=name` mean the checkpoint dir `resolve(progress)` returns (built on first use)."""
+    TARGETS[name] = resolve
 
 
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "runs/preinit"  # every stage's output; a rerun resumes from it
-    target: str | None = None  # HF checkpoint dir of the target; "toy" = the cached toy policy
+    target: str | None = None  # HF checkpoint dir of the target, or a registered name ("toy": the toy policy)
     tokenizer: str | None = None  # tokenizer dir (default: the target's)
     dtype: str = "float32"  # target weights in vLLM and in the HF capture forward
     device: str = "auto"  # HF capture / training device: "auto" (cuda when present), "cpu", "cuda"
@@ -93,7 +102,8 @@ class PreinitConfig:
 
     def __post_init__(self) -> None:
         if self.run.target is None:
-            raise ValueError("run.target is not set: pass run.target=<HF checkpoint dir> (or 'toy')")
+            raise ValueError("run.target is not set: pass run.target=<HF checkpoint dir> (or a registered name: "
+                             "'toy' after `import draftadapt.toy.preinit_sources`)")
         if self.eval.layout == "speculators" and not self.export.speculators:
             raise ValueError("eval.layout=speculators needs export.speculators=true")
         for name, cap in (("regen.max_tokens", self.regen.max_tokens), ("eval.max_tokens", self.eval.max_tokens)):
@@ -198,10 +208,8 @@ class _Context:
     def target_dir(self) -> str:
         if self._target_dir is None:
             t = self.cfg.run.target
-            if t == "toy":
-                from ..toy.policy import toy_policy
-
-                t = toy_policy(progress=self.progress)
+            if t in TARGETS:
+                t = TARGETS[t](self.progress)
             self._target_dir = str(Path(t).resolve())
         return self._target_dir
 

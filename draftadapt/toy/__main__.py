@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def build_all(progress: bool = True) -> dict:
-    from ..preinit.draft_lm import toy_draft_lm
+    from .draft_lm import toy_draft_lm
     from .build import weights_hash
     from .draft import toy_draft
     from .mtp import toy_mtp_policy

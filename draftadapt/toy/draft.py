@@ -11,10 +11,10 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
+from ..sampling import Rollouts, own_samples
 from ..trainer import TrainerConfig
 from .eval import encode_prompt
 from .task import TaskConfig, sample_chat, sample_problem
@@ -35,13 +35,6 @@ class ToyDraftConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-3, ttt_steps=3, warmup_steps=30))
 
 
-class Rollouts(NamedTuple):
-    sequences: list[list[int]]  # prompt + completion token ids
-    loss_masks: list[list[bool]]  # True where the NEXT token is a completion token
-    seconds: float
-    tokens: int  # completion tokens generated
-
-
 def domain_prompts(tok, domain: str, n: int, seed: int, task: TaskConfig = TaskConfig()) -> list[list[int]]:
     rng = random.Random(seed)
     if domain == "task":
@@ -53,17 +46,9 @@ def domain_prompts(tok, domain: str, n: int, seed: int, task: TaskConfig = TaskC
 
 def rollout_sequences(engine, tok, prompts: list[list[int]], n: int, max_tokens: int,
                       seed: int | None = None) -> Rollouts:
-    """`n` temperature-1 samples per prompt from `engine` (a vLLM `Engine` or a `TorchSampler`)."""
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, n=n, temperature=1.0, max_tokens=max_tokens, logprobs=False,
-                           stop_token_ids=[tok.eos_token_id], seed=seed)
-    seqs, masks, toks = [], [], 0
-    for prompt, group in zip(prompts, outs):
-        for c in group:
-            seqs.append(prompt + c.token_ids)
-            masks.append([i + 1 >= len(prompt) for i in range(len(prompt) + len(c.token_ids))])
-            toks += len(c.token_ids)
-    return Rollouts(seqs, masks, time.perf_counter() - t0, toks)
+    """`n` temperature-1 samples per prompt from `engine` (a vLLM `Engine` or a `TorchSampler`), stopped at
+    the tokenizer's EOS (`sampling.own_samples`)."""
+    return own_samples(engine, prompts, n, max_tokens, stop_token_ids=[tok.eos_token_id], seed=seed)
 
 
 def toy_draft(policy_dir: str | Path, cfg: ToyDraftConfig = ToyDraftConfig(), progress: bool = True,

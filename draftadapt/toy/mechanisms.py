@@ -111,7 +111,7 @@ def toy_mechanism(method: str, draft_cfg=None, progress: bool = True) -> Mechani
         mtp = toy_mtp_policy(policy_dir, progress=progress)
         return Mechanism(method, mtp.model_dir, mtp.tokenizer_dir, None)
     if method == "draft_model":
-        from ..preinit.draft_lm import toy_draft_lm
+        from .draft_lm import toy_draft_lm
 
         return Mechanism(method, policy_dir, policy_dir, toy_draft_lm(policy_dir, progress=progress))
     return Mechanism(method, policy_dir, policy_dir, None)
