@@ -43,7 +43,7 @@ class SpecMethod:
     draft_fit: str | None  # EAGLE3_CONFIG / SAME_VOCAB: checked against the target before vLLM starts; None: nothing
     position_check: bool  # warn when the draft's config.json has fewer positions than max_model_len (EAGLE-3)
     weights_in_target: bool  # its weights are part of the policy checkpoint: refit_policy pushes them to the drafter
-    push_classes: tuple[str, ...] = ()  # vLLM drafter classes pushes are supported into; () = any
+    push_classes: tuple[str, ...] = ()  # vLLM drafter classes pushes are supported into (others refused); () = any
     prompt_lookup: bool = False  # takes prompt_lookup_min / prompt_lookup_max (n-gram matching)
     module: str | None = None  # a Python module vLLM needs for it, not a vLLM dependency
     install: str | None = None  # how to install `module` (the ImportError's text)
@@ -69,6 +69,7 @@ class SpecMethod:
 
 EAGLE3 = SpecMethod("eagle3", needs_model=True, push_names=EAGLE3_HEAD, embed_name="embed_tokens.weight",
                     draft_fit=EAGLE3_CONFIG, position_check=True, weights_in_target=False, taints_process=True)
+# MTP pushes are supported into MiMoMTP (MiMoForCausalLM targets), whose block is the target's decoder layer
 MTP = SpecMethod("mtp", needs_model=False, push_names=MTP_LAYERS, embed_name="model.embed_tokens.weight",
                  draft_fit=None, position_check=False, weights_in_target=True, push_classes=("MiMoMTP",))
 DRAFT_MODEL = SpecMethod("draft_model", needs_model=True, push_names=OWN_HF_NAMES, embed_name=None,

@@ -270,23 +270,23 @@ class DraftSwapExtension:
 
     def _draftadapt_draft_names(self):
         """(rename vLLM -> checkpoint names, packed-module mapping) of the drafter."""
-        method = self._draftadapt_record()
+        method, draft = self._draftadapt_record(), self.model_runner.get_draft_model()
+        if method.push_classes and type(draft).__name__ not in method.push_classes:
+            raise RuntimeError(f"draft pushes into a {type(draft).__name__} {method.name} drafter are not supported; "
+                               f"supported: {', '.join(method.push_classes)}")
         if method.push_names == OWN_HF_NAMES:  # an external draft LM: its own HF names, nothing renamed
             return (lambda name: name), None
         if method.push_names == EAGLE3_HEAD:
             return draft_name, None
         assert method.push_names == MTP_LAYERS, method
-        draft = self.model_runner.get_draft_model()
-        if type(draft).__name__ not in method.push_classes:
-            raise RuntimeError(f"draft pushes into a {type(draft).__name__} {method.name} drafter are not supported; "
-                               f"supported: {', '.join(method.push_classes)} (MiMoForCausalLM targets)")
         packed = getattr(type(self.model_runner.get_model()), "packed_modules_mapping", None)
         return mtp_namer(self.model_config.hf_config.num_hidden_layers), packed
 
     def _draftadapt_forbidden(self) -> dict[str, str]:
         out = {"embed_tokens.weight": "a draft push must never carry embed_tokens: the drafter uses the target's"}
-        if self._draftadapt_record().shares_embedding:  # its name for the target's embedding in push naming
-            out[self._draftadapt_record().embed_name] = out["embed_tokens.weight"]
+        method = self._draftadapt_record()
+        if method.shares_embedding:  # the target's embedding under the drafter's push naming too
+            out[method.embed_name] = out["embed_tokens.weight"]
         draft = self.model_runner.get_draft_model()
         rename = self._draftadapt_draft_names()[0]
         for path in self._draftadapt_shared():
