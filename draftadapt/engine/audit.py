@@ -34,6 +34,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 from ..stats import chi2_homogeneity, detectable_shift, detectable_w, proportions_pvalue
 from . import cpu_fix
+from .methods import spec_method
 from .vllm import Engine, EngineConfig, SpecConfig
 
 SAMPLINGS: dict[str, dict] = {  # name -> vllm.SamplingParams fields
@@ -199,7 +200,7 @@ def audit(model: str, drafters: Mapping[str, SpecConfig], prompts: Sequence[Sequ
     plain = _run_arm(cfg(None, 1), prompts, samples, max_tokens, samplings, task)
     # EAGLE-3 engines run last: after one, vLLM 0.32 loads a later draft_model Llama draft in the
     # same process as an EAGLE-3 layer ("no module or parameter named 'model' in LlamaModel")
-    order = sorted(drafters.items(), key=lambda kv: kv[1].method == "eagle3")
+    order = sorted(drafters.items(), key=lambda kv: spec_method(kv[1].method).taints_process)
     arms = {name: _run_arm(cfg(spec, 2 + i), prompts, samples, max_tokens, samplings, task)
             for i, (name, spec) in enumerate(order)}
     # 3) tests, then one Bonferroni threshold over the whole family

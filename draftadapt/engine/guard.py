@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
+from .methods import METHOD_BY_PATH, switched_by_path  # noqa: F401 (METHOD_BY_PATH re-exported)
+
 log = logging.getLogger("draftadapt.guard")
 
 # speculative_config key -> {lossy value: why}; keys that exist only for a lossy mode map to None
@@ -41,11 +43,6 @@ LOGPROBS_MODE_WARNINGS = {
     "processed_logits": "logits, not log-probabilities",
 }
 SAFE_LOGPROBS_MODE = "processed_logprobs"
-
-
-# vLLM 0.32 (config/speculative.py) switches a draft model's method by a substring of its PATH:
-# method="draft_model" with a draft under ".../x-eagle3-y/" silently runs as EAGLE-3
-METHOD_BY_PATH = {"eagle-": "eagle", "eagle3": "eagle3", "dflash": "dflash", "dspark": "dspark"}
 
 
 class LossySamplingError(ValueError):
@@ -90,14 +87,14 @@ def check_engine_kwargs(kwargs: Mapping[str, Any]) -> list[str]:
 
 
 def _check_method_by_path(spec: Mapping[str, Any] | None) -> None:
-    if not spec or spec.get("method") in (None, "eagle", "eagle3", "dflash", "dspark") or not spec.get("model"):
-        return
-    path = str(spec["model"]).lower()
-    for needle, method in METHOD_BY_PATH.items():
-        if needle in path:
-            raise ValueError(f"speculative_config.model={spec['model']!r} contains {needle!r}: vLLM would run it with "
-                             f"method={method!r} instead of {spec['method']!r}. Fix: move the draft to a path "
-                             f"without {needle!r}")
+    """vLLM 0.32 runs a draft with the method a substring of its path names (`methods.METHOD_BY_PATH`):
+    method="draft_model" with a draft under ".../x-eagle3-y/" silently runs as EAGLE-3."""
+    switched = switched_by_path(spec.get("method"), spec.get("model")) if spec else None
+    if switched is not None:
+        needle, method = switched
+        raise ValueError(f"speculative_config.model={spec['model']!r} contains {needle!r}: vLLM would run it with "
+                         f"method={method!r} instead of {spec['method']!r}. Fix: move the draft to a path "
+                         f"without {needle!r}")
 
 
 def check_vllm_config(vllm_config) -> list[str]:

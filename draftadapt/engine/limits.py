@@ -14,6 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Sequence
 
+from .methods import EAGLE3_CONFIG, SAME_VOCAB, spec_method
+
 if TYPE_CHECKING:
     from .vllm import EngineConfig
 
@@ -69,7 +71,8 @@ def check_draft_fits(cfg: EngineConfig) -> None:
     """Refuse, before vLLM starts, a draft built for another target: an EAGLE-3 draft whose vocab,
     hidden size or aux layer ids do not fit (`checkpoint.check_against_target`), or a draft model
     with another vocabulary. (An MTP drafter lives in the target's own checkpoint: nothing to check.)"""
-    if cfg.spec is None or cfg.spec.method not in ("eagle3", "draft_model"):
+    fit = None if cfg.spec is None else spec_method(cfg.spec.method).draft_fit
+    if fit is None:
         return
     if not Path(cfg.spec.model).is_dir():  # a hub id: vLLM fetches it, nothing local to check
         log.warning("spec.model=%r is not a local dir: its fit to the target is not checked", cfg.spec.model)
@@ -81,11 +84,12 @@ def check_draft_fits(cfg: EngineConfig) -> None:
                     cfg.model)
         return
     try:
-        if cfg.spec.method == "eagle3":
+        if fit == EAGLE3_CONFIG:
             from ..checkpoint import read_eagle3_config
 
             read_eagle3_config(cfg.spec.model, target)
         else:
+            assert fit == SAME_VOCAB, fit
             vocab = _read_json_config(cfg.spec.model, "spec.model").get("vocab_size")
             if vocab != target.vocab_size:
                 raise ValueError(f"the draft model's vocab_size={vocab}, the target's vocab_size={target.vocab_size}; "
@@ -101,7 +105,7 @@ def check_draft_positions(draft_dir: str, method: str, max_model_len: int | None
     nothing past position 512 (0 of 82k drafted tokens at 512-8k, 14% before it), although vLLM logs that it
     raises max_position_embeddings to max_model_len; the same draft with the config raised accepts 7-8% in every
     bucket to 8k. Positions past the config's value are served by a draft that never accepts."""
-    if method != "eagle3" or not max_model_len or not (Path(draft_dir) / "config.json").is_file():
+    if not spec_method(method).position_check or not max_model_len or not (Path(draft_dir) / "config.json").is_file():
         return None
     raw = json.loads((Path(draft_dir) / "config.json").read_text())
     pos = raw.get("max_position_embeddings", raw.get("transformer_layer_config", {}).get("max_position_embeddings"))

@@ -26,6 +26,7 @@ import shlex
 import sys
 from typing import Sequence
 
+from .methods import EAGLE3, METHODS
 from .remote import default_push_dir
 
 TOKEN_ENV = "DRAFTADAPT_TOKEN"  # the bearer token, read from the environment (never a command-line argument)
@@ -87,7 +88,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                        f"--max-model-len). The bearer token is read from ${TOKEN_ENV}.")
     p.add_argument("model", help="target (policy) checkpoint dir")
     p.add_argument("--draft", help="draft checkpoint dir (eagle3, draft_model)")
-    p.add_argument("--method", default="eagle3", help="spec-decode method: eagle3, mtp, draft_model, ngram")
+    p.add_argument("--method", default=EAGLE3.name, help=f"spec-decode method: {', '.join(METHODS)}")
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=3)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; another needs a token)")
     p.add_argument("--port", type=int, default=8000)

@@ -51,6 +51,7 @@ import torch
 
 from ..metrics import SpecCounters
 from . import native
+from .methods import METHODS
 
 from .payload import (KINDS, MTP_PREFIX, TIED, Spec, check_push, checksum, drop_aliases,  # noqa: F401 (re-exported)
                       read_safetensors_dir, tensors_from_bytes, tensors_to_bytes)
@@ -102,7 +103,10 @@ class EngineSwapper:
         self._spec: dict[str, Spec | None] = {k: _as_spec(infos[0][k]) for k in KINDS}
         self._forbidden = {"draft": dict(infos[0]["draft_forbidden"]), "policy": {}}
         self._vocab_size = infos[0]["vocab_size"]
-        self.draft_method = infos[0].get("draft_method")  # "eagle3", "mtp", ... or None
+        self.draft_method = infos[0].get("draft_method")  # vLLM's method name (`methods.METHODS`) or None
+        record = METHODS.get(self.draft_method)  # None: no drafter, or a vLLM method without a record
+        # the drafter's weights are in the policy checkpoint (MTP): refit_policy pushes them to it
+        self._draft_in_policy = record is not None and record.weights_in_target
         self._versions = {k: [info["versions"][k] for info in infos] for k in KINDS}
         self.native_draft_update = tuple(bool(info["native_draft_update"]) for info in infos)
         self.gpu_uuids = tuple(tuple(r.get("gpu_uuid") for r in rs) for rs in replies)
@@ -150,7 +154,7 @@ class EngineSwapper:
             state_or_dir = drop_aliases(state_or_dir, self._spec["policy"])
         mtp = {k: v for k, v in state_or_dir.items() if k.startswith(MTP_PREFIX)}
         if not mtp:
-            if self.draft_method == "mtp":
+            if self._draft_in_policy:
                 warnings.warn("refit_policy: the engines serve an MTP drafter but the new policy weights carry no "
                               f"{MTP_PREFIX}* tensors, so the MTP layers keep the weights of draft version "
                               f"{self.draft_version}; push adapted ones with push_draft", stacklevel=2)
@@ -161,7 +165,7 @@ class EngineSwapper:
         # vLLM's target drops MTP tensors on load: send the trunk alone, then the MTP layers to the drafter
         trunk = {k: v for k, v in state_or_dir.items() if not k.startswith(MTP_PREFIX)}
         result = self._push("policy", version, trunk, None, verify)
-        if self.draft_method != "mtp":  # nothing serves them
+        if not self._draft_in_policy:  # nothing serves them
             return result
         return replace(result, mtp=self._push("draft", version, mtp, None, verify))
 

@@ -22,6 +22,7 @@ from .. import faults
 from .payload import (KINDS, check_push, check_safetensors_dir, checksum, read_safetensors_dir, tensors_from_bytes,
                       tensors_to_bytes)
 from . import native
+from .methods import EAGLE3, EAGLE3_HEAD, METHODS, MTP_LAYERS, OWN_HF_NAMES, SpecMethod
 from .swap_verify import ShardCopy, held_bytes, read_back, startup_weights
 from .swap_verify import verify as verify_rank
 from .worker_layout import build_layout, draft_name, mtp_namer, spec_of
@@ -258,27 +259,34 @@ class DraftSwapExtension:
         return st["shared"]
 
     def _draftadapt_method(self) -> str | None:
-        """The spec-decode method of the drafter ("eagle3", "mtp", ...); None without one."""
+        """The spec-decode method of the drafter (vLLM's name: `methods.METHODS`); None without one."""
         spec = self.vllm_config.speculative_config
         return None if spec is None or self.model_runner.get_draft_model() is None else spec.method
 
+    def _draftadapt_record(self) -> SpecMethod:
+        """The drafter's method record (`engine/methods.py`). Another vLLM drafter (eagle, dflash, ...: a
+        framework's own engine) is treated as EAGLE-3, as before the records existed: untested."""
+        return METHODS.get(self._draftadapt_method(), EAGLE3)
+
     def _draftadapt_draft_names(self):
         """(rename vLLM -> checkpoint names, packed-module mapping) of the drafter."""
-        if self._draftadapt_method() == "draft_model":  # an external draft LM: its own HF names, nothing renamed
+        method, draft = self._draftadapt_record(), self.model_runner.get_draft_model()
+        if method.push_classes and type(draft).__name__ not in method.push_classes:
+            raise RuntimeError(f"draft pushes into a {type(draft).__name__} {method.name} drafter are not supported; "
+                               f"supported: {', '.join(method.push_classes)}")
+        if method.push_names == OWN_HF_NAMES:  # an external draft LM: its own HF names, nothing renamed
             return (lambda name: name), None
-        if self._draftadapt_method() != "mtp":
+        if method.push_names == EAGLE3_HEAD:
             return draft_name, None
-        draft = self.model_runner.get_draft_model()
-        if type(draft).__name__ != "MiMoMTP":
-            raise RuntimeError(f"draft pushes into a {type(draft).__name__} MTP drafter are not supported; "
-                               "supported: MiMoMTP (MiMoForCausalLM targets)")
+        assert method.push_names == MTP_LAYERS, method
         packed = getattr(type(self.model_runner.get_model()), "packed_modules_mapping", None)
         return mtp_namer(self.model_config.hf_config.num_hidden_layers), packed
 
     def _draftadapt_forbidden(self) -> dict[str, str]:
         out = {"embed_tokens.weight": "a draft push must never carry embed_tokens: the drafter uses the target's"}
-        if self._draftadapt_method() == "mtp":
-            out["model.embed_tokens.weight"] = out["embed_tokens.weight"]
+        method = self._draftadapt_record()
+        if method.shares_embedding:  # the target's embedding under the drafter's push naming too
+            out[method.embed_name] = out["embed_tokens.weight"]
         draft = self.model_runner.get_draft_model()
         rename = self._draftadapt_draft_names()[0]
         for path in self._draftadapt_shared():
@@ -298,7 +306,7 @@ class DraftSwapExtension:
         if model is None:
             raise RuntimeError("the engine has no drafter: start it with EngineConfig(spec=SpecConfig('eagle3', ...))")
         skip = set(self._draftadapt_shared())
-        if self._draftadapt_method() != "draft_model":  # a draft LM owns its embedding: vLLM shares none with it
+        if self._draftadapt_record().shares_embedding:  # a draft LM owns its embedding: vLLM shares none with it
             skip.add("model.embed_tokens")
         skip = sorted(skip)
         rename, packed = self._draftadapt_draft_names()

