@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_config, tiny_model
 
 from draftadapt.batch import DraftBatch
-from draftadapt.distributed import DataParallelTrainer, check_policy_layout, full_weight
+from draftadapt.distributed import check_policy_layout, data_parallel_trainer, full_weight
 from draftadapt.drafts.eagle3 import Eagle3Draft
 from draftadapt.trainer import DraftTrainer, TrainerConfig
 
@@ -110,7 +110,7 @@ def _dp_update(rank, world):
     draft, embed = _draft_and_embed()
     if rank == 1:  # the replicas start from different weights: the trainer broadcasts the owner's
         torch.nn.init.normal_(draft.fc.weight)
-    trainer = DataParallelTrainer(draft, embed, TrainerConfig(**CFG))
+    trainer = data_parallel_trainer(draft, embed, TrainerConfig(**CFG))
     stats = [trainer.step(_batch(seed=10 + rank, b=3 + rank, t=12 + 4 * rank)) for _ in range(2)]
     return {k: v.clone() for k, v in draft.state_dict().items()}, [s.loss for s in stats], seen
 
