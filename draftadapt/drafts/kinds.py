@@ -27,8 +27,10 @@ from .mtp import MTPDraft
 FEATURES = ("aux_hidden", "final_hidden", None)  # the DraftBatch field step 1 reads; None: token ids only
 
 
-def resolve(ref: str) -> Any:
-    """The object a "package.module:attr.attr" reference names (imported on first use)."""
+def resolve(ref: str | Callable) -> Any:
+    """The object a "package.module:attr.attr" reference names (imported on first use); a callable as is."""
+    if callable(ref):
+        return ref
     module, _, attrs = ref.partition(":")
     obj = importlib.import_module(module)
     for name in attrs.split("."):
@@ -50,8 +52,8 @@ class DraftKind:
     draft_class: type[nn.Module]  # the model class (drafts/); subclasses are this kind too
     vllm_method: str  # vLLM SpeculativeConfig.method that serves it; its engine record: engine/methods.py
     features: str | None  # DraftBatch field step 1 reads: "aux_hidden" | "final_hidden" | None (teacher only)
-    loss: str  # "module:callable": TrainerConfig -> trainer.LossFn (the default loss of DraftTrainer)
-    push_state: str  # "module:callable": draft -> {name: tensor} vLLM's drafter owns, as its load_weights reads
+    loss: str | Callable  # "module:callable" (or the callable): TrainerConfig -> trainer.LossFn, DraftTrainer's default
+    push_state: str | Callable  # "module:callable": draft -> {name: tensor} vLLM's drafter owns, as load_weights reads
     saves: dict[str, str] = field(default_factory=dict)  # export layout -> "module:callable"(draft, out_dir,
     #   target_config) -> Path, the first the default; empty: not exported on its own
     load: str | None = None  # "module:callable"(path, ...) -> draft; None: built from the policy instead
