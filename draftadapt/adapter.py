@@ -345,9 +345,10 @@ class DraftAdapter:
         return self.worker.draft
 
     def export(self, out_dir: str | os.PathLike, target_config=None, layout: str = "vllm") -> Path:
-        """Write the adapted EAGLE-3 draft as a checkpoint vLLM serves (`layout="vllm"`, what
-        `load_eagle3` and `SpecConfig("eagle3", k, model=out_dir)` read) or in the `speculators`
-        layout; atomic. target_config: the policy's config, checked against the draft when given."""
+        """Write the adapted draft as its kind saves it (drafts/kinds.py), atomically: an EAGLE-3 draft as a
+        checkpoint vLLM serves (`layout="vllm"`, what `load_eagle3` and `SpecConfig("eagle3", k, model=out_dir)`
+        read) or in the `speculators` layout; a draft LM as its HF checkpoint; a native MTP draft raises (it is
+        part of the policy checkpoint). target_config: the policy's config, checked against the draft when given."""
         draft = self.draft
         return kind_of(draft).export(draft, out_dir, target_config, layout)
 
