@@ -54,9 +54,7 @@ from .budget import StepSampler, cut_windows
 from .cache import _DTYPES, CacheConfig
 from .capture import FeatureCapture, RolloutBatch
 from .distill import TeacherCapture
-from .drafts.draft_lm import DraftLM
-from .drafts.eagle3 import Eagle3Draft
-from .drafts.mtp import MTPDraft
+from .drafts.kinds import kind_of
 from .metrics import SpecCounters
 from .strategy import StrategyConfig, StrategyDraftWorker, train_budget
 from .trainer import TrainerConfig
@@ -66,13 +64,14 @@ from .workers import CacheInfo, DraftWorker, FeatureSpec, LocalDraftWorker, Trai
 
 FORMAT = "draftadapt.adapter/1"
 from .adapter_config import (AUTO_DENSE_MAX_VOCAB, AUTO_TOP_K, REFERENCES, AdapterConfig,  # noqa: E402,F401 (re-exported)
-                             AdapterStats, DraftSink, budget_cache_config, check_embedding)
+                             _UNKNOWN, AdapterStats, DraftSink, adapter_checks, budget_cache_config,
+                             check_embedding)
 
 
 class DraftAdapter:
     """Drop stale features, train the draft, push it at step boundaries; see the module docstring."""
 
-    def __init__(self, draft: Eagle3Draft | MTPDraft | DraftLM, embed: nn.Embedding | torch.Tensor,
+    def __init__(self, draft: nn.Module, embed: nn.Embedding | torch.Tensor,
                  config: AdapterConfig = AdapterConfig(),
                  trainer_config: TrainerConfig = TrainerConfig(), cache_config: CacheConfig = CacheConfig(),
                  sink: DraftSink | None = None, target_head: nn.Module | None = None,
@@ -82,14 +81,7 @@ class DraftAdapter:
         strategy: loss, position weights, feature selection and budget (`strategy.py`).
         policy: the policy model, optional: the vocab refresh takes its lm_head from it when target_head
         is None (else from the first `capture(policy)`)."""
-        if cache_config.staleness_window is not None:
-            raise ValueError(f"CacheConfig.staleness_window={cache_config.staleness_window}: the adapter drops stale "
-                             "features itself, relative to on_step_end's policy_version; set "
-                             "AdapterConfig.staleness_window and leave CacheConfig.staleness_window None")
-        if config.teacher == "final_hidden" and target_head is None:
-            raise ValueError("AdapterConfig.teacher='final_hidden' needs target_head=<the policy's lm_head>")
-        check_embedding(draft, embed)
-        cache_config = budget_cache_config(config, cache_config)
+        cache_config = adapter_checks(config, cache_config, draft, embed, target_head)
         args = (draft, embed, trainer_config, cache_config, config.batch_tokens, config.seed, target_head)
         worker = StrategyDraftWorker(*args, strategy=strategy) if strategy.custom_loss else LocalDraftWorker(*args)
         self._setup(worker, config, sink, strategy, policy)
@@ -100,8 +92,14 @@ class DraftAdapter:
                     policy: nn.Module | None = None) -> "DraftAdapter":
         """An adapter over any DraftWorker (a Ray actor proxy, a background-thread worker); the
         strategy's loss settings are the worker's business, its selection and budget the adapter's.
-        Build the worker's cache with `budget_cache_config(config, cache_config)` so it keeps the
-        step reservoir."""
+        The constructor's checks run here too (`adapter_checks`: on the draft and embedding of an
+        in-process worker), and a worker that exposes its `cache_config` gets the step budget's
+        bounds (`use_cache_config`) before any feature is added."""
+        draft, embed, head = _local_parts(worker)
+        cache_config = getattr(worker, "cache_config", None)
+        budgeted = adapter_checks(config, cache_config or CacheConfig(), draft, embed, head)
+        if cache_config is not None and cache_config != budgeted:
+            worker.use_cache_config(budgeted)
         adapter = cls.__new__(cls)
         adapter._setup(worker, config, sink, strategy, policy)
         return adapter
@@ -341,25 +339,18 @@ class DraftAdapter:
 
     # 3) export ---------------------------------------------------------------------------------
     @property
-    def draft(self) -> Eagle3Draft | MTPDraft:
+    def draft(self) -> nn.Module:
         """The adapted draft (a background worker's once its run in flight finished; a Ray
         worker's as a copy). Train on with the adapter, not on this object."""
         return self.worker.draft
 
     def export(self, out_dir: str | os.PathLike, target_config=None, layout: str = "vllm") -> Path:
-        """Write the adapted EAGLE-3 draft as a checkpoint vLLM serves (`layout="vllm"`, what
-        `load_eagle3` and `SpecConfig("eagle3", k, model=out_dir)` read) or in the `speculators`
-        layout; atomic. target_config: the policy's config, checked against the draft when given."""
-        from .checkpoint import save_eagle3, save_speculators
-
+        """Write the adapted draft as its kind saves it (drafts/kinds.py), atomically: an EAGLE-3 draft as a
+        checkpoint vLLM serves (`layout="vllm"`, what `load_eagle3` and `SpecConfig("eagle3", k, model=out_dir)`
+        read) or in the `speculators` layout; a draft LM as its HF checkpoint; a native MTP draft raises (it is
+        part of the policy checkpoint). target_config: the policy's config, checked against the draft when given."""
         draft = self.draft
-        if isinstance(draft, MTPDraft):
-            raise ValueError("export: a native MTP draft is part of the policy checkpoint; write "
-                             "drafts.mtp.mtp_state_for_push(adapter.draft) into the policy's state dict instead")
-        if layout not in ("vllm", "speculators"):
-            raise ValueError(f"export: layout={layout!r}; choose 'vllm' or 'speculators'")
-        save = save_eagle3 if layout == "vllm" else save_speculators
-        return save(draft, out_dir, target_config)
+        return kind_of(draft).export(draft, out_dir, target_config, layout)
 
     # 4) resume --------------------------------------------------------------------------------
     _COUNTERS = ("last_version", "newest_rollout_version", "last_push_version", "last_pushed_version",
@@ -387,6 +378,16 @@ class DraftAdapter:
         if self.vocab is not None and "vocab" in state:
             self.vocab.load_state_dict(state["vocab"])
             self.features = self.worker.feature_spec()  # the draft's restored d2t
+
+
+def _local_parts(worker) -> tuple[nn.Module | None, Any, Any]:
+    """(draft, embedding, target head) of an in-process worker (a background worker's inner one);
+    (None, None, unknown) for a worker that keeps them elsewhere (a Ray actor) or holds none."""
+    inner = getattr(worker, "inner", worker)
+    trainer = getattr(inner, "trainer", None)
+    if trainer is None:
+        return None, None, _UNKNOWN
+    return trainer.draft, trainer.embed, getattr(inner, "target_head", _UNKNOWN)
 
 
 def _nonfinite_fields(batch: RolloutBatch) -> list[str]:

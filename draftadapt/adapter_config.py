@@ -1,6 +1,8 @@
 """The adapter's contracts: `AdapterConfig` (what to capture, train and push), `AdapterStats` (what a
-step did, under the metric names RL users chart), the `DraftSink` protocol, and the checks and cache
-bounds that follow from the config. Split from `adapter.py`, which drives them; nothing here trains.
+step did, under the metric names RL users chart), the `DraftSink` protocol, and `adapter_checks`: the
+checks and cache bounds that follow from the config, which every way of building an adapter goes
+through (`DraftAdapter(...)`, `DraftAdapter.with_worker`, `DistributedDraftAdapter`). Split from
+`adapter.py`, which drives them; nothing here trains.
 """
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ from .batch import AUTO_DENSE_MAX_VOCAB, AUTO_TOP_K  # noqa: F401 (re-exported)
 from .budget import BudgetStats
 from .cache import CacheConfig
 from .capture import TEACHERS
-from .drafts.eagle3 import Eagle3Draft
-from .drafts.mtp import MTPDraft
+from .drafts.kinds import kind_of
 from .metrics import SpecCounters
 from .workers import CacheInfo, TrainResult
 
@@ -98,7 +99,7 @@ class AdapterConfig:
         return "topk", self.top_k or AUTO_TOP_K
 
 
-def check_embedding(draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor) -> None:
+def check_embedding(draft: nn.Module, embed: nn.Embedding | torch.Tensor) -> None:
     """The policy's input embedding fits the draft: [vocab_size, hidden_size] of the draft's config
     (the draft reads it for every input token; a mismatch would fail or mis-train later)."""
     weight = embed.weight if isinstance(embed, nn.Module) else embed
@@ -179,3 +180,25 @@ def budget_cache_config(config: AdapterConfig, cache_config: CacheConfig) -> Cac
     cap = config.budget_tokens
     return replace(cache_config, version_tokens=cap,
                    max_tokens=min(cache_config.max_tokens, (config.staleness_window + 2) * cap))
+
+
+_UNKNOWN = object()  # adapter_checks: the worker does not say which target head it holds (a remote worker)
+
+
+def adapter_checks(config: AdapterConfig, cache_config: CacheConfig, draft: nn.Module | None = None,
+                   embed: nn.Embedding | torch.Tensor | None = None, target_head: Any = _UNKNOWN) -> CacheConfig:
+    """The checks every way of building an adapter runs, and the cache bounds it builds with: the one place
+    the per-step token budget reaches the cache. Returns `budget_cache_config(config, cache_config)`.
+
+    Checks: the cache leaves staleness to the adapter; teacher="final_hidden" has a target head; and, when
+    the draft is at hand (not in a remote worker), its kind is registered and the embedding fits it."""
+    if cache_config.staleness_window is not None:
+        raise ValueError(f"CacheConfig.staleness_window={cache_config.staleness_window}: the adapter drops stale "
+                         "features itself, relative to on_step_end's policy_version; set "
+                         "AdapterConfig.staleness_window and leave CacheConfig.staleness_window None")
+    if config.teacher == "final_hidden" and target_head is None:
+        raise ValueError("AdapterConfig.teacher='final_hidden' needs target_head=<the policy's lm_head>")
+    if draft is not None:
+        kind_of(draft)  # an unregistered draft class fails here, naming how to register one
+        check_embedding(draft, embed)
+    return budget_cache_config(config, cache_config)

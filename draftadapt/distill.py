@@ -15,7 +15,7 @@ policy's distribution there (what vLLM's rejection sampler compares the draft wi
 unlike EAGLE-3 the draft LM feeds back tokens, not its own hidden states, so its k-th draft step
 is the same computation as its first on a longer prefix.
 
-It does not know about engines; `DraftLMTrainer` plugs into `LocalDraftWorker` like `DraftTrainer`.
+It does not know about engines; `DistillLoss` is what `DraftTrainer` steps a DraftLM with (drafts/kinds.py).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from .capture import FeatureCapture
 from .drafts.draft_lm import DraftLM
 from .head_loss import LOSS_CHUNK_ELEMENTS, head_loss
 from .trainer import DraftTrainer, TrainerConfig, TrainStats
+from .ttt import TTTResult
 
 FULL_TEACHER_MAX_VOCAB = 8192  # above this, a full fp32 teacher costs > 32 KB/token: use top-k
 DEFAULT_TOP_K = 64
@@ -72,31 +73,20 @@ def distill_loss(draft: DraftLM, batch: DraftBatch, chunk_elements: int = LOSS_C
     return DistillResult(loss, sums[0, 2] / n, n)
 
 
-class DraftLMTrainer(DraftTrainer):
-    """`DraftTrainer` with the distillation loss instead of TTT: same optimizer, warm-up, grad
-    clipping and state. `embed` is kept for the worker seam and unused (the draft owns its own)."""
+class DistillLoss:
+    """`distill_loss` as a trainer.LossFn: the draft-LM kind's default loss (drafts/kinds.py). `embed` is
+    unused (the draft LM owns its embedding); a data-parallel normaliser is not supported."""
 
-    def step(self, batch: DraftBatch) -> TrainStats:
-        device = next(self.draft.parameters()).device
-        self.draft.train()
-        lr = self.lr_at(self.steps_done)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        res = distill_loss(self.draft, batch.to(device))
-        self.optimizer.zero_grad(set_to_none=True)
-        res.loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip or float("inf")))
-        self.optimizer.step()
-        self.steps_done += 1
-        loss = float(res.loss.detach())
-        return TrainStats(step=self.steps_done, loss=loss, step_loss=(loss,), step_acc=(float(res.acc),),
-                          tokens=res.tokens, grad_norm=grad_norm, lr=lr)
+    @classmethod
+    def from_config(cls, config: TrainerConfig) -> "DistillLoss":
+        return cls()
 
-
-def trainer_for(draft: nn.Module, embed, config: TrainerConfig) -> DraftTrainer:
-    """The trainer that fits `draft`: distillation for a DraftLM, TTT for EAGLE-3 / MTP heads."""
-    return DraftLMTrainer(draft, embed, config) if isinstance(draft, DraftLM) else DraftTrainer(draft, embed, config)
+    def __call__(self, draft: DraftLM, batch: DraftBatch, embed=None, normalizer: torch.Tensor | None = None) -> TTTResult:
+        if normalizer is not None:
+            raise ValueError("the draft-LM distillation loss has no data-parallel form yet: train a DraftLM with "
+                             "DistributedDraftAdapter(mode='owner'), not mode='data_parallel'")
+        res = distill_loss(draft, batch)
+        return TTTResult(res.loss, res.loss.detach().reshape(1), res.acc.reshape(1), torch.tensor([res.tokens]))
 
 
 class TeacherCapture(FeatureCapture):
@@ -132,7 +122,7 @@ def train_draft_lm_offline(policy: nn.Module, draft: DraftLM, sequences: list[li
 
     teacher, k = default_teacher(draft.config.vocab_size) if top_k is None else (("topk", top_k) if top_k else
                                                                                 ("draft_vocab", 0))
-    trainer = DraftLMTrainer(draft, None, config)
+    trainer = DraftTrainer(draft, None, config)  # the draft-LM kind's loss: DistillLoss
     gen = torch.Generator().manual_seed(seed)
     history: list[TrainStats] = []
     bar = tqdm(range(steps), disable=not progress, desc="draft LM")

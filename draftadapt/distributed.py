@@ -37,13 +37,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapter import AdapterConfig, AdapterStats, DraftAdapter, DraftSink
+from .adapter_config import adapter_checks
 from .batch import DraftBatch, RolloutBatch
 from .cache import CacheConfig
-from .drafts.eagle3 import Eagle3Draft
-from .drafts.mtp import MTPDraft
-from .trainer import DraftTrainer, TrainerConfig, TrainStats
-from .ttt import shift, ttt_loss
-from .workers import CacheInfo, FeatureSpec, LocalDraftWorker, TrainResult
+from .trainer import DraftTrainer, TrainerConfig
+from .ttt import TTTResult, shift
+from .workers import CacheInfo, FeatureSpec, LocalDraftWorker, TrainResult, feature_spec_of
 
 MODES = ("owner", "data_parallel")
 # Module class names of layouts whose activations or logits a forward hook would read wrongly.
@@ -122,64 +121,64 @@ def step_token_counts(batch: DraftBatch, steps: int) -> torch.Tensor:
     return torch.stack([(shift(scored, k) & batch.valid).sum() for k in range(1, steps + 1)])
 
 
-class DataParallelTrainer(DraftTrainer):
-    """A DraftTrainer replica whose every step all-reduces gradients over `group`.
+class GradAllReduce:
+    """The collective that makes `DraftTrainer.step` data-parallel over `group` (trainer.Collective).
 
     Each rank scores its own batch; the loss of step k is divided by the token count of step k
-    summed over ranks, and the gradients are summed, so the update equals one process training on
-    the union of the ranks' batches (same AdamW, same clipping: the summed gradient is identical on
-    every rank). A rank with nothing to train on passes `batch=None` and contributes zeros.
+    summed over ranks (`normalizer`), and the gradients are summed (`reduce`), so the update equals one
+    process training on the union of the ranks' batches (same AdamW, same clipping: the summed gradient
+    is identical on every rank). A rank with nothing to train on contributes zeros; a rank whose loss is
+    NaN/Inf contributes it to the summed loss, so every rank skips the update together.
     """
 
-    def __init__(self, draft, embed, config: TrainerConfig = TrainerConfig(), group=None):
-        super().__init__(draft, embed, config)
-        self.group, self.collective_device = group, collective_device(group)
-        for p in draft.parameters():  # replicas start equal: the owner's (rank 0 of the group) weights
-            buf = p.data.to(self.collective_device)
-            dist.broadcast(buf, src=dist.get_global_rank(group, 0) if group else 0, group=group)
-            p.data.copy_(buf)
+    def __init__(self, steps: int, group=None):
+        self.steps, self.group, self.device = steps, group, collective_device(group)
+        self.total: torch.Tensor | None = None  # [K] float64: this step's token counts over all ranks
 
-    def step(self, batch: DraftBatch | None) -> TrainStats:
-        cfg, params = self.config, [p for g in self.optimizer.param_groups for p in g["params"]]
-        device, dtype = self.device, self.config.autocast_dtype(self.device)
-        self.draft.train()
-        lr = self.lr_at(self.steps_done)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        # 1) global token counts per TTT step: the union batch's normaliser
-        local = step_token_counts(batch, cfg.ttt_steps) if batch is not None else torch.zeros(cfg.ttt_steps, dtype=torch.long)
-        total = local.to(self.collective_device, torch.float64, copy=True)
-        dist.all_reduce(total, group=self.group)
-        # 2) local loss over the global normaliser, backward
-        self.optimizer.zero_grad(set_to_none=False)
-        k = cfg.ttt_steps
-        if batch is not None:
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                result = ttt_loss(self.draft, batch.to(device), self.embed, steps=k, decay=cfg.decay, loss=cfg.loss,
-                                  tv_weight=cfg.tv_weight, normalizer=total.clamp(min=1).to(device))
-            result.loss.backward()
+    def normalizer(self, batch: DraftBatch | None, device: torch.device) -> torch.Tensor:
+        """[K] on `device`: step k's scored positions summed over ranks (>= 1)."""
+        k = self.steps
+        local = step_token_counts(batch, k) if batch is not None else torch.zeros(k, dtype=torch.long)
+        self.total = local.to(self.device, torch.float64, copy=True)
+        dist.all_reduce(self.total, group=self.group)
+        return self.total.clamp(min=1).to(device)
+
+    def reduce(self, params: list[nn.Parameter], result: TTTResult | None, device: torch.device) -> TTTResult:
+        """One flat all-reduce of the gradients, with the (already globally normalised) stats riding along;
+        the gradients are replaced by the sums, the stats returned."""
+        k = self.steps
+        if result is not None:
             parts = [result.step_loss.float(), result.step_acc.float(), result.loss.detach().float().reshape(1)]
         else:
             parts = [torch.zeros(2 * k + 1, device=device)]
-        # 3) one flat all-reduce of the gradients, with the (already globally normalised) stats riding along
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [t.to(device) for t in parts])
-        flat = flat.to(self.collective_device)
+        flat = flat.to(self.device)
         dist.all_reduce(flat, group=self.group)
         offset = 0
         for p, g in zip(params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.device, p.dtype)
             offset += g.numel()
-        step_loss, step_acc, loss = flat[offset:offset + k], flat[offset + k:offset + 2 * k], float(flat[-1])
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-        self.optimizer.step()
-        self.steps_done += 1
-        return TrainStats(step=self.steps_done, loss=loss, step_loss=tuple(step_loss.tolist()),
-                          step_acc=tuple(step_acc.tolist()), tokens=int(total[0]), grad_norm=grad_norm, lr=lr)
+        return TTTResult(loss=flat[-1], step_loss=flat[offset:offset + k], step_acc=flat[offset + k:offset + 2 * k],
+                         step_tokens=self.total)
+
+
+def data_parallel_trainer(draft: nn.Module, embed, config: TrainerConfig = TrainerConfig(), group=None,
+                          loss=None) -> DraftTrainer:
+    """A DraftTrainer replica whose every step is data-parallel over `group` (`GradAllReduce`); the
+    replicas start equal: the owner's (rank 0 of the group) weights are broadcast. A rank with nothing to
+    train on calls `step(None)`."""
+    trainer = DraftTrainer(draft, embed, config, loss, collective=GradAllReduce(config.ttt_steps, group))
+    c = trainer.collective.device
+    for p in draft.parameters():
+        buf = p.data.to(c)
+        dist.broadcast(buf, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        p.data.copy_(buf)
+    return trainer
 
 
 class DataParallelDraftWorker(LocalDraftWorker):
-    """A LocalDraftWorker whose trainer is a `DataParallelTrainer` replica on `group`.
+    """A LocalDraftWorker whose trainer is a `data_parallel_trainer` replica on `group`.
 
     Each rank samples `batch_tokens / world_size` tokens of its own cache per step. `cache_info`
     reports the group's totals (a collective), so every rank's adapter takes the same train/skip
@@ -192,7 +191,7 @@ class DataParallelDraftWorker(LocalDraftWorker):
         super().__init__(draft, embed, trainer_config, cache_config, max(1, batch_tokens // world),
                          seed + dist.get_rank(group), target_head)
         self.group = group
-        self.trainer = DataParallelTrainer(draft, embed, trainer_config, group)
+        self.trainer = data_parallel_trainer(draft, embed, trainer_config, group)
 
     def cache_info(self) -> CacheInfo:
         local = super().cache_info()
@@ -254,7 +253,7 @@ class DistributedDraftAdapter:
     any DraftWorker to train in (a BackgroundDraftWorker, a RayDraftWorker); default inline.
     """
 
-    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Module | torch.Tensor,
+    def __init__(self, draft: nn.Module, embed: nn.Module | torch.Tensor,
                  config: AdapterConfig = AdapterConfig(), trainer_config: TrainerConfig = TrainerConfig(),
                  cache_config: CacheConfig = CacheConfig(), sink: DraftSink | None = None, mode: str = "owner",
                  group=None, owner: int = 0, worker=None, target_head: nn.Module | None = None,
@@ -273,6 +272,8 @@ class DistributedDraftAdapter:
         self._policy_embed = embed
         # the draft trains against a full, detached copy when the policy's weight is sharded
         self._embed = full_weight(embed).clone() if is_sharded(embed) else embed
+        # the adapter's checks and the step budget's cache bounds, as DraftAdapter(...) runs them
+        cache_config = adapter_checks(config, cache_config, draft, self._embed, target_head)
         # each rank its own window priorities (the step sampler's seed); the workers seed their caches themselves
         cfg = replace(config, seed=config.seed + self.rank)
         if mode == "data_parallel":
@@ -286,7 +287,7 @@ class DistributedDraftAdapter:
             self.adapter = DraftAdapter.with_worker(worker, cfg, sink, policy=policy)
         else:  # the owner refreshes the draft vocab and tells this rank the new one (on_step_end)
             held = replace(cfg, vocab_refresh_every=0, vocab_refresh_uncovered=None)
-            self.adapter = DraftAdapter.with_worker(_HoldingWorker(_spec_of(draft)), held, None)
+            self.adapter = DraftAdapter.with_worker(_HoldingWorker(feature_spec_of(draft)), held, None)
 
     @property
     def config(self) -> AdapterConfig:
@@ -348,13 +349,6 @@ class DistributedDraftAdapter:
     def load_state_dict(self, state: dict) -> None:
         if self._trains_here():
             self.adapter.load_state_dict(state)
-
-
-def _spec_of(draft: Eagle3Draft | MTPDraft) -> FeatureSpec:
-    c = draft.config
-    ids = draft.target_ids().cpu()
-    return FeatureSpec(tuple(c.aux_layer_ids), None if c.full_vocab else ids, len(c.aux_layer_ids) * c.target_hidden_size,
-                       c.draft_vocab_size, getattr(c, "final_hidden", None))
 
 
 def _portable(stats: AdapterStats | None) -> AdapterStats | None:

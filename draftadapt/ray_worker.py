@@ -109,6 +109,7 @@ class RayDraftWorker:
         """embed / target_head: the policy's live modules; the actor gets copies, refreshed per version."""
         ray = init_ray(ray_cfg)
         self.asynchronous, self._embed, self._head = asynchronous, embed, target_head
+        self.cache_config = cache_config  # the actor's cache bounds (use_cache_config changes both)
         self._version: int | None = None  # policy version of the latest drop_stale
         self._sent_version: int | None = None  # policy version whose embedding the actor holds
         self._pending = None  # the train call in flight (asynchronous mode)
@@ -118,6 +119,11 @@ class RayDraftWorker:
             draft, self._embed_weight(), trainer_config, cache_config, batch_tokens, seed, target_head,
             ray_cfg.omp_threads)
         wait_started(self.actor.pid.remote(), "the draft-trainer actor", ray_cfg)
+
+    def use_cache_config(self, cache_config: CacheConfig) -> None:
+        """New bounds for the actor's (empty) cache: the adapter's step budget (adapter_config.adapter_checks)."""
+        self._get(self.actor.whole_call.remote("use_cache_config", cache_config))
+        self.cache_config = cache_config
 
     def _embed_weight(self) -> torch.Tensor:
         return (self._embed.weight if isinstance(self._embed, nn.Module) else self._embed).detach().cpu()

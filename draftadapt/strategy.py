@@ -15,23 +15,23 @@ adapter exactly (forward KL, every completion position alike, a fixed step count
 - boost_factor / boost_drop: train boost_factor x train_steps at a boundary where the step's
   acceptance length fell boost_drop below the adapter's reference (an acceptance-triggered budget).
 
-`StrategyTrainer` is `DraftTrainer` with that loss; `StrategyDraftWorker` is `LocalDraftWorker`
-with that trainer; `UntilBoundaryDraftWorker` trains in a thread until the next step boundary
-instead of a fixed step count. Time and memory are those of `ttt.ttt_loss` (O(T) attention, the loss
+`StrategyLoss` is that loss, handed to `DraftTrainer` (the one step: non-finite skip, autocast,
+clipping); `StrategyDraftWorker` is `LocalDraftWorker` with it; `UntilBoundaryDraftWorker` trains in
+a thread until the next step boundary instead of a fixed step count. Time and memory are those of `ttt.ttt_loss` (O(T) attention, the loss
 and the teacher in chunks of positions) plus one no-grad step-1 pass when rejected_weight != 1.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .batch import DraftBatch
-from .trainer import DraftTrainer, TrainStats
 from .head_loss import LOSS_CHUNK_ELEMENTS, LOSSES
-from .ttt import TTTResult, shift, ttt_loss, unroll_hidden
+from .trainer import TrainerConfig
+from .ttt import TTTLoss, TTTResult, shift, ttt_loss, unroll_hidden
 from .workers import BackgroundDraftWorker, LocalDraftWorker, TrainResult
 
 
@@ -83,43 +83,32 @@ def strategy_loss(draft, batch: DraftBatch, embed, steps: int = 3, decay: float 
     return ttt_loss(draft, batch, embed, steps, decay, loss=loss, weight=weight)
 
 
-class StrategyTrainer(DraftTrainer):
-    """DraftTrainer whose step uses `strategy_loss` with the strategy's loss and position weights."""
+@dataclass(frozen=True)
+class StrategyLoss:
+    """A strategy's loss as a trainer.LossFn: `ttt` with the strategy's divergence, and positions the
+    current draft's step-1 top-1 gets wrong weighted `rejected_weight` (one no-grad step-1 pass)."""
 
-    def __init__(self, draft, embed, config, strategy: StrategyConfig):
-        super().__init__(draft, embed, config)
-        self.strategy = strategy
+    ttt: TTTLoss  # steps, decay, tv_weight and recompute from the TrainerConfig; its divergence is replaced
+    strategy: StrategyConfig
 
-    def step(self, batch: DraftBatch) -> TrainStats:
-        device = next(self.draft.parameters()).device
-        batch = batch.to(device)
-        s, cfg = self.strategy, self.config
-        weight = None
+    @classmethod
+    def of(cls, config: TrainerConfig, strategy: StrategyConfig) -> "StrategyLoss":
+        return cls(replace(TTTLoss.from_config(config), loss=strategy.loss), strategy)
+
+    def __call__(self, draft, batch: DraftBatch, embed, normalizer: torch.Tensor | None = None) -> TTTResult:
+        s, weight = self.strategy, None
         if s.rejected_weight != 1.0:
-            weight = 1.0 + (s.rejected_weight - 1.0) * rejected_positions(self.draft, batch, self.embed).float()
-        self.draft.train()
-        lr = self.lr_at(self.steps_done)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        result = strategy_loss(self.draft, batch, self.embed, cfg.ttt_steps, cfg.decay, s.loss, weight)
-        self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-        self.optimizer.step()
-        self.steps_done += 1
-        return TrainStats(step=self.steps_done, loss=float(result.loss.detach()),
-                          step_loss=tuple(result.step_loss.tolist()), step_acc=tuple(result.step_acc.tolist()),
-                          tokens=int(result.step_tokens[0]), grad_norm=grad_norm, lr=lr)
+            weight = 1.0 + (s.rejected_weight - 1.0) * rejected_positions(draft, batch, embed).float()
+        return self.ttt(draft, batch, embed, normalizer, weight)
 
 
 class StrategyDraftWorker(LocalDraftWorker):
-    """LocalDraftWorker training with a StrategyTrainer (same cache, sampling and state format)."""
+    """LocalDraftWorker whose trainer steps with the strategy's loss (same cache, sampling and state format)."""
 
     def __init__(self, draft, embed, trainer_config, cache_config, batch_tokens: int, seed: int = 0,
                  target_head: nn.Module | None = None, strategy: StrategyConfig = StrategyConfig()):
-        super().__init__(draft, embed, trainer_config, cache_config, batch_tokens, seed, target_head)
-        self.trainer = StrategyTrainer(draft, embed, trainer_config, strategy)
+        super().__init__(draft, embed, trainer_config, cache_config, batch_tokens, seed, target_head,
+                         loss=StrategyLoss.of(trainer_config, strategy))
 
 
 def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float | None, reference: float | None) -> int:

@@ -1,15 +1,22 @@
-"""`DraftTrainer`: one optimizer step of the TTT loss on a `DraftBatch`, with its own AdamW,
-warm-up and grad clipping, and a state that resumes exactly.
+"""`DraftTrainer`: one optimizer step of a draft on a `DraftBatch` - the one step every draft kind and
+adaptation strategy trains with - with its own AdamW, warm-up and grad clipping, and a state that
+resumes exactly.
 
-It trains the draft only: the target embedding is read detached, nothing reaches the policy. It
-does not fetch features, schedule itself or push weights; callers (the adapter, recipes) do.
+The loss is handed in (a `LossFn`): by default the draft kind's (`drafts/kinds.py`: the TTT loss for
+EAGLE-3 / MTP heads, distillation for a draft LM), or a strategy's (`strategy.py`). The guards live
+here once, for all of them: autocast, the non-finite skip (a NaN/Inf loss or gradient keeps the last
+good weights), clipping and the crash-test kill point. A `Collective` (`distributed.py`) turns the
+step into a data-parallel one: it agrees on the loss normaliser before the loss and sums the
+gradients before clipping. It trains the draft only: the target embedding is read detached, nothing
+reaches the policy. It does not fetch features, schedule itself or push weights; callers do.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -17,9 +24,8 @@ from torch import nn
 from . import faults
 from .allocator import limit_heap_growth
 from .batch import DraftBatch
-from .drafts.eagle3 import Eagle3Draft
-from .drafts.mtp import MTPDraft
-from .ttt import LOSSES, ttt_loss
+from .drafts.kinds import kind_of
+from .ttt import LOSSES, TTTResult
 
 AUTOCAST = ("auto", "off", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -88,8 +94,9 @@ class TrainStats:
     step_loss: tuple[float, ...]  # [K] mean KL per draft step
     step_acc: tuple[float, ...]  # [K] top-1 agreement with the teacher per draft step
     tokens: int  # positions scored at step 1
-    grad_norm: float  # global grad norm before clipping
+    grad_norm: float  # global grad norm before clipping (NaN when the update was skipped)
     lr: float  # learning rate used for this step
+    skipped: bool = False  # the loss or the gradient was NaN/Inf: no update, the weights are the previous step's
 
     def as_dict(self) -> dict[str, float]:
         """Flat floats for loggers: loss, acc_1..acc_K, loss_1..loss_K, ..."""
@@ -100,19 +107,40 @@ class TrainStats:
         return out
 
 
-class DraftTrainer:
-    """Owns the draft's optimizer; `step(batch)` is one update."""
+# (draft, batch on the trainer's device, embed, normalizer [K] or None) -> TTTResult (loss, step_loss [K],
+# step_acc [K], step_tokens [K]); normalizer: a collective's token counts over all ranks (None: the batch's own)
+LossFn = Callable[[nn.Module, DraftBatch, "nn.Embedding | torch.Tensor | None", "torch.Tensor | None"], TTTResult]
 
-    def __init__(self, draft: Eagle3Draft | MTPDraft, embed: nn.Embedding | torch.Tensor, config: TrainerConfig = TrainerConfig()):
+
+class Collective(Protocol):
+    """What makes a step data-parallel (`distributed.GradAllReduce`): called by every rank, in this order."""
+
+    def normalizer(self, batch: DraftBatch | None, device: torch.device) -> torch.Tensor: ...  # [K] over all ranks
+    def reduce(self, params: list[nn.Parameter], result: TTTResult | None, device: torch.device) -> TTTResult: ...
+
+
+class DraftTrainer:
+    """Owns the draft's optimizer; `step(batch)` is one update of `loss` (None: the draft kind's)."""
+
+    def __init__(self, draft: nn.Module, embed: nn.Embedding | torch.Tensor | None,
+                 config: TrainerConfig = TrainerConfig(), loss: LossFn | None = None,
+                 collective: Collective | None = None):
         limit_heap_growth()  # glibc: a CPU step's RSS linear in the batch, not in its history (allocator.py)
         self.device = config.resolve_device(next(draft.parameters()).device)
         draft.to(self.device)  # fp32 master weights; the optimizer state follows them
-        self.draft, self.embed, self.config = draft, embed, config
+        self.draft, self.embed, self.config, self.collective = draft, embed, config, collective
+        self._loss = loss  # None: the draft kind's, looked up at the first step
         params = [p for p in draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                            weight_decay=config.weight_decay)
         self.steps_done = 0
         self.skipped_nonfinite = 0  # updates skipped because the loss or the gradient was NaN/Inf
+
+    @property
+    def loss(self) -> LossFn:
+        if self._loss is None:
+            self._loss = kind_of(self.draft).make_loss(self.config)
+        return self._loss
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the optimizer step with 0-based index `step`: linear warm-up over
@@ -126,24 +154,37 @@ class DraftTrainer:
         left = 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1 - done
         return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * left)
 
-    def step(self, batch: DraftBatch) -> TrainStats:
-        device = self.device
+    def step(self, batch: DraftBatch | None) -> TrainStats:
+        """One update. `batch=None` only with a collective: this rank contributes nothing this step."""
+        device, cfg, coll = self.device, self.config, self.collective
+        if batch is None and coll is None:
+            raise ValueError("DraftTrainer.step(None): only a data-parallel trainer (collective=...) takes a step "
+                             "without a batch; pass a DraftBatch")
+        # 1) learning rate; the normaliser every rank agrees on (data-parallel)
         self.draft.train()
         lr = self.lr_at(self.steps_done)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        cfg = self.config
-        dtype = cfg.autocast_dtype(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            result = ttt_loss(self.draft, batch.to(device), self.embed, steps=cfg.ttt_steps, decay=cfg.decay,
-                              loss=cfg.loss, tv_weight=cfg.tv_weight, recompute=cfg.recompute)
+        normalizer = coll.normalizer(batch, device) if coll is not None else None
+        # 2) the loss, handed in; backward only where it is finite
+        result = None
+        if batch is not None:
+            dtype = cfg.autocast_dtype(device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                result = self.loss(self.draft, batch.to(device), self.embed, normalizer)
         self.optimizer.zero_grad(set_to_none=True)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if result is not None and bool(torch.isfinite(result.loss)):
+            result.loss.backward()
+        # 3) a collective sums the gradients and the stats over ranks (a non-finite rank's loss poisons the sum)
+        if coll is not None:
+            result = coll.reduce(params, result, device)
+        # 4) clip and step, or skip a non-finite update
         grad_norm = float("nan")
         if bool(torch.isfinite(result.loss)):
-            result.loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip or float("inf")))
-        if math.isfinite(grad_norm):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
             self.optimizer.step()
             self.steps_done += 1
             faults.kill_point("draft_train")
@@ -154,8 +195,8 @@ class DraftTrainer:
                           f"update skipped, weights kept ({self.skipped_nonfinite} skipped so far); check the captured "
                           "features (RolloutBatch.aux_hidden / teacher) for NaN/Inf", stacklevel=2)
         return TrainStats(step=self.steps_done, loss=float(result.loss.detach()),
-                          step_loss=tuple(result.step_loss.tolist()), step_acc=tuple(result.step_acc.tolist()), tokens=int(result.step_tokens[0]),
-                          grad_norm=grad_norm, lr=lr)
+                          step_loss=tuple(result.step_loss.tolist()), step_acc=tuple(result.step_acc.tolist()),
+                          tokens=int(result.step_tokens[0]), grad_norm=grad_norm, lr=lr, skipped=skipped)
 
     def fit(self, batches: Iterable[DraftBatch], steps: int, progress: bool = True) -> list[TrainStats]:
         """Run `steps` updates, cycling over `batches` when it can be iterated again (a list);

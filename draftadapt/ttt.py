@@ -26,6 +26,7 @@ hidden state instead of fused aux states.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ from .allocator import limit_heap_growth
 from .batch import DraftBatch, teacher_dense
 from .drafts.attention import causal_attend, layout, ttt_attend
 from .drafts.eagle3 import Eagle3Draft, attend
+from .drafts.kinds import kind_of
 from .drafts.mtp import MTPDraft
 from .head_loss import LOSS_CHUNK_ELEMENTS, LOSSES, head_loss
 
@@ -67,6 +69,15 @@ def _tokens(weight: torch.Tensor, ids: torch.Tensor, like: torch.Tensor) -> torc
 def _check_steps(steps: int) -> None:
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
+
+
+def step1_features(draft, batch: DraftBatch) -> torch.Tensor:
+    """What step 1 fuses, as the draft kind says: aux states [B, T, n*H_t] (EAGLE-3) or the pre-norm last state [B, T, H_t] (MTP)."""
+    field = kind_of(draft).features
+    if field is None:
+        raise ValueError(f"{type(draft).__name__} reads no hidden state: the TTT unroll trains EAGLE-3 / MTP heads; "
+                         "train it with its kind's loss (DraftTrainer's default)")
+    return getattr(batch, field)
 
 
 LAYER_CHUNK_ELEMENTS = 1 << 20  # positions x hidden per recomputed chunk of the layer's position-wise parts
@@ -118,7 +129,7 @@ def unroll_hidden(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Em
     _check_steps(steps)
     weight = _embed_weight(embed)
     lay = layout(batch.valid, batch.positions)
-    hidden = draft.fuse(batch.final_hidden if isinstance(draft, MTPDraft) else batch.aux_hidden)  # [B, T, H]
+    hidden = draft.fuse(step1_features(draft, batch))  # [B, T, H]
     keys, values, out = [], [], []
     recompute = recompute and torch.is_grad_enabled()
     for k in range(1, steps + 1):
@@ -152,7 +163,7 @@ def unroll_dense(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Emb
     same = (lay.segment[:, :, None] == lay.segment[:, None, :]) & valid[:, None, :]
     eye = torch.eye(t, dtype=torch.bool, device=valid.device).expand(b, t, t)
     causal = (torch.ones(t, t, dtype=torch.bool, device=valid.device).tril() & same) | eye
-    hidden = draft.fuse(batch.final_hidden if isinstance(draft, MTPDraft) else batch.aux_hidden)  # [B, T, H]
+    hidden = draft.fuse(step1_features(draft, batch))  # [B, T, H]
     keys, values, logits = [], [], []
     for k in range(1, steps + 1):
         tok = _tokens(weight, shift(batch.input_ids, k), hidden)  # [B, T, H]
@@ -207,11 +218,7 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
             w = weight[r, c + k].float()  # [n]
             row_weight.append(w * (decay ** (k - 1) / w.sum().clamp(min=1e-8)))
         counts.append(n)
-    x = torch.cat(xs)  # [N, H]: every scored position of every step
-    if isinstance(draft, MTPDraft):  # the policy's shared head, frozen; the layer output is already normed
-        head = draft.head_weight()
-    else:
-        x, head = draft.norm(x), draft.lm_head.weight
+    x, head = kind_of(draft).head(draft, torch.cat(xs))  # [N, H] every scored position of every step; [Vd, H]
     teacher = lambda r, c: teacher_dense(batch, r, c)  # noqa: E731 - [n, Vd] per chunk, dense or top-k
     total, sums = head_loss(x, head, teacher, torch.cat(rows), torch.cat(cols), torch.cat(step),
                             torch.cat(row_weight), steps, loss, tv_weight, chunk_elements)
@@ -223,3 +230,23 @@ def ttt_loss(draft: Eagle3Draft | MTPDraft, batch: DraftBatch, embed: nn.Embeddi
         step_loss = sums[:, 3] / torch.tensor([decay ** k for k in range(steps)], device=sums.device)
     return TTTResult(loss=total, step_loss=step_loss, step_acc=per[:, 2], step_tokens=torch.tensor(counts),
                      step_kl=kl, step_tv=tv)
+
+
+@dataclass(frozen=True)
+class TTTLoss:
+    """`ttt_loss` as a trainer.LossFn: the EAGLE-3 / MTP kinds' default loss (drafts/kinds.py)."""
+
+    steps: int = 3  # K draft steps unrolled
+    decay: float = 0.8  # step k weighs decay^(k-1)
+    loss: str = "kl"  # one of LOSSES
+    tv_weight: float = 1.0  # weight of the TV term in "kl+tv"
+    recompute: bool = True  # recompute the layer's position-wise parts in backward
+
+    @classmethod
+    def from_config(cls, config) -> "TTTLoss":
+        return cls(config.ttt_steps, config.decay, config.loss, config.tv_weight, config.recompute)
+
+    def __call__(self, draft, batch: DraftBatch, embed, normalizer: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None) -> TTTResult:
+        return ttt_loss(draft, batch, embed, steps=self.steps, decay=self.decay, loss=self.loss,
+                        tv_weight=self.tv_weight, recompute=self.recompute, normalizer=normalizer, weight=weight)

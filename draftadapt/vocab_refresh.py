@@ -31,6 +31,7 @@ from torch import nn
 
 from .batch import RolloutBatch
 from .drafts.eagle3 import Eagle3Draft
+from .drafts.kinds import kind_of
 from .drafts.vocab import DraftVocab, vocab_from_counts
 from .strategy import StrategyDraftWorker
 from .workers import LocalDraftWorker
@@ -224,7 +225,7 @@ def check_worker(worker) -> None:
                          f"in-process LocalDraftWorker (or StrategyDraftWorker), got {type(worker).__name__}: {where}; "
                          f"or {OFF}")
     draft = worker.draft
-    if not isinstance(draft, Eagle3Draft) or draft.config.full_vocab:
+    kind = kind_of(draft)
+    if not kind.vocab_refresh or draft.config.full_vocab:
         raise ValueError(f"the vocab refresh re-targets a reduced EAGLE-3 draft vocab; this draft is a "
-                         f"{type(draft).__name__}" + (" with the full vocab" if isinstance(draft, Eagle3Draft)
-                                                      else "") + f": {OFF}")
+                         f"{type(draft).__name__}" + (" with the full vocab" if kind.vocab_refresh else "") + f": {OFF}")

@@ -38,12 +38,8 @@ from torch import nn
 
 from .batch import RolloutBatch
 from .cache import CacheConfig, HiddenStateCache, read_manifest
-from .checkpoint import draft_state_for_push
-from .drafts.eagle3 import Eagle3Draft
-from .distill import trainer_for
-from .drafts.draft_lm import DraftLM, draft_lm_state_for_push
-from .drafts.mtp import MTPDraft, mtp_state_for_push
-from .trainer import TrainerConfig
+from .drafts.kinds import kind_of
+from .trainer import DraftTrainer, LossFn, TrainerConfig
 
 
 class FeatureSpec(NamedTuple):
@@ -89,6 +85,16 @@ class DraftWorker(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def feature_spec_of(draft: nn.Module, target_ids: torch.Tensor | None = None,
+                    cache_config: CacheConfig | None = None) -> FeatureSpec:
+    """What capture must produce for `draft`, read from its config (every kind's config answers aux_layer_ids,
+    full_vocab, target_hidden_size, draft_vocab_size and final_hidden). target_ids: [Vd] (None: the draft's)."""
+    c, cc = draft.config, cache_config or CacheConfig()
+    ids = None if c.full_vocab else (target_ids if target_ids is not None else draft.target_ids().cpu())
+    return FeatureSpec(tuple(c.aux_layer_ids), ids, len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size,
+                       getattr(c, "final_hidden", None), cc.dtype, cc.teacher_dtype)
+
+
 def cache_info_of(cache: HiddenStateCache) -> CacheInfo:
     versions = [v for v, _ in cache.state_dict()["entries"]]
     return CacheInfo(cache.num_tokens, cache.num_bytes, len(versions), max(versions, default=None),
@@ -98,19 +104,26 @@ def cache_info_of(cache: HiddenStateCache) -> CacheInfo:
 class LocalDraftWorker:
     """The in-process DraftWorker: a HiddenStateCache and a DraftTrainer, run synchronously."""
 
-    def __init__(self, draft: Eagle3Draft | MTPDraft | DraftLM, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
-                 cache_config: CacheConfig, batch_tokens: int, seed: int = 0, target_head: nn.Module | None = None):
+    def __init__(self, draft: nn.Module, embed: nn.Embedding | torch.Tensor, trainer_config: TrainerConfig,
+                 cache_config: CacheConfig, batch_tokens: int, seed: int = 0, target_head: nn.Module | None = None,
+                 loss: LossFn | None = None):
+        """loss: what the trainer steps with; None = the draft kind's (TTT, or distillation for a DraftLM)."""
+        self.kind = kind_of(draft)  # looked up once: an unregistered draft class fails here, naming the fix
         self.draft, self.cache_config, self.batch_tokens, self.target_head = draft, cache_config, batch_tokens, target_head
-        self.trainer = trainer_for(draft, embed, trainer_config)  # TTT, or distillation for a DraftLM
+        self.trainer = DraftTrainer(draft, embed, trainer_config, loss)
         self.cache = HiddenStateCache(cache_config)
         self.generator = torch.Generator().manual_seed(seed)
         self._target_ids = draft.target_ids().cpu()  # [Vd] int64
 
     def feature_spec(self) -> FeatureSpec:
-        c = self.draft.config
-        return FeatureSpec(tuple(c.aux_layer_ids), None if c.full_vocab else self._target_ids,
-                           len(c.aux_layer_ids) * c.target_hidden_size, c.draft_vocab_size,
-                           getattr(c, "final_hidden", None), self.cache_config.dtype, self.cache_config.teacher_dtype)
+        return feature_spec_of(self.draft, self._target_ids, self.cache_config)
+
+    def use_cache_config(self, cache_config: CacheConfig) -> None:
+        """New cache bounds (the adapter's step budget: adapter_config.adapter_checks); only while the cache is empty."""
+        if self.cache.num_tokens:
+            raise RuntimeError("use_cache_config: the cache already holds features; build the adapter (or call "
+                               "adapter_checks) before on_rollouts adds any")
+        self.cache_config, self.cache = cache_config, HiddenStateCache(cache_config)
 
     def add(self, batch: RolloutBatch) -> int:
         return self.cache.add(batch)
@@ -134,11 +147,7 @@ class LocalDraftWorker:
 
     def state_for_push(self) -> dict[str, torch.Tensor]:
         """The live weights vLLM's drafter owns (no copy): consume them before the next train()."""
-        if isinstance(self.draft, MTPDraft):
-            return mtp_state_for_push(self.draft)
-        if isinstance(self.draft, DraftLM):
-            return draft_lm_state_for_push(self.draft)
-        return draft_state_for_push(self.draft)
+        return self.kind.state_for_push(self.draft)
 
     def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
         """Trainer (draft + optimizer), sampling generator, cache index; the cache's features are
@@ -190,6 +199,15 @@ class BackgroundDraftWorker:
     # 1) features: the live cache, on the caller's thread ----------------------------------------
     def feature_spec(self) -> FeatureSpec:
         return self.inner.feature_spec()
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        return self.inner.cache_config
+
+    def use_cache_config(self, cache_config: CacheConfig) -> None:
+        self._collect()  # no run may hold the cache
+        self.inner.use_cache_config(cache_config)
+        self.cache = self.inner.cache
 
     def add(self, batch: RolloutBatch) -> int:
         self._check()

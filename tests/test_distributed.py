@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_config, tiny_model
 
 from draftadapt.batch import DraftBatch
-from draftadapt.distributed import DataParallelTrainer, check_policy_layout, full_weight
+from draftadapt.distributed import check_policy_layout, data_parallel_trainer, full_weight
 from draftadapt.drafts.eagle3 import Eagle3Draft
 from draftadapt.trainer import DraftTrainer, TrainerConfig
 
@@ -110,9 +110,33 @@ def _dp_update(rank, world):
     draft, embed = _draft_and_embed()
     if rank == 1:  # the replicas start from different weights: the trainer broadcasts the owner's
         torch.nn.init.normal_(draft.fc.weight)
-    trainer = DataParallelTrainer(draft, embed, TrainerConfig(**CFG))
+    trainer = data_parallel_trainer(draft, embed, TrainerConfig(**CFG))
     stats = [trainer.step(_batch(seed=10 + rank, b=3 + rank, t=12 + 4 * rank)) for _ in range(2)]
     return {k: v.clone() for k, v in draft.state_dict().items()}, [s.loss for s in stats], seen
+
+
+def _dp_nan_on_one_rank(rank, world):
+    import warnings
+
+    draft, embed = _draft_and_embed()
+    trainer = data_parallel_trainer(draft, embed, TrainerConfig(**CFG))
+    clean = trainer.step(_batch(seed=10 + rank, b=3, t=12))
+    before = {k: v.clone() for k, v in draft.state_dict().items()}
+    batch = _batch(seed=20 + rank, b=3, t=12)
+    if rank == 1:  # only this rank's features are NaN: every rank must skip, or the replicas part
+        batch = DraftBatch(batch.input_ids, torch.full_like(batch.aux_hidden, float("nan")), batch.teacher_logprobs,
+                           batch.loss_mask, batch.valid)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        nan = trainer.step(batch)
+    same = all(torch.equal(before[k], v) for k, v in draft.state_dict().items())
+    return clean.skipped, nan.skipped, same, trainer.steps_done
+
+
+def test_a_nan_batch_on_one_rank_skips_the_update_on_every_rank():
+    for rank, (clean_skipped, nan_skipped, unchanged, steps) in enumerate(_run(_dp_nan_on_one_rank)):
+        assert not clean_skipped, f"rank {rank}: the clean step must update (the check must be able to fail)"
+        assert nan_skipped and unchanged and steps == 1, f"rank {rank}: a NaN on rank 1 must skip the update everywhere"
 
 
 def test_collective_device_is_the_backends(monkeypatch):

@@ -128,6 +128,16 @@ def draft_lm_state_for_push(draft: DraftLM) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in draft.lm.named_parameters()}
 
 
+def save_draft_lm(draft: DraftLM, out_dir: str | os.PathLike, target_config=None) -> Path:
+    """`draft.save(out_dir)`: the HF checkpoint vLLM serves with method="draft_model"; with target_config,
+    the vocabularies must match (vLLM refuses a draft LM over another vocabulary)."""
+    want = getattr(target_config, "vocab_size", None) if target_config is not None else None
+    if want is not None and want != draft.config.vocab_size:
+        raise ValueError(f"the draft LM has vocab_size {draft.config.vocab_size}, the target {want}: build it from "
+                         "this policy (DraftLM.from_policy(policy)) or a checkpoint with the policy's vocabulary")
+    return draft.save(out_dir)
+
+
 def _vocab_size(model_dir: Path) -> int:
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
