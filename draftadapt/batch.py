@@ -199,6 +199,9 @@ class RolloutBatch:
     #   long sequence starts past 0); None = 0, 1, ... per row
     priority: torch.Tensor | None = None  # [B] float64: step-reservoir priority of each row (budget.py);
     #   None = not drawn (a batch captured without a budget)
+    completion: torch.Tensor | None = None  # [N] bool: token n is a completion token (capture sets it from the
+    #   completion mask; loss_mask cannot tell, it is False where the target's top token is outside the draft vocab).
+    #   The vocab refresh counts these tokens; the cache drops the field (None = counted from loss_mask)
 
     def __post_init__(self) -> None:
         _check(self.input_ids, "input_ids", (None,), torch.int64, "pack the sequences' ids into one [N] int64")
@@ -212,7 +215,8 @@ class RolloutBatch:
                  ("teacher_topk_logprobs", (n, k), "float", "one log-prob per top-k id"),
                  ("final_hidden", (n, width // 3 or None), "float", "capture the last hidden state"),
                  ("positions", (n,), torch.int64, "pass one int64 position per token"),
-                 ("priority", (self.cu_seqlens.numel() - 1,), torch.float64, "pass one float64 priority per row"))
+                 ("priority", (self.cu_seqlens.numel() - 1,), torch.float64, "pass one float64 priority per row"),
+                 ("completion", (n,), torch.bool, "pass one bool per token, True for a completion token"))
         for i, (name, shape, dtype, fix) in enumerate(rules):
             if i < 3 or getattr(self, name) is not None:
                 _check(getattr(self, name), name, shape, dtype, fix)

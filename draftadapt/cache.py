@@ -16,7 +16,7 @@ import os
 import uuid
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -99,6 +99,8 @@ class HiddenStateCache:
     def add(self, batch: RolloutBatch) -> int:
         """Store every sequence (window) of `batch` that has a training target and survives the
         version's reservoir; returns how many were stored."""
+        if batch.completion is not None:  # read by the vocab refresh before the cache; not stored
+            batch = replace(batch, completion=None)
         self._check_schema(batch)
         # 1) storage dtypes on the host (a no-op for capture's output), then one owned copy per row worth training on
         entries = [self._storage(seq) for seq in self._cast(batch).sequences() if bool(seq.loss_mask.any())]

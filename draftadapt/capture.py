@@ -269,6 +269,7 @@ class FeatureCapture:
                            cu_seqlens=torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(self._where(dev)),
                            loss_mask=self._host(mask), policy_version=int(policy_version),
                            positions=None if pos is None else self._host(pos),
+                           completion=None if completion_mask is None else self._host(comp[rows]),
                            priority=None if prio is None else prio.to(self._where(dev)), **kw)
         if dev.type == "cuda" and self.offload_to_cpu:
             torch.cuda.current_stream(dev).synchronize()  # the non_blocking copies have landed

@@ -55,11 +55,15 @@ class VocabRefresh(NamedTuple):
 def completion_token_counts(batch: RolloutBatch, vocab_size: int) -> torch.Tensor:
     """[V] int64 counts of the completion tokens of a captured batch, whatever the draft vocab.
 
-    `loss_mask` depends on the draft vocab (it is False where the target's top token is not in it),
-    so it cannot be the count: RL completions are the suffix of each sequence, so every token after
-    the first training position of a row is counted (a window that starts inside a completion
-    misses its first token). O(N)."""
-    ids, mask = batch.input_ids.cpu(), batch.loss_mask.cpu()
+    `batch.completion` (set by capture from the completion mask) marks them. `loss_mask` cannot: it is False
+    where the target's top token is not in the draft vocab, so a completion written wholly in tokens the draft
+    lacks - the drift a refresh is for - has no training position before its EOS. Without `completion` (a batch
+    built by hand) every token after the first training position of a row is counted, as RL completions are the
+    suffix of each sequence. O(N)."""
+    ids = batch.input_ids.cpu()
+    if batch.completion is not None:
+        return torch.bincount(ids[batch.completion.cpu()], minlength=vocab_size)
+    mask = batch.loss_mask.cpu()
     lens = batch.cu_seqlens.cpu().diff()
     row = torch.repeat_interleave(torch.arange(lens.numel()), lens)  # [N] row of each token
     pos = torch.arange(ids.numel())

@@ -233,3 +233,30 @@ def test_grpo_recipe_refreshes_on_uncovered_tokens_and_serves_the_new_vocab(toy_
     r = refreshed[0]
     assert r["draft/vocab_uncovered"] > 0 and r["draft/vocab_coverage"] >= r["draft/vocab_coverage_before"]
     assert r["draft/pushed"] == 1.0
+
+
+def test_a_completion_written_wholly_outside_the_draft_vocab_is_counted():
+    """The drift a refresh is for: answers in tokens the draft vocab lacks (a new case, a new script). Their
+    positions have no training target (the target's top token is outside the draft vocab), so loss_mask cannot
+    mark them; capture's `completion` field does, and the cache does not keep it."""
+    from draftadapt.vocab_refresh import completion_token_counts
+
+    policy = policy_of("qwen2", tied=False)
+    adapter = DraftAdapter(draft_for(policy), policy.get_input_embeddings(), AdapterConfig(**CFG), TrainerConfig(),
+                           CacheConfig(max_tokens=8192), policy=policy)
+    outside = TASK[~torch.isin(TASK, adapter.draft.target_ids())]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.cat([torch.randint(0, 900, (B, PROMPT), generator=g),
+                     outside[torch.randint(0, outside.numel(), (B, COMP), generator=g)]], 1)
+    am, comp = torch.ones_like(ids), torch.zeros_like(ids)
+    comp[:, PROMPT:] = 1
+    with adapter.capture(policy) as cap, torch.no_grad():
+        policy(input_ids=ids, attention_mask=am)
+    batch = cap.rollout_batch(ids, am, comp, policy_version=0)
+    want = torch.bincount(ids[:, PROMPT:].reshape(-1), minlength=V)
+    assert torch.equal(completion_token_counts(batch, V), want)
+    # the old count (from loss_mask) misses them: the assertion above is not one any count passes
+    assert completion_token_counts(dataclasses.replace(batch, completion=None), V)[outside].sum() < want.sum()
+    adapter.on_rollouts(batch)
+    assert torch.equal(adapter.vocab.recent, want)
+    assert all(e.completion is None for e in adapter.worker.cache._entries), "the cache stores no completion mask"
