@@ -120,6 +120,14 @@ def make_adapter(name: str, draft_dirs: dict[str, Path], embed, head=None) -> Dr
                         strategy=load_section(StrategyConfig, c["strategy"]), target_head=head)
 
 
+def load_policy(policy, state: dict) -> None:
+    """Load a saved policy state; a tied head is not saved (safetensors keeps the shared tensor once)."""
+    missing = policy.load_state_dict(state, strict=False).missing_keys
+    tied = policy.get_output_embeddings().weight is policy.get_input_embeddings().weight
+    if missing and not (tied and missing == ["lm_head.weight"]):
+        raise ValueError(f"the trajectory's policy state lacks {missing}; record it again")
+
+
 def measure(swapper, engine, state: dict, version: int, prompts: list[list[int]], tok, args, max_tokens: int):
     """Push `state` as draft `version` and sample the held-out prompts (seeded, T=1): (spec counters, outputs)."""
     swapper.push_draft(state, version)
@@ -155,7 +163,7 @@ def replay(scn, traj_dir: Path, arms: list[str], args) -> list[dict]:
         for v in traj.versions:
             t0 = time.perf_counter()
             # 1) every arm sees the same features of step v's rollouts (policy v), then trains
-            policy.load_state_dict(traj.policy_state(v))
+            load_policy(policy, traj.policy_state(v))
             ro = traj.rollouts(v)
             # (the teacher is over each draft's own vocab: one feature pass per initial draft and vocab)
             def key(a):
@@ -180,7 +188,7 @@ def replay(scn, traj_dir: Path, arms: list[str], args) -> list[dict]:
                 if st.vocab is not None:  # a vocab refresh (vocab_refresh_every): coverage before/after
                     train[a]["vocab"] = st.vocab._asdict()
             # 2) the engine serves policy v+1; each draft is pushed and measured on the same seeded samples
-            policy.load_state_dict(traj.policy_state(v + 1))
+            load_policy(policy, traj.policy_state(v + 1))
             swapper.refit_policy(policy.state_dict(), v + 1)
             drafts = {"frozen": frozen, **({"frozen-chat": frozen_chat} if frozen_chat else {}),
                       **{a: behind.get(a) or adapters[a].worker.state_for_push() for a in arms}}

@@ -36,6 +36,7 @@ class LettersConfig:
     upper_share: float = 0.1  # share of upper-case answers in the supervised data (the style GRPO grows)
     hidden_size: int = 128  # the tied Qwen2 policy
     num_hidden_layers: int = 4
+    max_position_embeddings: int = 512  # >= the engine's max_model_len (vLLM refuses a longer one)
     sft_steps: int = 400  # supervised steps, 32 examples each (one length per batch: no padding)
     sft_lr: float = 3e-3
     draft_vocab_size: int = 27  # the first draft's vocab: the most frequent completion tokens (a-z + <eos>)
@@ -132,7 +133,7 @@ def _build(cfg: LettersConfig, art: LettersArtefacts) -> None:
     # 1) the policy: a tied Qwen2 from a config, supervised on mostly lower-case answers
     qc = Qwen2Config(vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
                      num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                     max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(cfg.seed)
     policy = AutoModelForCausalLM.from_config(qc)
@@ -161,5 +162,5 @@ def _build(cfg: LettersConfig, art: LettersArtefacts) -> None:
                            max_tokens=cfg.max_letters + 1, stop_token_ids=[tok.eos_token_id], seed=cfg.seed,
                            draft_vocab_size=cfg.draft_vocab_size, aux_layer_ids=AUX_LAYER_IDS,
                            config=TrainerConfig(lr=3e-3, warmup_steps=10, lr_schedule="cosine",
-                                                lr_decay_steps=cfg.draft_steps - 10),
+                                                lr_decay_steps=max(1, cfg.draft_steps - 10)),
                            batch_size=32, out_dir=art.draft, progress=False)
