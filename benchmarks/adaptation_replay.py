@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 from _common import RESULTS, print_table, stamp, write_json  # noqa: E402
 from replay_scenarios import SCENARIOS, scenario  # noqa: E402
-from replay_stats import plot_curves, summarize  # noqa: E402
+from replay_stats import markdown_table, plot_curves, summarize  # noqa: E402
 
 from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
 from draftadapt.cache import CacheConfig  # noqa: E402
@@ -302,6 +302,8 @@ def print_report(summary: dict) -> None:
                 for a, (m, lo, hi) in ((k, x) for k, x in fr.items() if k != "ratio_of_means")))
         print_table(["version", "frozen AL", "oracle AL", "oracle gap", "gap ci lo", "gap ci hi", "accuracy",
                      f"{s.get('drift', 'formal')} share"], s["per_step"])
+        if s["oracle_steps"]:
+            print(markdown_table(s))
 
 
 if __name__ == "__main__":

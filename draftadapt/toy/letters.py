@@ -37,7 +37,7 @@ class LettersConfig:
     hidden_size: int = 128  # the tied Qwen2 policy
     num_hidden_layers: int = 4
     max_position_embeddings: int = 512  # >= the engine's max_model_len (vLLM refuses a longer one)
-    sft_steps: int = 400  # supervised steps, 32 examples each (one length per batch: no padding)
+    sft_steps: int = 1500  # supervised steps, 32 examples each (one length per batch: no padding)
     sft_lr: float = 3e-3
     draft_vocab_size: int = 27  # the first draft's vocab: the most frequent completion tokens (a-z + <eos>)
     draft_prompts: int = 128  # prompts x draft_samples of the policy's own samples for the first draft
