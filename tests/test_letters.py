@@ -37,6 +37,7 @@ def test_reward_pays_upper_case_only_when_asked_and_partial_credit():
     assert correct(p, "C B A") and not correct(p, "C B")
 
 
+@pytest.mark.slow  # a pinned child process trains a policy and a draft: ~40 s of CPU
 def test_first_draft_vocab_excludes_upper_case_letters(tmp_path):
     """A small build (its own cache dir): the draft's vocab is the most frequent completion tokens of the policy's
     own samples - a-z and <eos> - and holds no upper-case letter, though the policy writes some."""
