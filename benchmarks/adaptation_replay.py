@@ -80,6 +80,8 @@ ARMS = {"default": {},
         "refresh": {"adapter": {"vocab_refresh_uncovered": 0.05}},
         "refresh-lr2e-3": {"adapter": {"vocab_refresh_uncovered": 0.05}, "trainer": {"lr": 2e-3}},
         # ... and 4x the optimizer steps at a boundary whose acceptance fell 0.05 below the adapter's EMA
+        "refresh-boost4": {"adapter": {"vocab_refresh_uncovered": 0.05},
+                           "strategy": {"boost_factor": 4.0, "boost_drop": 0.05}},
         "refresh-lr2e-3-boost4": {"adapter": {"vocab_refresh_uncovered": 0.05}, "trainer": {"lr": 2e-3},
                                   "strategy": {"boost_factor": 4.0, "boost_drop": 0.05}}}
 
