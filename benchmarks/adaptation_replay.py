@@ -256,6 +256,7 @@ def main() -> None:
         print_report(res["summary"])
         return
     if args.combine:
+        # a part is a finished run's JSON, or the per-step partial of a run that stopped after its trajectory
         parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
         runs = {k: v for p in parts for k, v in p["runs"].items()}
         arms = [a for a in parts[0]["args"]["arms"] if all(a in p["args"]["arms"] for p in parts)]

@@ -73,7 +73,7 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
                 oracle_steps[v]["ratio_of_means"] = {a: t_interval([r["al"][a] - r["al"]["frozen"] for r in rs])[0]
                                                      / gap[0] for a in arms} if gap[0] > 0 else None
             per_step.append([v, frozen, oracle, *gap, t_interval([r["accuracy"] for r in rs])[0],
-                             t_interval([r.get("drift_share", r["styles"]["formal"]) for r in rs])[0]])
+                             t_interval([r["drift_share"] if "drift_share" in r else r["styles"]["formal"] for r in rs])[0]])
         out[reward] = {"n_seeds": len(seeds), "steps": n, "drift": next(iter(seeds.values()))[0].get("drift", "formal"), "arms": arm_rows, "per_step": per_step,
                        "oracle_steps": oracle_steps, "open_gap_steps": open_gaps}
     return out
