@@ -93,7 +93,7 @@ def plot_curves(runs: dict[str, list[dict]], png: Path) -> Path | None:
     for ax, reward in zip(axes[0], rewards):
         seeds = [rows for k, rows in runs.items() if k.split("/")[0] == reward]
         seeds = [rows[:min(len(r) for r in seeds)] for rows in seeds]
-        names = [n for n in seeds[0][0]["al"] if n != "oracle"]
+        names = [n for n in seeds[0][0]["al"] if n != "oracle" and all(n in rows[0]["al"] for rows in seeds)]
         for name in names:
             xs = [r["version"] for r in seeds[0]]
             ys = [sum(rows[i]["al"][name] for rows in seeds) / len(seeds) for i in range(len(xs))]
