@@ -1,6 +1,9 @@
 """Which draft-adaptation strategy keeps up with a drifting policy? A replay lab that isolates the draft.
 
-1) record: a GRPO run on the toy task, ONCE per (reward, seed): per-step policy checkpoints and
+0) scenario (benchmarks/replay_scenarios.py): what drifts - a toy reward (formal-only: a style drift; formal: a
+   sharpening drift, the frozen AL rises) or letters-upper (a second task and tokenizer whose drift writes tokens
+   outside the draft vocab); it records, names the tokenizer and initial drafts, the held-out prompts and the oracle.
+1) record: a GRPO run of the scenario, ONCE per (scenario, seed): per-step policy checkpoints and
    rollouts (`draftadapt.replay`), sampled with plain decoding (a draft never changes what is
    sampled), kept under runs/adaptation_replay/ and reused by later replays (--rerecord redoes it).
 2) replay: every strategy (arm) adapts its own copy of the same initial draft over the SAME
@@ -13,7 +16,7 @@
    interval over the recorded trajectories (seeds); at oracle steps the fraction of the
    frozen-to-oracle gap closed; draft compute per arm. JSON (every arm's config) + PNG curves.
 
-    python benchmarks/adaptation_replay.py [--rewards formal-only] [--seeds 0 1 2] [--steps 10]
+    python benchmarks/adaptation_replay.py [--scenarios formal-only letters-upper] [--seeds 0 1 2] [--steps 10]
         [--arms default tv ...] [--eval-prompts 64] [--reuse] [--rerecord]
 
 The `generic` arm starts the default strategy from a draft trained on the toy chat corpus (built once, cached) and
