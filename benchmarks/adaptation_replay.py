@@ -1,6 +1,9 @@
 """Which draft-adaptation strategy keeps up with a drifting policy? A replay lab that isolates the draft.
 
-1) record: a GRPO run on the toy task, ONCE per (reward, seed): per-step policy checkpoints and
+0) scenario (benchmarks/replay_scenarios.py): what drifts - a toy reward (formal-only: a style drift; formal: a
+   sharpening drift, the frozen AL rises) or letters-upper (a second task and tokenizer whose drift writes tokens
+   outside the draft vocab); it records, names the tokenizer and initial drafts, the held-out prompts and the oracle.
+1) record: a GRPO run of the scenario, ONCE per (scenario, seed): per-step policy checkpoints and
    rollouts (`draftadapt.replay`), sampled with plain decoding (a draft never changes what is
    sampled), kept under runs/adaptation_replay/ and reused by later replays (--rerecord redoes it).
 2) replay: every strategy (arm) adapts its own copy of the same initial draft over the SAME
@@ -13,7 +16,7 @@
    interval over the recorded trajectories (seeds); at oracle steps the fraction of the
    frozen-to-oracle gap closed; draft compute per arm. JSON (every arm's config) + PNG curves.
 
-    python benchmarks/adaptation_replay.py [--rewards formal-only] [--seeds 0 1 2] [--steps 10]
+    python benchmarks/adaptation_replay.py [--scenarios formal-only letters-upper] [--seeds 0 1 2] [--steps 10]
         [--arms default tv ...] [--eval-prompts 64] [--reuse] [--rerecord]
 
 The `generic` arm starts the default strategy from a draft trained on the toy chat corpus (built once, cached) and
@@ -40,7 +43,8 @@ sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 from _common import RESULTS, print_table, stamp, write_json  # noqa: E402
-from replay_stats import plot_curves, summarize  # noqa: E402
+from replay_scenarios import SCENARIOS, scenario  # noqa: E402
+from replay_stats import markdown_table, plot_curves, summarize  # noqa: E402
 
 from draftadapt.adapter import AdapterConfig, DraftAdapter  # noqa: E402
 from draftadapt.cache import CacheConfig  # noqa: E402
@@ -50,15 +54,6 @@ from draftadapt.trainer import TrainerConfig  # noqa: E402
 
 TRAJ_ROOT = ROOT / "runs" / "adaptation_replay"
 OUT = RESULTS / "adaptation_replay"
-# formal: correct answers in the formal style (3% of the SFT data) earn 3x - accuracy rises while the style moves;
-# formal-only: ONLY correct formal answers pay (other_styles=0) - formal_bonus alone let chain of thought (the
-#   draft's own style) win, the frozen draft's AL rose; this reward forces the move toward the under-represented style
-# correct: correctness only (sharpening); style: +1 for any verbose completion, right or wrong (a reward hack)
-REWARDS = {"verbose": ["reward.verbose_bonus=2"],
-           "formal": ["reward.verbose_bonus=0", "reward.formal_bonus=2"],
-           "formal-only": ["reward.verbose_bonus=0", "reward.other_styles=0"],
-           "correct": ["reward.verbose_bonus=0"],
-           "style": ["reward.verbose_bonus=0", "reward.verbose_reward=1"]}
 BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
                     "acceptance_drop": None},
         "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {},
@@ -80,7 +75,18 @@ ARMS = {"default": {},
         "generic-refresh-lr4x": {"init": "chat", "adapter": {"vocab_refresh_every": 1}, "trainer": {"lr": 2e-3}},
         # UntilBoundaryDraftWorker: serves one step behind and trains as many steps as the recorded step lasted
         # (its capture budget stays the default's: the sampler is sized once, from the initial train_steps)
-        "until-boundary": {"clock": True}}
+        "until-boundary": {"clock": True},
+        # [U] candidates for the defaults, chosen on three drifts (formal-only, formal, letters-upper):
+        "lr2e-3": {"trainer": {"lr": 2e-3}},  # 4x the draft lr, same compute
+        # the vocab refresh whenever > 5% of a step's completion tokens are outside the draft vocab (the lab hands
+        # the adapter the policy's lm_head), at the default lr and at 4x
+        "refresh": {"adapter": {"vocab_refresh_uncovered": 0.05}},
+        "refresh-lr2e-3": {"adapter": {"vocab_refresh_uncovered": 0.05}, "trainer": {"lr": 2e-3}},
+        # ... and 4x the optimizer steps at a boundary whose acceptance fell 0.05 below the adapter's EMA
+        "refresh-boost4": {"adapter": {"vocab_refresh_uncovered": 0.05},
+                           "strategy": {"boost_factor": 4.0, "boost_drop": 0.05}},
+        "refresh-lr2e-3-boost4": {"adapter": {"vocab_refresh_uncovered": 0.05}, "trainer": {"lr": 2e-3},
+                                  "strategy": {"boost_factor": 4.0, "boost_drop": 0.05}}}
 
 
 def arm_config(name: str) -> dict:
@@ -109,49 +115,6 @@ def clock_steps(train: dict, step_seconds: float, min_steps: int) -> int:
     return max(min_steps, int(step_seconds / sorted(timed)[len(timed) // 2]))
 
 
-# 1) record ------------------------------------------------------------------------------------
-def record(reward: str, seed: int, steps: int, lr: float, root: Path, overrides: tuple[str, ...] = ()) -> Path:
-    import grpo_toy as recipe
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from draftadapt.engine.swap import EngineSwapper
-    from draftadapt.engine.vllm import Engine, EngineConfig
-    from draftadapt.grpo.loop import collate, policy_update
-    from draftadapt.grpo.objective import group_advantages
-    from draftadapt.replay import StepRollouts, TrajectoryRecorder
-    from draftadapt.toy.policy import toy_policy
-    from draftadapt.toy.task import STYLES, style_of
-
-    cfg = recipe.load_config(str(ROOT / "recipes" / "grpo_toy.yaml"),
-                             [*REWARDS[reward], f"run.seed={seed}", f"run.steps={steps}", f"optim.lr={lr}", *overrides])
-    torch.manual_seed(seed)
-    policy_dir = toy_policy()
-    tok = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    rec = TrajectoryRecorder(root, meta={"reward": reward, "seed": seed, "config": asdict(cfg), "update_seconds": []})
-    with Engine(EngineConfig(model=str(policy_dir), max_num_seqs=cfg.rollout.max_num_seqs, seed=seed)) as eng:
-        swapper = EngineSwapper(eng)
-        for step in range(steps):
-            problems = recipe.step_problems(cfg, step)
-            r = recipe.rollouts(eng, tok, problems, cfg, version=step, seed=seed * 7919 + step)
-            b = collate(r, tok.pad_token_id)
-            adv = group_advantages(r.rewards, r.group_size, scale=cfg.update.scale_advantages)
-            info = {"reward": float(r.rewards.mean()), "accuracy": recipe.accuracy(problems, r),
-                    "generation_seconds": r.seconds, "completion_tokens": r.num_tokens,
-                    **{f"style/{s}": sum(style_of(t) == s for t in r.texts) / len(r.texts) for s in STYLES}}
-            rec.record(step, policy, StepRollouts(b.input_ids, b.attention_mask, b.completion_mask,
-                                                  r.rewards.float(), adv.float()), info)
-            t0 = time.perf_counter()
-            policy_update(policy, opt, r, tok.pad_token_id, cfg.update)
-            rec.meta["update_seconds"].append(time.perf_counter() - t0)  # + generation = the step
-            swapper.refit_policy(policy.state_dict(), step + 1)
-            print(f"  record {reward} s{seed} step {step}: {json.dumps({k: round(v, 3) for k, v in info.items()})}",
-                  flush=True)
-    rec.finish(steps, policy)
-    return root
-
-
 # 2) replay ------------------------------------------------------------------------------------
 def make_adapter(name: str, draft_dirs: dict[str, Path], embed, head=None) -> DraftAdapter:
     from draftadapt.checkpoint import load_eagle3
@@ -162,57 +125,42 @@ def make_adapter(name: str, draft_dirs: dict[str, Path], embed, head=None) -> Dr
                         strategy=load_section(StrategyConfig, c["strategy"]), target_head=head)
 
 
-def oracle_draft(engine, tok, policy, draft_dir: Path, args, version: int, task):
-    """The initial draft trained to convergence on this policy's own temperature-1 samples."""
-    from draftadapt.checkpoint import load_eagle3
-    from draftadapt.offline import train_offline
-    from draftadapt.toy.draft import domain_prompts, rollout_sequences
-
-    prompts = domain_prompts(tok, "task", args.oracle_prompts, seed=100 + version, task=task)
-    roll = rollout_sequences(engine, tok, prompts, 2, 96)
-    t0 = time.perf_counter()
-    draft = train_offline(policy, roll.sequences, args.oracle_steps, draft=load_eagle3(draft_dir),
-                          config=TrainerConfig(lr=1e-3, ttt_steps=3, warmup_steps=20), loss_masks=roll.loss_masks,
-                          batch_size=32, progress=False)
-    return draft, time.perf_counter() - t0
+def load_policy(policy, state: dict) -> None:
+    """Load a saved policy state; a tied head is not saved (safetensors keeps the shared tensor once)."""
+    missing = policy.load_state_dict(state, strict=False).missing_keys
+    tied = policy.get_output_embeddings().weight is policy.get_input_embeddings().weight
+    if missing and not (tied and missing == ["lm_head.weight"]):
+        raise ValueError(f"the trajectory's policy state lacks {missing}; record it again")
 
 
-def measure(swapper, engine, state: dict, version: int, prompts: list[list[int]], tok, args):
+def measure(swapper, engine, state: dict, version: int, prompts: list[list[int]], tok, args, max_tokens: int):
     """Push `state` as draft `version` and sample the held-out prompts (seeded, T=1): (spec counters, outputs)."""
     swapper.push_draft(state, version)
     c0 = swapper.spec_counters()
-    outs = engine.generate(prompts, n=args.samples, temperature=1.0, max_tokens=96, logprobs=False,
+    outs = engine.generate(prompts, n=args.samples, temperature=1.0, max_tokens=max_tokens, logprobs=False,
                            seed=args.eval_seed, stop_token_ids=[tok.eos_token_id])
     return swapper.spec_counters() - c0, outs
 
 
-def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
+def replay(scn, traj_dir: Path, arms: list[str], args) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from draftadapt.checkpoint import draft_state_for_push, load_eagle3
     from draftadapt.engine.swap import EngineSwapper
     from draftadapt.engine.vllm import Engine, EngineConfig, SpecConfig
     from draftadapt.replay import Trajectory, features
-    from draftadapt.toy.draft import ToyDraftConfig, toy_draft
-    from draftadapt.toy.eval import encode_prompt, eval_problems
-    from draftadapt.toy.policy import toy_policy
-    from draftadapt.toy.task import STYLES, TaskConfig, parse_answer, style_of
 
     traj = Trajectory(traj_dir)
-    tok_dir = toy_policy()  # the trajectory's checkpoints hold weights only
-    draft_dir = toy_draft(tok_dir)
-    draft_dirs = {"task": draft_dir}
-    if any(arm_config(a)["init"] == "chat" for a in arms):  # built once, cached beside the policy
-        draft_dirs["chat"] = toy_draft(tok_dir, ToyDraftConfig(domain="chat", steps=args.generic_steps))
+    tok_dir = scn.tokenizer_dir()  # the trajectory's checkpoints hold weights only
+    draft_dirs = scn.draft_dirs({arm_config(a)["init"] for a in arms}, args.generic_steps)
+    draft_dir = draft_dirs["task"]
     tok = AutoTokenizer.from_pretrained(tok_dir)
     policy = AutoModelForCausalLM.from_pretrained(traj.policy_dir(0), dtype=torch.float32).eval()
     adapters = {a: make_adapter(a, draft_dirs, policy.get_input_embeddings(), policy.get_output_embeddings())
                 for a in arms}
     frozen = {k: v.clone() for k, v in draft_state_for_push(load_eagle3(draft_dir)).items()}
     frozen_chat = draft_state_for_push(load_eagle3(draft_dirs["chat"])) if "chat" in draft_dirs else None
-    task = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in traj.meta["config"]["task"].items()})
-    problems = eval_problems(args.eval_prompts, seed=4321, cfg=task)  # the trajectory's own problem distribution
-    prompts = [encode_prompt(tok, p.prompt) for p in problems]
+    prompts, judge = scn.eval_set(traj, tok, args.eval_prompts)  # the trajectory's own problem distribution
     engine = Engine(EngineConfig(model=str(traj.policy_dir(0)), tokenizer=str(tok_dir), max_num_seqs=64, seed=0,
                                  spec=SpecConfig("eagle3", 3, model=str(draft_dir))))
     swapper, push_version, counters, rows = EngineSwapper(engine), 0, {a: None for a in arms}, []
@@ -220,7 +168,7 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
         for v in traj.versions:
             t0 = time.perf_counter()
             # 1) every arm sees the same features of step v's rollouts (policy v), then trains
-            policy.load_state_dict(traj.policy_state(v))
+            load_policy(policy, traj.policy_state(v))
             ro = traj.rollouts(v)
             # (the teacher is over each draft's own vocab: one feature pass per initial draft and vocab)
             def key(a):
@@ -245,36 +193,35 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
                 if st.vocab is not None:  # a vocab refresh (vocab_refresh_every): coverage before/after
                     train[a]["vocab"] = st.vocab._asdict()
             # 2) the engine serves policy v+1; each draft is pushed and measured on the same seeded samples
-            policy.load_state_dict(traj.policy_state(v + 1))
+            load_policy(policy, traj.policy_state(v + 1))
             swapper.refit_policy(policy.state_dict(), v + 1)
             drafts = {"frozen": frozen, **({"frozen-chat": frozen_chat} if frozen_chat else {}),
                       **{a: behind.get(a) or adapters[a].worker.state_for_push() for a in arms}}
             oracle_s = None
             if args.oracle_every and (v + 1) % args.oracle_every == 0:
-                od, oracle_s = oracle_draft(engine, tok, policy, draft_dir, args, v + 1, task)
-                drafts["oracle"] = draft_state_for_push(od)
+                t1 = time.perf_counter()
+                drafts["oracle"] = draft_state_for_push(scn.oracle(engine, tok, policy, args, v + 1))
+                oracle_s = time.perf_counter() - t1
             names = list(drafts)
             names = names[v % len(names):] + names[:v % len(names)]  # rotate the measuring order
             al, acc, styles = {}, None, None
             for name in names:
                 push_version += 1
-                spec, outs = measure(swapper, engine, drafts[name], push_version, prompts, tok, args)
+                spec, outs = measure(swapper, engine, drafts[name], push_version, prompts, tok, args, scn.max_tokens)
                 al[name] = spec.acceptance_length
                 if name in arms:
                     counters[name] = spec
                 if name == "frozen":
-                    texts = [(p, tok.decode(c.token_ids, skip_special_tokens=True)) for p, g in zip(problems, outs)
-                             for c in g]
-                    acc = sum(parse_answer(t) == p.answer for p, t in texts) / len(texts)
-                    styles = {s: sum(style_of(t) == s for _, t in texts) / len(texts) for s in STYLES}
-            rows.append({"version": v + 1, "al": al, "accuracy": acc, "styles": styles, "train": train,
+                    acc, styles = judge(outs)
+            rows.append({"version": v + 1, "al": al, "accuracy": acc, "styles": styles, "drift": scn.drift,
+                         "drift_share": styles[scn.drift], "train": train,
                          "rollout_completion_tokens": ro.completion_tokens, "oracle_seconds": oracle_s,
                          "step_seconds": step_s, "load_average": os.getloadavg(),
                          "recorded": traj.step_info(v), "replay_seconds": time.perf_counter() - t0})
             partial = {"stamp": stamp(), "args": vars(args), "arms": {a: arm_config(a) for a in arms},
                        "runs": {f"{traj.meta['reward']}/{traj.meta['seed']}": rows}}
             (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(partial, default=str))  # --combine reads it
-            print(f"  replay {traj_dir.name} v{v + 1}: acc {acc:.3f} formal {styles['formal']:.2f} "
+            print(f"  replay {traj_dir.name} v{v + 1}: acc {acc:.3f} {scn.drift} {styles[scn.drift]:.2f} "
                   + " ".join(f"{k} {x:.3f}" for k, x in al.items()), flush=True)
     finally:
         engine.shutdown()
@@ -283,10 +230,12 @@ def replay(traj_dir: Path, arms: list[str], args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rewards", nargs="+", default=["formal"], choices=sorted(REWARDS))
+    ap.add_argument("--scenarios", "--rewards", dest="scenarios", nargs="+", default=["formal"], choices=SCENARIOS,
+                    help="drift scenarios (benchmarks/replay_scenarios.py): a toy reward, or letters-upper")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=10, help="GRPO steps per recorded trajectory")
-    ap.add_argument("--policy-lr", type=float, default=5e-5)
+    ap.add_argument("--policy-lr", type=float, default=None, help="policy lr of the recording (default: the "
+                    "scenario's: formal-only 2e-4, formal 1e-4, letters-upper 3e-4, other toy rewards 5e-5)")
     ap.add_argument("--record-override", nargs="*", default=[], help="recipe overrides for recording, e.g. "
                     "rollout.prompts_per_step=8 (they name the trajectory directory)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -310,6 +259,7 @@ def main() -> None:
         print_report(res["summary"])
         return
     if args.combine:
+        # a part is a finished run's JSON, or the per-step partial of a run that stopped after its trajectory
         parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
         runs = {k: v for p in parts for k, v in p["runs"].items()}
         arms = [a for a in parts[0]["args"]["arms"] if all(a in p["args"]["arms"] for p in parts)]
@@ -318,17 +268,19 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     runs = {}
-    for reward in args.rewards:
+    for name in args.scenarios:
+        scn = scenario(name)
+        lr = scn.policy_lr if args.policy_lr is None else args.policy_lr
         for seed in args.seeds:
             tag = "".join(f"-{o.replace('=', '')}" for o in args.record_override)
-            root = TRAJ_ROOT / f"{reward}-s{seed}-n{args.steps}-lr{args.policy_lr:g}{tag}"
+            root = TRAJ_ROOT / f"{name}-s{seed}-n{args.steps}-lr{lr:g}{tag}"
             if args.rerecord or not (root / "trajectory.json").exists() or \
                     json.loads((root / "trajectory.json").read_text()).get("steps") is None:
                 print(f"recording {root.name}", flush=True)
-                record(reward, seed, args.steps, args.policy_lr, root, tuple(args.record_override))
+                scn.record(seed, args.steps, lr, root, tuple(args.record_override))
             if args.record_only:
                 continue
-            runs[f"{reward}/{seed}"] = replay(root, args.arms, args)
+            runs[f"{name}/{seed}"] = replay(scn, root, args.arms, args)
             report(runs, args.arms, args, {"arms": {a: arm_config(a) for a in args.arms}})  # after every trajectory
 
 
@@ -355,7 +307,9 @@ def print_report(summary: dict) -> None:
                 f"{a} {m:+.2f} [{lo:+.2f}, {hi:+.2f}] ({ratio.get(a, math.nan):+.2f})"
                 for a, (m, lo, hi) in ((k, x) for k, x in fr.items() if k != "ratio_of_means")))
         print_table(["version", "frozen AL", "oracle AL", "oracle gap", "gap ci lo", "gap ci hi", "accuracy",
-                     "formal share"], s["per_step"])
+                     f"{s.get('drift', 'formal')} share"], s["per_step"])
+        if s["oracle_steps"]:
+            print(markdown_table(s))
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
                 oracle_steps[v]["ratio_of_means"] = {a: t_interval([r["al"][a] - r["al"]["frozen"] for r in rs])[0]
                                                      / gap[0] for a in arms} if gap[0] > 0 else None
             per_step.append([v, frozen, oracle, *gap, t_interval([r["accuracy"] for r in rs])[0],
-                             t_interval([r["styles"]["formal"] for r in rs])[0]])
-        out[reward] = {"n_seeds": len(seeds), "steps": n, "arms": arm_rows, "per_step": per_step,
+                             t_interval([r["drift_share"] if "drift_share" in r else r["styles"]["formal"] for r in rs])[0]])
+        out[reward] = {"n_seeds": len(seeds), "steps": n, "drift": next(iter(seeds.values()))[0].get("drift", "formal"), "arms": arm_rows, "per_step": per_step,
                        "oracle_steps": oracle_steps, "open_gap_steps": open_gaps}
     return out
 
@@ -93,7 +93,7 @@ def plot_curves(runs: dict[str, list[dict]], png: Path) -> Path | None:
     for ax, reward in zip(axes[0], rewards):
         seeds = [rows for k, rows in runs.items() if k.split("/")[0] == reward]
         seeds = [rows[:min(len(r) for r in seeds)] for rows in seeds]
-        names = [n for n in seeds[0][0]["al"] if n != "oracle"]
+        names = [n for n in seeds[0][0]["al"] if n != "oracle" and all(n in rows[0]["al"] for rows in seeds)]
         for name in names:
             xs = [r["version"] for r in seeds[0]]
             ys = [sum(rows[i]["al"][name] for rows in seeds) / len(seeds) for i in range(len(xs))]
@@ -126,3 +126,28 @@ def ratio_per_step(runs: dict[str, list[dict]], num: str, den: str) -> list[list
         mean = [t_interval([r["al"][a] for r in rs])[0] for a in (num, den)]
         out.append([rs[0]["version"], *mean, *t_interval([r["al"][num] / r["al"][den] for r in rs])])
     return out
+
+
+def markdown_table(s: dict) -> str:
+    """One scenario's summary as a markdown table: the fraction of the frozen->oracle gap closed at each oracle
+    step per arm (per-seed mean [95% CI]; ratio of the means), the frozen and oracle AL, and the draft compute
+    (train tokens / rollout completion tokens, per RL step)."""
+    steps = sorted(s["oracle_steps"], key=int)
+    per = {row[0]: row for row in s["per_step"]}
+    head = ["arm", *[f"gap closed v{v}" for v in steps], "AL gain vs frozen (mean v1-6)", "vs default",
+            "train tok / rollout tok"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for a, r in s["arms"].items():
+        cells = [a]
+        for v in steps:
+            m, lo, hi = s["oracle_steps"][v][a]
+            ratio = (s["oracle_steps"][v].get("ratio_of_means") or {}).get(a, math.nan)
+            cells.append(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]; {ratio:+.2f}")
+        g, b = r["gain"], r.get("vs_first_arm", [math.nan] * 3)
+        cells += [f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]", f"{b[0]:+.3f} [{b[1]:+.3f}, {b[2]:+.3f}]",
+                  f"{r['tokens_ratio']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| frozen -> oracle AL (gap [CI]) | " + " | ".join(
+        f"{per[int(v)][1]:.3f} -> {per[int(v)][2]:.3f} ({per[int(v)][3]:+.3f} [{per[int(v)][4]:+.3f}, "
+        f"{per[int(v)][5]:+.3f}])" for v in steps) + " | | | |")
+    return "\n".join(lines)
