@@ -109,7 +109,7 @@ class DraftAdapter:
         self.worker, self.config, self.strategy = worker, config, strategy
         self.watchdog = watchdog_for(sink) if config.watchdog else None  # None: off, or a sink it cannot check
         self.sink = self.watchdog or sink  # pushes go through the watchdog, which records what it must serve
-        self._watched = (0, 0)  # (len(watchdog.history), watchdog.repairs) at the last step's end
+        self._watched = (0, 0)  # (watchdog.checks, watchdog.repairs) at the last step's end
         self.last_step_acc: tuple[float, ...] | None = None  # training accuracy of the last finished training
         self.served_step_acc: tuple[float, ...] | None = None  # ... of the draft the sink last accepted
         self.features = worker.feature_spec()
@@ -272,8 +272,8 @@ class DraftAdapter:
         wd = self.watchdog
         if wd is None:
             return None
-        (seen, repairs), self._watched = self._watched, (len(wd.history), wd.repairs)
-        new = wd.history[seen:]
+        (seen, repairs), self._watched = self._watched, (wd.checks, wd.repairs)
+        new = list(wd.history)[len(wd.history) - min(wd.checks - seen, len(wd.history)):]  # the checks since then
         expected = next((h.expected_acceptance_length for h in reversed(new) if h.expected_acceptance_length), None)
         return WatchdogStep([a for h in new for a in h.alarms], wd.repairs - repairs, expected)
 

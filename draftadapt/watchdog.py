@@ -31,6 +31,7 @@ It knows nothing of training; the engine side goes through the swapper's engines
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -58,12 +59,15 @@ class WatchdogConfig:
     position_expected: float = 0.3  # ... while training accuracy at that draft step is at least this
     on_unrepairable: str = "raise"  # an acceptance alarm with the right weights served (a re-push cannot help):
     #   "raise" | "warn" (log it and report it; the adapter's next training and push are the remedy)
+    history: int = 1000  # checks kept in DraftWatchdog.history (the newest; `checks` counts them all)
 
     def __post_init__(self) -> None:
         if self.on_alarm not in ACTIONS:
             raise ValueError(f"WatchdogConfig.on_alarm={self.on_alarm!r}; choose one of {ACTIONS}")
         if self.on_unrepairable not in UNREPAIRABLE:
             raise ValueError(f"WatchdogConfig.on_unrepairable={self.on_unrepairable!r}; choose one of {UNREPAIRABLE}")
+        if self.history < 1:
+            raise ValueError(f"WatchdogConfig.history={self.history}; keep at least 1 check")
 
 
 # What DraftAdapter uses by default: repair a lost draft, check versions after every push (the push itself verified
@@ -139,7 +143,8 @@ class DraftWatchdog:
         self.swapper, self.config = swapper, config
         self.latest: tuple[int, dict[str, torch.Tensor]] | None = None  # (version, state as the engines hold it)
         self._digest: str | None = None  # of latest's state, computed when first needed
-        self.history: list[Health] = []
+        self.history: deque[Health] = deque(maxlen=config.history)  # the newest checks, bounded for long runs
+        self.checks = 0  # checks made, all of them
         self.repairs = 0
 
     # ---- the DraftSink protocol (what the adapter calls)
@@ -272,6 +277,7 @@ class DraftWatchdog:
 
     def _record(self, health: Health) -> Health:
         self.history.append(health)
+        self.checks += 1
         return health
 
 

@@ -55,11 +55,11 @@ def _state(seed):
     return {k: torch.randn(*shape, generator=g) for k, (shape, _) in SPEC.items()}
 
 
-def _watchdog(on_alarm="repair", n=2):
+def _watchdog(on_alarm="repair", n=2, history=1000):
     from draftadapt.engine.swap import EngineSwapper
 
     engines = [FakeEngine() for _ in range(n)]
-    wd = DraftWatchdog(EngineSwapper(engines), WatchdogConfig(on_alarm=on_alarm))
+    wd = DraftWatchdog(EngineSwapper(engines), WatchdogConfig(on_alarm=on_alarm, history=history))
     wd.push_draft(_state(1), 1)
     return wd, engines
 
@@ -68,6 +68,14 @@ def test_a_healthy_push_raises_no_alarm():
     wd, engines = _watchdog()
     assert wd.history[-1].ok and not wd.history[-1].alarms and wd.repairs == 0
     assert [e.pushes for e in engines] == [1, 1]
+
+
+def test_the_history_keeps_the_newest_checks_and_counts_them_all():
+    wd, _ = _watchdog(history=3)
+    for v in range(2, 7):
+        wd.push_draft(_state(v), v)
+    assert wd.checks == 6 and len(wd.history) == 3, "a long run's watchdog keeps a bounded history"
+    assert all(h.ok for h in wd.history)
 
 
 def test_zeroed_weights_are_caught_by_digest_and_repaired_by_a_re_push():
