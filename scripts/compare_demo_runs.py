@@ -15,7 +15,10 @@ for x, y in zip(ra, rb):
         n += 1
         if x.get(k) != y.get(k): diff.append((x.get("step"), k, x.get(k), y.get(k)))
 res_a, res_b = json.load(open(f"{a}/result.json")), json.load(open(f"{b}/result.json"))
-strip = lambda r: {k: v for k, v in r.items() if "seconds" not in k}
+def strip(r):  # wall-clock keys ("seconds" in the name) at any depth
+    if isinstance(r, dict):
+        return {k: strip(v) for k, v in r.items() if "seconds" not in k}
+    return [strip(v) for v in r] if isinstance(r, list) else r
 same_result = strip(res_a) == strip(res_b)
 print(f"steps {len(ra)} vs {len(rb)}; {n} non-timing values compared; {len(diff)} differ; result.json equal: {same_result}")
 for d in diff[:20]: print("  ", d)
