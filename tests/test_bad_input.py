@@ -78,6 +78,7 @@ def test_empty_and_all_masked_batches(policy):
                                 teacher_topk_logprobs=None if batch.teacher_topk_logprobs is None
                                 else batch.teacher_topk_logprobs[:0],
                                 positions=None if batch.positions is None else batch.positions[:0],
+                                completion=None if batch.completion is None else batch.completion[:0],
                                 priority=None if batch.priority is None else batch.priority[:0])
     assert make_adapter(policy).on_rollouts(empty) == 0
     with pytest.raises(ValueError, match="drop empty sequences"):  # an empty sequence inside a batch is refused

@@ -116,8 +116,9 @@ def _pad(batch: list[TrainSequence], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 def _storage(batch: RolloutBatch, cfg: CaptureConfig) -> RolloutBatch:
-    """Teacher log-probs in their storage dtype (capture already stored the hidden states)."""
-    fields = dict(vars(batch))
+    """Teacher log-probs in their storage dtype (capture already stored the hidden states); the completion mask
+    (read by an online vocab refresh only) is not stored."""
+    fields = dict(vars(batch), completion=None)
     for k in ("teacher_logprobs", "teacher_topk_logprobs"):
         if fields.get(k) is not None:
             fields[k] = fields[k].to(_DTYPES[cfg.teacher_dtype])
