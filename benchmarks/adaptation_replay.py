@@ -55,7 +55,7 @@ from draftadapt.trainer import TrainerConfig  # noqa: E402
 TRAJ_ROOT = ROOT / "runs" / "adaptation_replay"
 OUT = RESULTS / "adaptation_replay"
 BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
-                    "acceptance_drop": None},
+                    "acceptance_drop": None, "vocab_refresh_trend": False},
         "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {},
         "init": "task"}  # the initial draft: "task" (in-domain toy draft) or "chat" (generic: toy chat corpus)
 # every arm trains train_steps x batch_tokens per boundary (equal draft compute) except "boost" and "until-boundary"
@@ -86,7 +86,21 @@ ARMS = {"default": {},
         "refresh-boost4": {"adapter": {"vocab_refresh_uncovered": 0.05},
                            "strategy": {"boost_factor": 4.0, "boost_drop": 0.05}},
         "refresh-lr2e-3-boost4": {"adapter": {"vocab_refresh_uncovered": 0.05}, "trainer": {"lr": 2e-3},
-                                  "strategy": {"boost_factor": 4.0, "boost_drop": 0.05}}}
+                                  "strategy": {"boost_factor": 4.0, "boost_drop": 0.05}},
+        # session 4: a budget that also SHRINKS (StrategyConfig.hold_factor: 1 step of 4 while the acceptance length
+        # holds or rises), and a burst after a refresh (AdapterConfig.vocab_refresh_boost: the first training on
+        # features of the new vocab runs 16 x train_steps; its admitted rows start untrained)
+        "hold": {"strategy": {"hold_factor": 0.25}},
+        "boost4-hold": {"strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25}},
+        "refresh-rb16": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0}},
+        "refresh-rb16-boost4-hold": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0},
+                                     "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25}},
+        # ... and the refresh ranks the tokens the next step is expected to write (AdapterConfig.vocab_refresh_trend)
+        "trend-rb16": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
+                                   "vocab_refresh_trend": True}},
+        "trend-rb16-boost4-hold": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
+                                               "vocab_refresh_trend": True},
+                                   "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25}}}
 
 
 def arm_config(name: str) -> dict:
@@ -261,10 +275,12 @@ def main() -> None:
     if args.combine:
         # a part is a finished run's JSON, or the per-step partial of a run that stopped after its trajectory
         parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
-        runs = {k: v for p in parts for k, v in p["runs"].items()}
-        arms = [a for a in parts[0]["args"]["arms"] if all(a in p["args"]["arms"] for p in parts)]
+        runs = merge_runs(parts)
+        order = list(dict.fromkeys(a for p in parts for a in p["args"]["arms"]))
+        arms = [a for a in order if all(a in r["al"] for rows in runs.values() for r in rows)]
         report(runs, arms, args, {"combined": args.combine, "parts_args": [p["args"] for p in parts],
-                                  "parts_stamps": [p["stamp"] for p in parts], "arms": parts[0]["arms"]})
+                                  "parts_stamps": [p["stamp"] for p in parts],
+                                  "arms": {a: c for p in parts for a, c in p["arms"].items() if a in arms}})
         return
     torch.set_num_threads(1)
     runs = {}
@@ -282,6 +298,30 @@ def main() -> None:
                 continue
             runs[f"{name}/{seed}"] = replay(scn, root, args.arms, args)
             report(runs, args.arms, args, {"arms": {a: arm_config(a) for a in args.arms}})  # after every trajectory
+
+
+def merge_runs(parts: list[dict]) -> dict[str, list[dict]]:
+    """The runs of several results, arms of the same trajectory merged step by step: a later part (e.g. new arms
+    replayed with --oracle-every 0) adds its arms' AL and train records to the rows of an earlier one. Recording is
+    deterministic (same seed, same rollouts), and the frozen draft's AL, measured in every part, must agree: a
+    mismatch means the trajectories differ and raises."""
+    runs: dict[str, list[dict]] = {}
+    for p in parts:
+        for key, rows in p["runs"].items():
+            if key not in runs:
+                runs[key] = [dict(r, al=dict(r["al"]), train=dict(r["train"])) for r in rows]
+                continue
+            have = {r["version"]: r for r in runs[key]}
+            for r in rows:
+                old = have.get(r["version"])
+                if old is None:
+                    continue
+                if abs(old["al"]["frozen"] - r["al"]["frozen"]) > 1e-6:
+                    raise ValueError(f"{key} v{r['version']}: the frozen draft's AL is {old['al']['frozen']} in one part "
+                                     f"and {r['al']['frozen']} in another: not the same trajectory; record it again")
+                old["al"].update({a: x for a, x in r["al"].items() if a not in old["al"]})
+                old["train"].update({a: t for a, t in r["train"].items() if a not in old["train"]})
+    return runs
 
 
 def report(runs: dict, arms: list[str], args, extra: dict) -> None:

@@ -124,9 +124,11 @@ class DraftAdapter:
         self.acceptance_ema: float | None = None
         self.acceptance_after_push: float | None = None  # first acceptance length measured after a push
         self.dropped_rollouts = 0  # since the last on_step_end
+        self.refresh_untrained = False  # a vocab refresh admitted rows no training has seen yet (vocab_refresh_boost)
         # the vocab refresh: counts completion tokens, re-targets the draft vocab at boundaries (LocalDraftWorker only)
         self.vocab = VocabRefresher(config.vocab_refresh_every, config.vocab_refresh_margin, worker,
-                                    config.vocab_refresh_uncovered, policy) if config.vocab_refresh else None
+                                    config.vocab_refresh_uncovered, policy, config.vocab_refresh_trend) \
+            if config.vocab_refresh else None
         # Engine counters are read as deltas from here; not saved: they describe the engines, not the run.
         self._seen = sink.spec_counters() if sink is not None else None
 
@@ -240,21 +242,28 @@ class DraftAdapter:
         al = spec.acceptance_length if spec is not None and spec.drafts > 0 else None
         ref = self.acceptance_ema if cfg.acceptance_reference == "ema" else self.acceptance_after_push
         budget = train_budget(cfg.train_steps, self.strategy, al, ref)
+        if self.refresh_untrained:  # the first training on features of the re-targeted vocab: its new rows start cold
+            budget = max(budget, int(round(cfg.train_steps * cfg.vocab_refresh_boost)))
         tokens, train, skipped = self.worker.cache_info().tokens, None, None
         if cfg.train_steps == 0:
             skipped = "AdapterConfig.train_steps=0"
         elif tokens < cfg.min_tokens:
             skipped = f"the cache holds {tokens} tokens < AdapterConfig.min_tokens={cfg.min_tokens}"
+        elif budget == 0:
+            skipped = (f"the acceptance length {al:.3f} held at or above the {cfg.acceptance_reference} {ref:.3f}: "
+                       f"StrategyConfig.hold_factor={self.strategy.hold_factor} leaves no step")
         else:
             train = self.worker.train(budget)
             if train.steps == 0:  # a background worker whose first run has not finished yet
                 train, skipped = None, "no draft training has finished yet (background worker)"
             else:
                 self.trained_since_push, self.last_step_acc = True, tuple(train.step_acc)
+                self.refresh_untrained = False
         # 3) the vocab refresh, when due: the push below then carries the new d2t
         refresh = self.vocab.maybe_refresh(v) if self.vocab is not None else None
         if refresh is not None:
             self.features, self.trained_since_push = self.worker.feature_spec(), True
+            self.refresh_untrained = True
         # 4) the push, judged on this step's acceptance (served by the draft pushed before)
         pushed, reason, seconds, nbytes, result = self._maybe_push(v, al, ref)
         self._track_acceptance(al, pushed)
@@ -355,8 +364,9 @@ class DraftAdapter:
     # 4) resume --------------------------------------------------------------------------------
     _COUNTERS = ("last_version", "newest_rollout_version", "last_push_version", "last_pushed_version",
                  "trained_since_push", "acceptance_ema", "acceptance_after_push", "dropped_rollouts",
-                 "last_step_acc", "served_step_acc")
-    _SINCE_WATCHDOG = ("last_step_acc", "served_step_acc")  # states saved before the watchdog have none
+                 "last_step_acc", "served_step_acc", "refresh_untrained")
+    _LATER = {"last_step_acc": None, "served_step_acc": None,  # states saved before the watchdog have none,
+              "refresh_untrained": False}  # ... before the post-refresh boost
 
     def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
         """Everything a resumed run needs: draft weights, optimizer, sampling RNG, push/acceptance
@@ -374,7 +384,7 @@ class DraftAdapter:
         if "sampler" in state:  # states saved before the step budget existed have none
             self.sampler.load_state_dict(state["sampler"])
         for k in self._COUNTERS:
-            setattr(self, k, state.get(k) if k in self._SINCE_WATCHDOG else state[k])
+            setattr(self, k, state.get(k, self._LATER[k]) if k in self._LATER else state[k])
         if self.vocab is not None and "vocab" in state:
             self.vocab.load_state_dict(state["vocab"])
             self.features = self.worker.feature_spec()  # the draft's restored d2t

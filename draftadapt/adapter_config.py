@@ -49,6 +49,10 @@ class AdapterConfig:
     #   first) once more than this share of the step's completion tokens is outside the draft vocab, when that
     #   covers >= vocab_refresh_margin more of them; None = the cadence only. Either needs the policy's lm_head:
     #   target_head=, or taken from the policy (policy= or the first capture(policy); tied: its input embedding)
+    vocab_refresh_trend: bool = True  # the uncovered refresh ranks tokens by the next step's expected counts
+    #   (this step's share + its change since the step before); False: by this step's counts
+    vocab_refresh_boost: float = 1.0  # the first training after a refresh (on features captured in the new vocab)
+    #   runs at least train_steps x this: the admitted rows start from the policy's lm_head, untrained
     watchdog: bool = True  # around an engine-swapper sink, check the served draft after every push and every
     #   step's counters; re-push a lost draft; report draft/watchdog_* metrics (watchdog.py). False = off
 
@@ -85,6 +89,9 @@ class AdapterConfig:
         if self.vocab_refresh_uncovered is not None and not 0 <= self.vocab_refresh_uncovered < 1:
             raise ValueError(f"AdapterConfig.vocab_refresh_uncovered={self.vocab_refresh_uncovered!r}; use a share in "
                              "[0, 1) or None")
+        if not self.vocab_refresh_boost >= 1:
+            raise ValueError(f"AdapterConfig.vocab_refresh_boost={self.vocab_refresh_boost!r}; use a factor >= 1 "
+                             "(1 = no extra steps after a refresh)")
         if not isinstance(self.watchdog, bool):
             raise ValueError(f"AdapterConfig.watchdog={self.watchdog!r}; use True (on, the default) or False (off)")
         if self.capture_fraction is not None and not 0 < self.capture_fraction <= 1:

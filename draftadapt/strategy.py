@@ -12,8 +12,11 @@ adapter exactly (forward KL, every completion position alike, a fixed step count
   "train where you were rejected", as a weight).
 - min_advantage: cache only sequences whose GRPO advantage is >= this (the policy moves toward
   them; reward-weighted adaptation as a selection).
-- boost_factor / boost_drop: train boost_factor x train_steps at a boundary where the step's
-  acceptance length fell boost_drop below the adapter's reference (an acceptance-triggered budget).
+- boost_factor / boost_drop / hold_factor: the acceptance-triggered budget. At a boundary where the
+  step's acceptance length fell more than boost_drop below the adapter's reference, train
+  boost_factor x train_steps; where it held or rose (>= the reference), hold_factor x train_steps
+  (< 1: a draft that keeps up costs less; 0: nothing); in between, and before any acceptance is
+  known, train_steps.
 
 `StrategyLoss` is that loss, handed to `DraftTrainer` (the one step: non-finite skip, autocast,
 clipping); `StrategyDraftWorker` is `LocalDraftWorker` with it; `UntilBoundaryDraftWorker` trains in
@@ -43,12 +46,16 @@ class StrategyConfig:
     min_advantage: float | None = None  # cache only sequences with advantage >= this; None = all
     boost_factor: float = 1.0  # train_steps x this when the step's acceptance length drops (1 = fixed budget)
     boost_drop: float = 0.05  # tokens of acceptance length below the reference that trigger the boost
+    hold_factor: float = 1.0  # train_steps x this when the step's acceptance length held or rose (>= the reference)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"StrategyConfig.loss={self.loss!r}; use one of {LOSSES}")
         if not self.rejected_weight > 0 or not self.boost_factor >= 1 or not self.boost_drop >= 0:
             raise ValueError(f"StrategyConfig needs rejected_weight > 0, boost_factor >= 1, boost_drop >= 0; got {self}")
+        if not 0 <= self.hold_factor <= 1:
+            raise ValueError(f"StrategyConfig.hold_factor={self.hold_factor!r}; use a factor in [0, 1] (1 = the fixed "
+                             "budget, 0 = no training while the acceptance length holds)")
 
     @property
     def custom_loss(self) -> bool:
@@ -112,9 +119,14 @@ class StrategyDraftWorker(LocalDraftWorker):
 
 
 def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float | None, reference: float | None) -> int:
-    """Optimizer steps for this boundary: boosted when acceptance fell boost_drop below the reference."""
-    if acceptance is not None and reference is not None and acceptance < reference - strategy.boost_drop:
+    """Optimizer steps for this boundary: boost_factor x train_steps when acceptance fell more than boost_drop
+    below the reference, hold_factor x when it held or rose (>= the reference), else train_steps."""
+    if acceptance is None or reference is None:
+        return train_steps
+    if acceptance < reference - strategy.boost_drop:
         return int(round(train_steps * strategy.boost_factor))
+    if acceptance >= reference:
+        return int(round(train_steps * strategy.hold_factor))
     return train_steps
 
 

@@ -5,8 +5,12 @@ A draft built on another corpus (a generic chat draft) keeps the Vd most frequen
 corpus; training never changes which tokens it can propose. `VocabRefresher` counts the completion
 tokens of every rollout the adapter caches. At the first step boundary where more than
 `vocab_refresh_uncovered` of that step's tokens are outside the draft vocab, it rebuilds the Vd-token
-vocab, the step's tokens first (most written first), then the rest by their count over the run, if
-that covers at least `vocab_refresh_margin` more of the step's tokens; on the cadence
+vocab from the tokens the NEXT step is expected to write (`vocab_refresh_trend`: each token's share of
+this step plus its change since the step before, a linear extrapolation; off: this step's counts), then
+the rest by their count over the run, if that covers at least `vocab_refresh_margin` more of those
+expected tokens. (A drift is under way when it crosses the trigger: a Vd-slot vocab ranked on the
+step's own mix keeps tokens the policy is leaving; on the letters lab's case drift, 19 of 26 upper-case
+letters, against 26 of 26 with the trend.) On the cadence
 (`vocab_refresh_every`) it rebuilds from the counts over the run when that raises their coverage by the
 margin. The admitted tokens' rows come from the target's lm_head: `target_head`, else the policy's
 (`head_of`: its output embedding, the input embedding when `config.tie_word_embeddings`), taken when
@@ -124,14 +128,15 @@ class VocabRefresher:
     that raises coverage by >= `margin`. Counts accumulate over the whole run; `recent` is the step's."""
 
     def __init__(self, every: int, margin: float, worker, uncovered: float | None = None,
-                 policy: nn.Module | None = None) -> None:
+                 policy: nn.Module | None = None, trend: bool = True) -> None:
         check_worker(worker)
-        self.every, self.margin, self.uncovered, self.worker = every, margin, uncovered, worker
+        self.every, self.margin, self.uncovered, self.worker, self.trend = every, margin, uncovered, worker, trend
         self.head = worker.target_head  # [V, H] lm_head the admitted rows start from; else bind(policy)
         if self.head is None and policy is not None:
             self.bind(policy)
         self.counts = torch.zeros(worker.draft.config.vocab_size, dtype=torch.long)  # [V] over the run
         self.recent = torch.zeros_like(self.counts)  # [V] since the last boundary
+        self.previous = torch.zeros_like(self.counts)  # [V] the step before (the trend's other point)
         self.boundaries = 0
         self.newest_seen: int | None = None  # newest policy version observed
         self.stale_through: int | None = None  # batches of versions <= this were captured against an old vocab
@@ -172,12 +177,14 @@ class VocabRefresher:
         """At a boundary (after training, before the push): refresh if due and worth it."""
         self.boundaries += 1
         recent, self.recent = self.recent, torch.zeros_like(self.recent)
+        previous, self.previous = self.previous, recent
         draft, worker = self.worker.draft, self.worker
         uncovered = 1.0 - DraftVocab(draft.d2t.cpu(), draft.t2d.cpu(), recent).coverage() if int(recent.sum()) else 0.0
         kept = draft.t2d.cpu().long()  # ties (e.g. tokens no one wrote) keep the current vocab: no churn
         if self.uncovered is not None and uncovered > self.uncovered:
             # the step's tokens first (a drift brings tokens the run's counts still rank low), then the run's
-            reason, judged, ranked = "uncovered", recent, lexicographic(recent, self.counts, kept)
+            judged = expected_counts(recent, previous) if self.trend else recent
+            reason, ranked = "uncovered", lexicographic(judged, self.counts, kept)
         elif self.every and self.boundaries % self.every == 0 and int(self.counts.sum()):
             reason, judged, ranked = "cadence", self.counts, lexicographic(self.counts, kept)
         else:
@@ -196,14 +203,26 @@ class VocabRefresher:
                             reason)
 
     def state_dict(self) -> dict:
-        return {"counts": self.counts, "recent": self.recent, "boundaries": self.boundaries,
-                "newest_seen": self.newest_seen, "stale_through": self.stale_through}
+        return {"counts": self.counts, "recent": self.recent, "previous": self.previous,
+                "boundaries": self.boundaries, "newest_seen": self.newest_seen, "stale_through": self.stale_through}
 
     def load_state_dict(self, state: dict) -> None:
         self.counts = state["counts"].clone()
         self.recent = state["recent"].clone() if "recent" in state else torch.zeros_like(self.counts)
+        self.previous = state["previous"].clone() if "previous" in state else torch.zeros_like(self.counts)
         self.boundaries, self.newest_seen, self.stale_through = (state["boundaries"], state["newest_seen"],
                                                                  state["stale_through"])
+
+
+def expected_counts(recent: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """[V] int64: the next step's token counts extrapolated from the last two steps' - each token's share of
+    `recent` plus its change from `previous` (clamped at 0), scaled to `recent`'s total. Without a previous
+    step, `recent` itself. A token on its way in ranks above one on its way out at the same count. O(V)."""
+    n, m = int(recent.sum()), int(previous.sum())
+    if not m or not n:
+        return recent.clone()
+    share = recent.double() / n
+    return ((2 * share - previous.double() / m).clamp(min=0) * n).round().long()
 
 
 def lexicographic(*keys: torch.Tensor) -> torch.Tensor:

@@ -113,9 +113,16 @@ def test_acceptance_triggered_budget():
     assert train_budget(4, s, 2.45, 2.5) == 4
     assert train_budget(4, s, None, 2.5) == 4
     assert train_budget(4, StrategyConfig(), 1.0, 3.0) == 4
+    hold = StrategyConfig(boost_factor=3.0, boost_drop=0.1, hold_factor=0.25)
+    assert train_budget(4, hold, 2.5, 2.5) == 1, "acceptance held: the budget shrinks"
+    assert train_budget(4, hold, 2.9, 2.5) == 1, "acceptance rose: the budget shrinks"
+    assert train_budget(4, hold, 2.45, 2.5) == 4, "a fall within boost_drop: the fixed budget"
+    assert train_budget(4, hold, 2.0, 2.5) == 12
+    assert train_budget(4, hold, None, 2.5) == 4, "no acceptance known yet: the fixed budget"
 
 
-@pytest.mark.parametrize("field,value", [("loss", "l2"), ("rejected_weight", 0.0), ("boost_factor", 0.5)])
+@pytest.mark.parametrize("field,value", [("loss", "l2"), ("rejected_weight", 0.0), ("boost_factor", 0.5),
+                                         ("hold_factor", 1.5), ("hold_factor", -0.1)])
 def test_bad_strategy_names_the_field(field, value):
     with pytest.raises(ValueError, match=field if field == "loss" else "StrategyConfig"):
         StrategyConfig(**{field: value})
@@ -144,6 +151,18 @@ def test_adapter_selects_by_advantage_and_boosts_on_a_drop():
     assert ad.on_step_end(1, counters=SpecCounters(100, 300, 150, (60, 50, 40))).train.steps == 2  # sets the EMA
     ad.on_rollouts(_capture(ad, policy, 1), advantages=torch.ones(4))
     assert ad.on_step_end(2, counters=SpecCounters(100, 300, 50, (30, 15, 5))).train.steps == 4  # AL 2.5 -> 1.5
+
+
+def test_adapter_trains_nothing_while_acceptance_holds_with_hold_factor_zero():
+    policy = tiny_model("llama", layers=8, hidden=64)
+    ad = _adapter(policy, StrategyConfig(hold_factor=0.0, boost_factor=2.0, boost_drop=0.1))
+    ad.on_rollouts(_capture(ad, policy, 0))
+    assert ad.on_step_end(1, counters=SpecCounters(100, 300, 150, (60, 50, 40))).train.steps == 2  # no reference yet
+    ad.on_rollouts(_capture(ad, policy, 1))
+    held = ad.on_step_end(2, counters=SpecCounters(100, 300, 160, (62, 55, 43)))  # AL 2.5 -> 2.6: rose
+    assert held.train is None and "hold_factor" in held.train_skipped_reason
+    ad.on_rollouts(_capture(ad, policy, 2))
+    assert ad.on_step_end(3, counters=SpecCounters(100, 300, 50, (30, 15, 5))).train.steps == 4  # fell: boost
 
 
 def test_a_recorded_trajectory_replays_the_same_features(tmp_path):

@@ -126,6 +126,34 @@ def test_refresh_raises_coverage_empties_the_cache_and_pushes_the_new_d2t(policy
     assert st.vocab is None and st.train is not None and st.cache.sequences > 0
 
 
+def test_expected_counts_extrapolate_the_last_two_steps():
+    from draftadapt.vocab_refresh import expected_counts
+
+    recent, previous = torch.tensor([40, 50, 0, 10]), torch.tensor([140, 60, 0, 0])  # shares .7/.3 -> .4/.5/.1
+    e = expected_counts(recent, previous)
+    assert e.tolist() == [10, 70, 0, 20], "an incoming token gains its rise again; an outgoing one loses its fall"
+    assert torch.equal(expected_counts(recent, torch.zeros(4, dtype=torch.long)), recent), "no previous step: recent"
+    steady = torch.tensor([30, 70, 0, 0])
+    assert torch.equal(expected_counts(steady, steady * 3), steady), "a steady mix extrapolates to itself"
+
+
+def test_the_first_training_after_a_refresh_is_boosted_once(policy):
+    adapter = make_adapter(policy, vocab_refresh_boost=3.0)
+    adapter.on_rollouts(task_batch(0))
+    st = adapter.on_step_end(0)
+    assert st.vocab is not None and st.train.steps == 2, "the refresh's own boundary trains the fixed budget"
+    assert adapter.refresh_untrained
+    resumed = make_adapter(policy, vocab_refresh_boost=3.0)
+    with pytest.warns(UserWarning, match="holds no features"):
+        resumed.load_state_dict(adapter.state_dict())
+    assert resumed.refresh_untrained, "a resumed run still owes the boost"
+    adapter.on_rollouts(task_batch(1, seed=2))
+    st = adapter.on_step_end(1)
+    assert st.vocab is None and st.train.steps == 6, "features in the new vocab: train_steps x vocab_refresh_boost"
+    adapter.on_rollouts(task_batch(2, seed=3))
+    assert adapter.on_step_end(2).train.steps == 2, "boosted once, then the fixed budget again"
+
+
 def test_refresh_is_refused_where_it_cannot_run(policy):
     adapter = make_adapter(policy, vocab_refresh_every=0)
     with pytest.raises(ValueError, match="LocalDraftWorker"):
