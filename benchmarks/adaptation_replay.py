@@ -54,9 +54,13 @@ from draftadapt.trainer import TrainerConfig  # noqa: E402
 
 TRAJ_ROOT = ROOT / "runs" / "adaptation_replay"
 OUT = RESULTS / "adaptation_replay"
+# BASE pins the adapter as it was before session 4 (a fixed budget, no refresh): the arm "default" stays the one the
+# earlier results measured; the library's defaults since then are the arm "trend-rb16-boost4-hold"
 BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
-                    "acceptance_drop": None, "vocab_refresh_trend": False},
-        "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000}, "strategy": {},
+                    "acceptance_drop": None, "vocab_refresh_uncovered": None, "vocab_refresh_boost": 1.0,
+                    "vocab_refresh_trend": False},
+        "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000},
+        "strategy": {"boost_factor": 1.0, "hold_factor": 1.0},
         "init": "task"}  # the initial draft: "task" (in-domain toy draft) or "chat" (generic: toy chat corpus)
 # every arm trains train_steps x batch_tokens per boundary (equal draft compute) except "boost" and "until-boundary"
 ARMS = {"default": {},
@@ -252,7 +256,8 @@ def main() -> None:
                     "scenario's: formal-only 2e-4, formal 1e-4, letters-upper 3e-4, other toy rewards 5e-5)")
     ap.add_argument("--record-override", nargs="*", default=[], help="recipe overrides for recording, e.g. "
                     "rollout.prompts_per_step=8 (they name the trajectory directory)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                    help="arms to replay; with --combine, the arms to report (default: every arm all parts share)")
     ap.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per measurement")
     ap.add_argument("--samples", type=int, default=2, help="seeded samples per held-out prompt")
     ap.add_argument("--eval-seed", type=int, default=777)
@@ -277,7 +282,7 @@ def main() -> None:
         parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
         runs = merge_runs(parts)
         order = list(dict.fromkeys(a for p in parts for a in p["args"]["arms"]))
-        arms = [a for a in order if all(a in r["al"] for rows in runs.values() for r in rows)]
+        arms = [a for a in order if a in args.arms and all(a in r["al"] for rows in runs.values() for r in rows)]
         report(runs, arms, args, {"combined": args.combine, "parts_args": [p["args"] for p in parts],
                                   "parts_stamps": [p["stamp"] for p in parts],
                                   "arms": {a: c for p in parts for a, c in p["arms"].items() if a in arms}})

@@ -58,7 +58,7 @@ from .drafts.kinds import kind_of
 from .metrics import SpecCounters
 from .strategy import StrategyConfig, StrategyDraftWorker, train_budget
 from .trainer import TrainerConfig
-from .vocab_refresh import VocabRefresher
+from .vocab_refresh import VocabRefresher, refresh_unsupported
 from .watchdog import WatchdogStep, watchdog_for
 from .workers import CacheInfo, DraftWorker, FeatureSpec, LocalDraftWorker, TrainResult  # noqa: F401 (re-exported)
 
@@ -126,9 +126,13 @@ class DraftAdapter:
         self.dropped_rollouts = 0  # since the last on_step_end
         self.refresh_untrained = False  # a vocab refresh admitted rows no training has seen yet (vocab_refresh_boost)
         # the vocab refresh: counts completion tokens, re-targets the draft vocab at boundaries (LocalDraftWorker only)
-        self.vocab = VocabRefresher(config.vocab_refresh_every, config.vocab_refresh_margin, worker,
-                                    config.vocab_refresh_uncovered, policy, config.vocab_refresh_trend) \
-            if config.vocab_refresh else None
+        self.vocab = None
+        if config.vocab_refresh and not (config.vocab_refresh_auto and not config.vocab_refresh_every
+                                         and refresh_unsupported(worker)):
+            self.vocab = VocabRefresher(config.vocab_refresh_every, config.vocab_refresh_margin, worker,
+                                        config.uncovered_share, None, config.vocab_refresh_trend)
+            if policy is not None:
+                self._bind_head(policy)
         # Engine counters are read as deltas from here; not saved: they describe the engines, not the run.
         self._seen = sink.spec_counters() if sink is not None else None
 
@@ -140,7 +144,7 @@ class DraftAdapter:
         if fixed:
             raise ValueError(f"capture() sets {sorted(fixed)} from the draft and AdapterConfig; do not pass them")
         if self.vocab is not None:  # the refresh's lm_head, when the adapter was built without one
-            self.vocab.bind(policy_model)
+            self._bind_head(policy_model)
         f = self.features
         kw = {"offload_to_cpu": True, "sampler": self.sampler, "store_dtype": _DTYPES[f.hidden_dtype],
               "teacher_dtype": _DTYPES[f.teacher_dtype], **capture_kwargs}
@@ -206,6 +210,9 @@ class DraftAdapter:
         ends = batch.cu_seqlens.cpu()
         targets = torch.cat([lm.new_zeros(1), lm])[ends[1:]] - torch.cat([lm.new_zeros(1), lm])[ends[:-1]]
         self.sampler.record(v, batch.priority[targets > 0], batch.seq_lens.cpu()[targets > 0])
+        if self.vocab is not None and self.vocab.head is None and self._auto_refresh_only:
+            self._refresh_off("no lm_head is known (a batch not captured through adapter.capture(policy)); build "
+                              "the adapter with policy= or target_head= to keep it")
         if self.vocab is not None:
             self.vocab.observe(batch)
         return self.worker.add(batch)
@@ -225,6 +232,24 @@ class DraftAdapter:
         if lp is not None and lp.shape[-1] != self.features.draft_vocab_size:
             raise ValueError(f"RolloutBatch.teacher_logprobs has {lp.shape[-1]} columns, the draft vocab has "
                              f"{self.features.draft_vocab_size}; capture with adapter.capture(policy)")
+
+    @property
+    def _auto_refresh_only(self) -> bool:
+        """The refresh runs only because vocab_refresh_uncovered is "auto" (no cadence asked for)."""
+        return self.config.vocab_refresh_auto and not self.config.vocab_refresh_every
+
+    def _bind_head(self, policy: nn.Module) -> None:
+        try:
+            self.vocab.bind(policy)
+        except ValueError as e:
+            if not self._auto_refresh_only:
+                raise
+            self._refresh_off(str(e))
+
+    def _refresh_off(self, why: str) -> None:
+        """vocab_refresh_uncovered="auto" where the refresh cannot run: off for this adapter, said once."""
+        warnings.warn(f"AdapterConfig.vocab_refresh_uncovered='auto': the vocab refresh is off: {why}", stacklevel=3)
+        self.vocab = None
 
     # 2) the step boundary -----------------------------------------------------------------------
     def on_step_end(self, policy_version: int, counters: SpecCounters | None = None) -> AdapterStats:

@@ -21,6 +21,7 @@ from .metrics import SpecCounters
 from .workers import CacheInfo, TrainResult
 
 REFERENCES = ("ema", "last_push")
+AUTO_UNCOVERED = 0.05  # vocab_refresh_uncovered="auto": refresh once > 5% of a step's tokens are outside the vocab
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,28 @@ class AdapterConfig:
     vocab_refresh_every: int = 0  # every this many boundaries, rebuild a reduced EAGLE-3 draft vocab from the
     #   completion tokens seen so far (vocab_refresh.py); 0 = never (the vocab the draft was built with stays)
     vocab_refresh_margin: float = 0.02  # ... only when that raises their coverage by at least this much
-    vocab_refresh_uncovered: float | None = None  # also checked at every boundary: rebuild it (the step's tokens
-    #   first) once more than this share of the step's completion tokens is outside the draft vocab, when that
-    #   covers >= vocab_refresh_margin more of them; None = the cadence only. Either needs the policy's lm_head:
-    #   target_head=, or taken from the policy (policy= or the first capture(policy); tied: its input embedding)
+    vocab_refresh_uncovered: float | str | None = "auto"  # also checked at every boundary: rebuild it (the
+    #   expected next step's tokens first) once more than this share of the step's completion tokens is outside the
+    #   draft vocab, when that covers >= vocab_refresh_margin more of them; None = the cadence only. Either needs the
+    #   policy's lm_head: target_head=, or taken from the policy (policy= or the first capture(policy); tied: its
+    #   input embedding). "auto" (the default): AUTO_UNCOVERED where the refresh can run - a reduced EAGLE-3 vocab in
+    #   an in-process worker with the policy's lm_head known - and off elsewhere (a number there is an error)
     vocab_refresh_trend: bool = True  # the uncovered refresh ranks tokens by the next step's expected counts
     #   (this step's share + its change since the step before); False: by this step's counts
-    vocab_refresh_boost: float = 1.0  # the first training after a refresh (on features captured in the new vocab)
+    vocab_refresh_boost: float = 16.0  # the first training after a refresh (on features captured in the new vocab)
     #   runs at least train_steps x this: the admitted rows start from the policy's lm_head, untrained
     watchdog: bool = True  # around an engine-swapper sink, check the served draft after every push and every
     #   step's counters; re-push a lost draft; report draft/watchdog_* metrics (watchdog.py). False = off
+
+    @property
+    def vocab_refresh_auto(self) -> bool:
+        """The uncovered trigger is "auto": on where the refresh can run, silently off elsewhere."""
+        return self.vocab_refresh_uncovered == "auto"
+
+    @property
+    def uncovered_share(self) -> float | None:
+        """The uncovered trigger as a share (AUTO_UNCOVERED for "auto"), None when off."""
+        return AUTO_UNCOVERED if self.vocab_refresh_auto else self.vocab_refresh_uncovered
 
     @property
     def vocab_refresh(self) -> bool:
@@ -86,9 +99,10 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.capture_tokens={self.capture_tokens!r}; use positions >= 1 or None")
         if not 0 <= self.vocab_refresh_margin <= 1:
             raise ValueError(f"AdapterConfig.vocab_refresh_margin={self.vocab_refresh_margin!r}; use a share in [0, 1]")
-        if self.vocab_refresh_uncovered is not None and not 0 <= self.vocab_refresh_uncovered < 1:
-            raise ValueError(f"AdapterConfig.vocab_refresh_uncovered={self.vocab_refresh_uncovered!r}; use a share in "
-                             "[0, 1) or None")
+        u = self.vocab_refresh_uncovered
+        if u is not None and u != "auto" and (isinstance(u, (str, bool)) or not 0 <= u < 1):
+            raise ValueError(f"AdapterConfig.vocab_refresh_uncovered={u!r}; use a share in [0, 1), 'auto' (on where "
+                             "the refresh can run) or None (off)")
         if not self.vocab_refresh_boost >= 1:
             raise ValueError(f"AdapterConfig.vocab_refresh_boost={self.vocab_refresh_boost!r}; use a factor >= 1 "
                              "(1 = no extra steps after a refresh)")

@@ -1,7 +1,10 @@
 """Adaptation strategies as settings: which positions the draft trains on, with which loss, how much.
 
-`StrategyConfig` is consumed by `DraftAdapter(strategy=...)`; the default reproduces the plain
-adapter exactly (forward KL, every completion position alike, a fixed step count). The settings:
+`StrategyConfig` is consumed by `DraftAdapter(strategy=...)`; the default trains with forward KL on every
+completion position alike and sizes each step's training by the acceptance-triggered budget (4 x
+train_steps after an acceptance drop, 1/4 while acceptance holds or rises; chosen on the replay lab's
+three drifts, benchmarks/results/README.md); `FIXED_BUDGET` is the plain adapter's fixed step count. The
+settings:
 
 - loss: "kl" (forward KL to the teacher, the TTT default), "tv" (total variation 1/2 sum |p - q|:
   1 - TV is the acceptance probability of a draft that samples from q, so it targets acceptance
@@ -44,9 +47,9 @@ class StrategyConfig:
     loss: str = "kl"  # one of LOSSES, against the teacher renormalised over the draft vocab
     rejected_weight: float = 1.0  # weight of positions the current draft's top-1 gets wrong; 1 = uniform
     min_advantage: float | None = None  # cache only sequences with advantage >= this; None = all
-    boost_factor: float = 1.0  # train_steps x this when the step's acceptance length drops (1 = fixed budget)
+    boost_factor: float = 4.0  # train_steps x this when the step's acceptance length drops (1 = fixed budget)
     boost_drop: float = 0.05  # tokens of acceptance length below the reference that trigger the boost
-    hold_factor: float = 1.0  # train_steps x this when the step's acceptance length held or rose (>= the reference)
+    hold_factor: float = 0.25  # train_steps x this when the step's acceptance length held or rose (>= the reference)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -61,6 +64,9 @@ class StrategyConfig:
     def custom_loss(self) -> bool:
         """True when training differs from the plain TTT loss (a StrategyDraftWorker is needed)."""
         return self.loss != "kl" or self.rejected_weight != 1.0
+
+
+FIXED_BUDGET = StrategyConfig(boost_factor=1.0, hold_factor=1.0)  # train_steps at every boundary, whatever happens
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
 """Online vocabulary refresh: re-target an EAGLE-3 draft's reduced vocab (d2t/t2d) to the tokens
-the policy now writes (`AdapterConfig.vocab_refresh_uncovered`, `vocab_refresh_every`).
+the policy now writes (`AdapterConfig.vocab_refresh_uncovered`, `vocab_refresh_every`). On by default
+where it can run (`vocab_refresh_uncovered="auto"`: a reduced EAGLE-3 vocab, an in-process worker, the
+policy's lm_head known); the first training after a refresh is boosted (`vocab_refresh_boost`).
 
 A draft built on another corpus (a generic chat draft) keeps the Vd most frequent tokens of THAT
 corpus; training never changes which tokens it can propose. `VocabRefresher` counts the completion
@@ -236,6 +238,15 @@ def lexicographic(*keys: torch.Tensor) -> torch.Tensor:
 
 
 OFF = "set vocab_refresh_every=0 and vocab_refresh_uncovered=None"
+
+
+def refresh_unsupported(worker) -> str | None:
+    """Why the refresh cannot run with this worker (its draft), None when it can (`check_worker` passes)."""
+    try:
+        check_worker(worker)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def check_worker(worker) -> None:

@@ -12,7 +12,7 @@ from draftadapt.cache import CacheConfig
 from draftadapt.drafts.eagle3 import Eagle3Draft
 from draftadapt.drafts.vocab import build_draft_vocab
 from draftadapt.metrics import SpecCounters
-from draftadapt.strategy import StrategyConfig, StrategyDraftWorker, rejected_positions, strategy_loss, train_budget
+from draftadapt.strategy import FIXED_BUDGET, StrategyConfig, StrategyDraftWorker, rejected_positions, strategy_loss, train_budget
 from draftadapt.trainer import TrainerConfig
 from draftadapt.ttt import ttt_loss
 
@@ -108,11 +108,13 @@ def test_rejected_positions_mark_where_the_step1_guess_misses(setup):
 
 
 def test_acceptance_triggered_budget():
-    s = StrategyConfig(boost_factor=3.0, boost_drop=0.1)
+    s = StrategyConfig(boost_factor=3.0, boost_drop=0.1, hold_factor=1.0)
     assert train_budget(4, s, 2.0, 2.5) == 12
     assert train_budget(4, s, 2.45, 2.5) == 4
+    assert train_budget(4, s, 2.6, 2.5) == 4
     assert train_budget(4, s, None, 2.5) == 4
-    assert train_budget(4, StrategyConfig(), 1.0, 3.0) == 4
+    assert train_budget(4, FIXED_BUDGET, 1.0, 3.0) == 4 and train_budget(4, FIXED_BUDGET, 3.5, 3.0) == 4
+    assert train_budget(4, StrategyConfig(), 1.0, 3.0) == 16 and train_budget(4, StrategyConfig(), 3.5, 3.0) == 1
     hold = StrategyConfig(boost_factor=3.0, boost_drop=0.1, hold_factor=0.25)
     assert train_budget(4, hold, 2.5, 2.5) == 1, "acceptance held: the budget shrinks"
     assert train_budget(4, hold, 2.9, 2.5) == 1, "acceptance rose: the budget shrinks"
