@@ -126,13 +126,14 @@ class StrategyDraftWorker(LocalDraftWorker):
 
 def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float | None, reference: float | None) -> int:
     """Optimizer steps for this boundary: boost_factor x train_steps when acceptance fell more than boost_drop
-    below the reference, hold_factor x when it held or rose (>= the reference), else train_steps."""
+    below the reference, hold_factor x (at least 1 unless it is 0) when it held or rose (>= the reference), else
+    train_steps."""
     if acceptance is None or reference is None:
         return train_steps
     if acceptance < reference - strategy.boost_drop:
         return int(round(train_steps * strategy.boost_factor))
-    if acceptance >= reference:
-        return int(round(train_steps * strategy.hold_factor))
+    if acceptance >= reference:  # at least one step unless hold_factor is 0 (train_steps=1 stays 1 at 0.25)
+        return max(int(strategy.hold_factor > 0 and train_steps > 0), int(round(train_steps * strategy.hold_factor)))
     return train_steps
 
 

@@ -121,6 +121,8 @@ def test_acceptance_triggered_budget():
     assert train_budget(4, hold, 2.45, 2.5) == 4, "a fall within boost_drop: the fixed budget"
     assert train_budget(4, hold, 2.0, 2.5) == 12
     assert train_budget(4, hold, None, 2.5) == 4, "no acceptance known yet: the fixed budget"
+    assert train_budget(1, hold, 2.6, 2.5) == 1 and train_budget(2, hold, 2.6, 2.5) == 1, "a shrunk budget keeps a step"
+    assert train_budget(4, StrategyConfig(hold_factor=0.0), 2.6, 2.5) == 0, "hold_factor=0: no step while it holds"
 
 
 @pytest.mark.parametrize("field,value", [("loss", "l2"), ("rejected_weight", 0.0), ("boost_factor", 0.5),
