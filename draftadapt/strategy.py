@@ -17,9 +17,9 @@ settings:
   them; reward-weighted adaptation as a selection).
 - boost_factor / boost_drop / hold_factor: the acceptance-triggered budget. At a boundary where the
   step's acceptance length fell more than boost_drop below the adapter's reference, train
-  boost_factor x train_steps; where it held or rose (>= the reference), hold_factor x train_steps
-  (< 1: a draft that keeps up costs less; 0: nothing); in between, and before any acceptance is
-  known, train_steps.
+  boost_factor x train_steps; where it held or rose (>= the reference) while the draft's training
+  accuracy gained less than hold_max_gain since the training before, hold_factor x train_steps (< 1: a
+  draft that keeps up costs less; 0: nothing); otherwise, and before any of that is known, train_steps.
 
 `StrategyLoss` is that loss, handed to `DraftTrainer` (the one step: non-finite skip, autocast,
 clipping); `StrategyDraftWorker` is `LocalDraftWorker` with it; `UntilBoundaryDraftWorker` trains in
@@ -50,6 +50,8 @@ class StrategyConfig:
     boost_factor: float = 4.0  # train_steps x this when the step's acceptance length drops (1 = fixed budget)
     boost_drop: float = 0.05  # tokens of acceptance length below the reference that trigger the boost
     hold_factor: float = 0.25  # train_steps x this when the step's acceptance length held or rose (>= the reference)
+    hold_max_gain: float = 0.02  # ... and the draft's step-1 training accuracy rose less than this from the training
+    #   before (a draft still learning - a weak start, rows a vocab refresh admitted - keeps its budget)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -124,15 +126,17 @@ class StrategyDraftWorker(LocalDraftWorker):
                          loss=StrategyLoss.of(trainer_config, strategy))
 
 
-def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float | None, reference: float | None) -> int:
+def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float | None, reference: float | None,
+                 acc_gain: float | None = 0.0) -> int:
     """Optimizer steps for this boundary: boost_factor x train_steps when acceptance fell more than boost_drop
-    below the reference, hold_factor x (at least 1 unless it is 0) when it held or rose (>= the reference), else
-    train_steps."""
+    below the reference; hold_factor x (at least 1 unless it is 0) when it held or rose (>= the reference) and the
+    draft's training accuracy gained less than hold_max_gain since the training before (`acc_gain`; None = not
+    known yet, no shrinking); else train_steps."""
     if acceptance is None or reference is None:
         return train_steps
     if acceptance < reference - strategy.boost_drop:
         return int(round(train_steps * strategy.boost_factor))
-    if acceptance >= reference:  # at least one step unless hold_factor is 0 (train_steps=1 stays 1 at 0.25)
+    if acceptance >= reference and acc_gain is not None and acc_gain < strategy.hold_max_gain:  # at least one step unless hold_factor is 0 (train_steps=1 stays 1 at 0.25)
         return max(int(strategy.hold_factor > 0 and train_steps > 0), int(round(train_steps * strategy.hold_factor)))
     return train_steps
 

@@ -123,6 +123,9 @@ def test_acceptance_triggered_budget():
     assert train_budget(4, hold, None, 2.5) == 4, "no acceptance known yet: the fixed budget"
     assert train_budget(1, hold, 2.6, 2.5) == 1 and train_budget(2, hold, 2.6, 2.5) == 1, "a shrunk budget keeps a step"
     assert train_budget(4, StrategyConfig(hold_factor=0.0), 2.6, 2.5) == 0, "hold_factor=0: no step while it holds"
+    assert train_budget(4, hold, 2.9, 2.5, acc_gain=0.1) == 4, "a draft still learning keeps its budget"
+    assert train_budget(4, hold, 2.9, 2.5, acc_gain=None) == 4, "no training gain known yet: no shrinking"
+    assert train_budget(4, hold, 2.9, 2.5, acc_gain=-0.05) == 1
 
 
 @pytest.mark.parametrize("field,value", [("loss", "l2"), ("rejected_weight", 0.0), ("boost_factor", 0.5),
@@ -163,10 +166,17 @@ def test_adapter_trains_nothing_while_acceptance_holds_with_hold_factor_zero():
     ad.on_rollouts(_capture(ad, policy, 0))
     assert ad.on_step_end(1, counters=SpecCounters(100, 300, 150, (60, 50, 40))).train.steps == 2  # no reference yet
     ad.on_rollouts(_capture(ad, policy, 1))
-    held = ad.on_step_end(2, counters=SpecCounters(100, 300, 160, (62, 55, 43)))  # AL 2.5 -> 2.6: rose
-    assert held.train is None and "hold_factor" in held.train_skipped_reason
+    learning = ad.on_step_end(2, counters=SpecCounters(100, 300, 150, (60, 50, 40)))  # held, one training known
+    assert learning.train.steps == 2, "no training gain known yet: the budget does not shrink"
+    ad.prev_step_acc = ad.last_step_acc  # the draft stopped learning (its training accuracy did not rise)
     ad.on_rollouts(_capture(ad, policy, 2))
-    assert ad.on_step_end(3, counters=SpecCounters(100, 300, 50, (30, 15, 5))).train.steps == 4  # fell: boost
+    held = ad.on_step_end(3, counters=SpecCounters(100, 300, 160, (62, 55, 43)))  # AL 2.5 -> 2.6: rose
+    assert held.train is None and "hold_factor" in held.train_skipped_reason
+    ad.prev_step_acc = tuple(a - 0.1 for a in ad.last_step_acc)  # it gained 0.1 in its last training
+    ad.on_rollouts(_capture(ad, policy, 3))
+    assert ad.on_step_end(4, counters=SpecCounters(100, 300, 170, (64, 58, 48))).train.steps == 2, "still learning"
+    ad.on_rollouts(_capture(ad, policy, 4))
+    assert ad.on_step_end(5, counters=SpecCounters(100, 300, 50, (30, 15, 5))).train.steps == 4  # fell: boost
 
 
 def test_a_recorded_trajectory_replays_the_same_features(tmp_path):
