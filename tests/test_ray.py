@@ -220,7 +220,8 @@ def test_draft_trainer_actor_trains_like_the_local_worker_and_follows_the_policy
     from draftadapt.trainer import TrainerConfig
 
     policy = AutoModelForCausalLM.from_pretrained(toy_policy_dir, dtype=torch.float32).eval()
-    acfg = AdapterConfig(train_steps=2, min_tokens=0, batch_tokens=96)
+    # the vocab refresh runs only in-process (on by default there): off, so both adapters train alike
+    acfg = AdapterConfig(train_steps=2, min_tokens=0, batch_tokens=96, vocab_refresh_uncovered=None)
     tcfg, ccfg = TrainerConfig(lr=1e-3), CacheConfig()
     local = DraftAdapter(load_eagle3(toy_draft_dir), policy.get_input_embeddings(), acfg, tcfg, ccfg)
     worker = RayDraftWorker(load_eagle3(toy_draft_dir), policy.get_input_embeddings(), tcfg, ccfg, acfg.batch_tokens,
