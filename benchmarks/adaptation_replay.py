@@ -55,7 +55,7 @@ from draftadapt.trainer import TrainerConfig  # noqa: E402
 TRAJ_ROOT = ROOT / "runs" / "adaptation_replay"
 OUT = RESULTS / "adaptation_replay"
 # BASE pins the adapter as it was before session 4 (a fixed budget, no refresh): the arm "default" stays the one the
-# earlier results measured; the library's defaults since then are the arm "trend-rb16-boost4-hold"
+# earlier results measured; the library's defaults since then are the arm "defaults"
 BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
                     "acceptance_drop": None, "vocab_refresh_uncovered": None, "vocab_refresh_boost": 1.0,
                     "vocab_refresh_trend": False},
@@ -94,17 +94,22 @@ ARMS = {"default": {},
         # session 4: a budget that also SHRINKS (StrategyConfig.hold_factor: 1 step of 4 while the acceptance length
         # holds or rises), and a burst after a refresh (AdapterConfig.vocab_refresh_boost: the first training on
         # features of the new vocab runs 16 x train_steps; its admitted rows start untrained)
-        "hold": {"strategy": {"hold_factor": 0.25}},
-        "boost4-hold": {"strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25}},
+        "hold": {"strategy": {"hold_factor": 0.25, "hold_max_gain": 1.0}},
+        "boost4-hold": {"strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 1.0}},
         "refresh-rb16": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0}},
         "refresh-rb16-boost4-hold": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0},
-                                     "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25}},
+                                     "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 1.0}},
         # ... and the refresh ranks the tokens the next step is expected to write (AdapterConfig.vocab_refresh_trend)
         "trend-rb16": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
                                    "vocab_refresh_trend": True}},
         "trend-rb16-boost4-hold": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
                                                "vocab_refresh_trend": True},
-                                   "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25}}}
+                                   "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 1.0}},
+        # the library's defaults (session 4): the arm above with the hold guarded - the budget shrinks only while the
+        # draft's training accuracy gained < 0.02 since the training before (hold_max_gain 1.0 above = unguarded, as
+        # those arms were measured: every training gain is < 1)
+        "defaults": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0, "vocab_refresh_trend": True},
+                     "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}}}
 
 
 def arm_config(name: str) -> dict:
