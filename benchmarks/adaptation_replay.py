@@ -337,7 +337,7 @@ def merge_runs(parts: list[dict]) -> dict[str, list[dict]]:
 def report(runs: dict, arms: list[str], args, extra: dict) -> None:
     summary = summarize(runs, arms)
     print_report(summary)
-    png = plot_curves(runs, OUT / f"{args.name}.png")
+    png = plot_curves(runs, OUT / f"{args.name}.png", arms)
     write_json(args.name, {"args": vars(args), **extra, "load_average": os.getloadavg(), "shared_machine": True,
                            "summary": summary, "runs": runs, "plot": str(png)})
 

@@ -79,8 +79,9 @@ def summarize(runs: dict[str, list[dict]], arms: list[str]) -> dict:
     return out
 
 
-def plot_curves(runs: dict[str, list[dict]], png: Path) -> Path | None:
-    """Per-step AL (mean over seeds) of every arm, the frozen draft and the oracle points; one panel per reward."""
+def plot_curves(runs: dict[str, list[dict]], png: Path, arms: list[str] | None = None) -> Path | None:
+    """Per-step AL (mean over seeds) of every arm (or of `arms`), the frozen draft and the oracle points; one panel
+    per reward."""
     try:
         import matplotlib
 
@@ -93,7 +94,8 @@ def plot_curves(runs: dict[str, list[dict]], png: Path) -> Path | None:
     for ax, reward in zip(axes[0], rewards):
         seeds = [rows for k, rows in runs.items() if k.split("/")[0] == reward]
         seeds = [rows[:min(len(r) for r in seeds)] for rows in seeds]
-        names = [n for n in seeds[0][0]["al"] if n != "oracle" and all(n in rows[0]["al"] for rows in seeds)]
+        names = [n for n in seeds[0][0]["al"] if n != "oracle" and all(n in rows[0]["al"] for rows in seeds)
+                 and (arms is None or n in arms or n.startswith("frozen"))]
         for name in names:
             xs = [r["version"] for r in seeds[0]]
             ys = [sum(rows[i]["al"][name] for rows in seeds) / len(seeds) for i in range(len(xs))]
