@@ -267,7 +267,8 @@ class DraftAdapter:
             self.watchdog.check_step(spec, self.served_step_acc)
         al = spec.acceptance_length if spec is not None and spec.drafts > 0 else None
         ref = self.acceptance_ema if cfg.acceptance_reference == "ema" else self.acceptance_after_push
-        gain = None if not (self.last_step_acc and self.prev_step_acc) else self.last_step_acc[0] - self.prev_step_acc[0]
+        last, prev = self.last_step_acc, self.prev_step_acc
+        gain = last[0] - prev[0] if last and prev else None  # is the draft still learning? (the hold's guard)
         budget = train_budget(cfg.train_steps, self.strategy, al, ref, gain)
         if self.refresh_untrained:  # the first training on features of the re-targeted vocab: its new rows start cold
             budget = max(budget, int(round(cfg.train_steps * cfg.vocab_refresh_boost)))

@@ -58,6 +58,9 @@ class StrategyConfig:
             raise ValueError(f"StrategyConfig.loss={self.loss!r}; use one of {LOSSES}")
         if not self.rejected_weight > 0 or not self.boost_factor >= 1 or not self.boost_drop >= 0:
             raise ValueError(f"StrategyConfig needs rejected_weight > 0, boost_factor >= 1, boost_drop >= 0; got {self}")
+        if not self.hold_max_gain >= 0:
+            raise ValueError(f"StrategyConfig.hold_max_gain={self.hold_max_gain!r}; use an accuracy gain >= 0 "
+                             "(0 = never shrink while the training accuracy rises at all)")
         if not 0 <= self.hold_factor <= 1:
             raise ValueError(f"StrategyConfig.hold_factor={self.hold_factor!r}; use a factor in [0, 1] (1 = the fixed "
                              "budget, 0 = no training while the acceptance length holds)")
@@ -136,7 +139,8 @@ def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float |
         return train_steps
     if acceptance < reference - strategy.boost_drop:
         return int(round(train_steps * strategy.boost_factor))
-    if acceptance >= reference and acc_gain is not None and acc_gain < strategy.hold_max_gain:  # at least one step unless hold_factor is 0 (train_steps=1 stays 1 at 0.25)
+    if acceptance >= reference and acc_gain is not None and acc_gain < strategy.hold_max_gain:
+        # at least one step unless hold_factor is 0 (train_steps=2 at 0.25 would round to none)
         return max(int(strategy.hold_factor > 0 and train_steps > 0), int(round(train_steps * strategy.hold_factor)))
     return train_steps
 

@@ -184,7 +184,8 @@ class VocabRefresher:
         uncovered = 1.0 - DraftVocab(draft.d2t.cpu(), draft.t2d.cpu(), recent).coverage() if int(recent.sum()) else 0.0
         kept = draft.t2d.cpu().long()  # ties (e.g. tokens no one wrote) keep the current vocab: no churn
         if self.uncovered is not None and uncovered > self.uncovered:
-            # the step's tokens first (a drift brings tokens the run's counts still rank low), then the run's
+            # the next step's expected tokens first (a drift brings tokens the run's counts still rank low),
+            # then the run's
             judged = expected_counts(recent, previous) if self.trend else recent
             reason, ranked = "uncovered", lexicographic(judged, self.counts, kept)
         elif self.every and self.boundaries % self.every == 0 and int(self.counts.sum()):

@@ -129,7 +129,7 @@ def test_acceptance_triggered_budget():
 
 
 @pytest.mark.parametrize("field,value", [("loss", "l2"), ("rejected_weight", 0.0), ("boost_factor", 0.5),
-                                         ("hold_factor", 1.5), ("hold_factor", -0.1)])
+                                         ("hold_factor", 1.5), ("hold_factor", -0.1), ("hold_max_gain", -0.01)])
 def test_bad_strategy_names_the_field(field, value):
     with pytest.raises(ValueError, match=field if field == "loss" else "StrategyConfig"):
         StrategyConfig(**{field: value})
