@@ -58,7 +58,7 @@ OUT = RESULTS / "adaptation_replay"
 # earlier results measured; the library's defaults since then are the arm "defaults"
 BASE = {"adapter": {"train_steps": 4, "batch_tokens": 4096, "min_tokens": 2048, "staleness_window": 2,
                     "acceptance_drop": None, "vocab_refresh_uncovered": None, "vocab_refresh_boost": 1.0,
-                    "vocab_refresh_trend": False},
+                    "vocab_refresh_trend": False, "teacher": "draft_vocab", "vocab_refresh_lr": 1.0},
         "trainer": {"lr": 5e-4, "ttt_steps": 3}, "cache": {"max_tokens": 400_000},
         "strategy": {"boost_factor": 1.0, "hold_factor": 1.0},
         "init": "task"}  # the initial draft: "task" (in-domain toy draft) or "chat" (generic: toy chat corpus)
@@ -109,7 +109,20 @@ ARMS = {"default": {},
         # draft's training accuracy gained < 0.02 since the training before (hold_max_gain 1.0 above = unguarded, as
         # those arms were measured: every training gain is < 1)
         "defaults": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0, "vocab_refresh_trend": True},
-                     "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}}}
+                     "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}},
+        # session 5: the features outlive a refresh (teacher "auto" keeps top-k target ids where the refresh can run,
+        # mapped to the draft vocab when sampled: the post-refresh burst trains on the window's steps, not one), and the
+        # burst at 4x the lr, falling (cosine) to 0.4x (AdapterConfig.vocab_refresh_lr)
+        "defaults-keep": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
+                                      "vocab_refresh_trend": True, "teacher": "auto"},
+                          "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}},
+        "defaults-blr4": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
+                                      "vocab_refresh_trend": True, "vocab_refresh_lr": 4.0},
+                          "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}},
+        "defaults-keep-blr4": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
+                                           "vocab_refresh_trend": True, "teacher": "auto", "vocab_refresh_lr": 4.0},
+                               "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25,
+                                            "hold_max_gain": 0.02}}}
 
 
 def arm_config(name: str) -> dict:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,6 @@ class DraftAdapter:
         self.prev_step_acc: tuple[float, ...] | None = None  # ... of the one before (is the draft still learning?)
         self.served_step_acc: tuple[float, ...] | None = None  # ... of the draft the sink last accepted
         self.features = worker.feature_spec()
-        self.teacher, self.top_k = config.resolved_teacher(self.features.draft_vocab_size)
         self.sampler = StepSampler(config.budget_tokens, config.capture_fraction, config.window_tokens, config.seed)
         self.last_version: int | None = None  # policy_version of the last on_step_end
         self.newest_rollout_version: int | None = None  # newest policy_version on_rollouts stored
@@ -128,8 +128,10 @@ class DraftAdapter:
         self.refresh_untrained = False  # a vocab refresh admitted rows no training has seen yet (vocab_refresh_boost)
         # the vocab refresh: counts completion tokens, re-targets the draft vocab at boundaries (LocalDraftWorker only)
         self.vocab = None
-        if config.vocab_refresh and not (config.vocab_refresh_auto and not config.vocab_refresh_every
-                                         and refresh_unsupported(worker)):
+        refresh = config.vocab_refresh and not (config.vocab_refresh_auto and not config.vocab_refresh_every
+                                                and refresh_unsupported(worker))
+        self.teacher, self.top_k = config.resolved_teacher(self.features.draft_vocab_size, refresh)
+        if refresh:
             self.vocab = VocabRefresher(config.vocab_refresh_every, config.vocab_refresh_margin, worker,
                                         config.uncovered_share, None, config.vocab_refresh_trend)
             if policy is not None:
@@ -179,7 +181,7 @@ class DraftAdapter:
                           f"({self.dropped_nonfinite} dropped so far); check the policy forward that was captured",
                           stacklevel=2)
             return 0
-        old_vocab = self.vocab is not None and self.vocab.is_stale(v)
+        old_vocab = self.vocab is not None and self.vocab.is_stale(batch)
         if old_vocab or self.last_version is not None and v < self.last_version - self.config.staleness_window:
             n = batch.cu_seqlens.numel() - 1
             self.dropped_rollouts += n
@@ -272,6 +274,7 @@ class DraftAdapter:
         budget = train_budget(cfg.train_steps, self.strategy, al, ref, gain)
         if self.refresh_untrained:  # the first training on features of the re-targeted vocab: its new rows start cold
             budget = max(budget, int(round(cfg.train_steps * cfg.vocab_refresh_boost)))
+        burst = cfg.vocab_refresh_lr if self.refresh_untrained else 1.0  # (the refresh runs on local workers only)
         tokens, train, skipped = self.worker.cache_info().tokens, None, None
         if cfg.train_steps == 0:
             skipped = "AdapterConfig.train_steps=0"
@@ -281,7 +284,8 @@ class DraftAdapter:
             skipped = (f"the acceptance length {al:.3f} held at or above the {cfg.acceptance_reference} {ref:.3f}: "
                        f"StrategyConfig.hold_factor={self.strategy.hold_factor} leaves no step")
         else:
-            train = self.worker.train(budget)
+            with self.worker.trainer.lr_burst(budget, burst) if burst != 1 else nullcontext():
+                train = self.worker.train(budget)
             if train.steps == 0:  # a background worker whose first run has not finished yet
                 train, skipped = None, "no draft training has finished yet (background worker)"
             else:

@@ -37,7 +37,8 @@ class AdapterConfig:
     #   the first acceptance length measured after the last push (the fresh draft's)
     ema_decay: float = 0.8  # weight of the past in the acceptance EMA
     teacher: str = "auto"  # FeatureCapture teacher: "draft_vocab", "topk", "final_hidden", or "auto":
-    #   draft_vocab when the draft vocab has <= AUTO_DENSE_MAX_VOCAB ids, else topk (top_k, or AUTO_TOP_K when 0)
+    #   draft_vocab when the draft vocab has <= AUTO_DENSE_MAX_VOCAB ids and the vocab refresh cannot re-target it,
+    #   else topk (top_k, or AUTO_TOP_K when 0): target ids, so cached features outlive a refresh
     top_k: int = 0  # ids per position when teacher="topk" (or "auto" picks top-k)
     seed: int = 0  # seed of the cache-sampling generator and of the step budget's window priorities
     capture_tokens: int | None = None  # positions captured per step at most; None = train_steps x batch_tokens
@@ -56,6 +57,7 @@ class AdapterConfig:
     #   (this step's share + its change since the step before); False: by this step's counts
     vocab_refresh_boost: float = 16.0  # the first training after a refresh (on features captured in the new vocab)
     #   runs at least train_steps x this: the admitted rows start from the policy's lm_head, untrained
+    vocab_refresh_lr: float = 4.0  # ... at TrainerConfig.lr x this, falling (cosine) to 0.1 x this over the burst
     watchdog: bool = True  # around an engine-swapper sink, check the served draft after every push and every
     #   step's counters; re-push a lost draft; report draft/watchdog_* metrics (watchdog.py). False = off
 
@@ -106,16 +108,20 @@ class AdapterConfig:
         if not self.vocab_refresh_boost >= 1:
             raise ValueError(f"AdapterConfig.vocab_refresh_boost={self.vocab_refresh_boost!r}; use a factor >= 1 "
                              "(1 = no extra steps after a refresh)")
+        if not self.vocab_refresh_lr > 0:
+            raise ValueError(f"AdapterConfig.vocab_refresh_lr={self.vocab_refresh_lr!r}; use a factor > 0 on "
+                             "TrainerConfig.lr for the post-refresh burst (1 = the schedule's lr)")
         if not isinstance(self.watchdog, bool):
             raise ValueError(f"AdapterConfig.watchdog={self.watchdog!r}; use True (on, the default) or False (off)")
         if self.capture_fraction is not None and not 0 < self.capture_fraction <= 1:
             raise ValueError(f"AdapterConfig.capture_fraction={self.capture_fraction!r}; use a value in (0, 1] or None")
 
-    def resolved_teacher(self, draft_vocab_size: int) -> tuple[str, int]:
-        """(teacher, top_k) with "auto" decided for a draft vocab of `draft_vocab_size` ids."""
+    def resolved_teacher(self, draft_vocab_size: int, refresh: bool = False) -> tuple[str, int]:
+        """(teacher, top_k) with "auto" decided for a draft vocab of `draft_vocab_size` ids; `refresh`: the vocab
+        refresh may re-target it, so "auto" keeps top-k target ids (the features outlive a refresh)."""
         if self.teacher != "auto":
             return self.teacher, self.top_k
-        if draft_vocab_size <= AUTO_DENSE_MAX_VOCAB:
+        if draft_vocab_size <= AUTO_DENSE_MAX_VOCAB and not refresh:
             return "draft_vocab", 0
         return "topk", self.top_k or AUTO_TOP_K
 

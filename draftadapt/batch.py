@@ -126,7 +126,7 @@ def teacher_from_logits(logits: torch.Tensor, draft_vocab_ids: torch.Tensor | No
     logits, c = logits.detach(), max(1, _CHUNK_ELEMENTS // v)
     m = logits.shape[0] if rows is None else rows.numel()
     chunks = logits.split(c) if rows is None else (logits.index_select(0, r) for r in rows.to(dev).split(c))
-    dtype = dtype or torch.float32
+    dtype, top_k = dtype or torch.float32, min(top_k, v)  # a vocab smaller than k: every id, sorted
     top_ok = torch.empty(m, dtype=torch.bool, device=dev)
     if top_k:
         lp, idx = torch.empty(m, top_k, dtype=dtype, device=dev), torch.empty(m, top_k, dtype=torch.long, device=dev)

@@ -255,7 +255,8 @@ class FeatureCapture:
             lrow = (src // t) * t_l + (src % t - (t - t_l))  # [M] row of the kept logits (logits_to_keep)
             tch = teacher_from_logits(logits.reshape(-1, logits.shape[-1]), self.draft_vocab_ids, self.top_k,
                                       rows=lrow[has], dtype=self.teacher_dtype)  # rows gathered per chunk
-            mask[has] &= tch.top_in_draft
+            if not self.top_k:  # a top-k teacher keeps target ids: to_draft_batch checks its top token against
+                mask[has] &= tch.top_in_draft  # the draft vocab of the sampling time (features outlive a vocab refresh)
             everywhere = bool(has.all())  # the usual case: no second [M, Vd] to scatter into
             names = ("teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
             for name, x in zip(names, tch[:3]):

@@ -285,9 +285,13 @@ class DistributedDraftAdapter:
                 worker = LocalDraftWorker(draft, self._embed, trainer_config, cache_config, cfg.batch_tokens,
                                           config.seed, target_head)
             self.adapter = DraftAdapter.with_worker(worker, cfg, sink, policy=policy)
-        else:  # the owner refreshes the draft vocab and tells this rank the new one (on_step_end)
-            held = replace(cfg, vocab_refresh_every=0, vocab_refresh_uncovered=None)
-            self.adapter = DraftAdapter.with_worker(_HoldingWorker(feature_spec_of(draft)), held, None)
+        if mode == "owner":  # every rank captures with the owner's teacher ("auto" depends on the owner's refresh)
+            box = [(self.adapter.teacher, self.adapter.top_k) if self.is_owner else None]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, owner) if group else owner, group=group)
+            if not self.is_owner:  # the owner refreshes the draft vocab and tells this rank the new one (on_step_end)
+                teacher, top_k = box[0]
+                held = replace(cfg, vocab_refresh_every=0, vocab_refresh_uncovered=None, teacher=teacher, top_k=top_k)
+                self.adapter = DraftAdapter.with_worker(_HoldingWorker(feature_spec_of(draft)), held, None)
 
     @property
     def config(self) -> AdapterConfig:

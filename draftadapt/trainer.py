@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -135,6 +136,7 @@ class DraftTrainer:
                                            weight_decay=config.weight_decay)
         self.steps_done = 0
         self.skipped_nonfinite = 0  # updates skipped because the loss or the gradient was NaN/Inf
+        self._burst: tuple[int, int, float] | None = None  # (first step, steps, peak factor): `lr_burst`
 
     @property
     def loss(self) -> LossFn:
@@ -154,6 +156,24 @@ class DraftTrainer:
         left = 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1 - done
         return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * left)
 
+    @contextmanager
+    def lr_burst(self, steps: int, factor: float) -> Iterator[None]:
+        """Within the block, the next `steps` updates run at the schedule's lr x a factor that falls (cosine) from
+        `factor` to 0.1 x `factor` (the post-refresh burst: AdapterConfig.vocab_refresh_lr); factor 1: unchanged."""
+        if factor != 1 and steps > 0:
+            self._burst = (self.steps_done, steps, factor)
+        try:
+            yield
+        finally:
+            self._burst = None
+
+    def burst_scale(self, step: int) -> float:
+        """The lr multiplier `lr_burst` puts on update `step` (1 outside a burst)."""
+        if self._burst is None or not 0 <= step - self._burst[0] < self._burst[1]:
+            return 1.0
+        first, n, factor = self._burst
+        return factor * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - first) / n)))
+
     def step(self, batch: DraftBatch | None) -> TrainStats:
         """One update. `batch=None` only with a collective: this rank contributes nothing this step."""
         device, cfg, coll = self.device, self.config, self.collective
@@ -162,7 +182,7 @@ class DraftTrainer:
                              "without a batch; pass a DraftBatch")
         # 1) learning rate; the normaliser every rank agrees on (data-parallel)
         self.draft.train()
-        lr = self.lr_at(self.steps_done)
+        lr = self.lr_at(self.steps_done) * self.burst_scale(self.steps_done)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         normalizer = coll.normalizer(batch, device) if coll is not None else None

@@ -20,8 +20,11 @@ the adapter is built with `policy=` or at its first `capture(policy)`. `retarget
 draft in place: lm_head rows of tokens in both vocabs keep their trained weights, rows of newly
 admitted tokens start from the target's lm_head rows (as `Eagle3Draft.init_lm_head` does at
 creation), d2t/t2d are replaced. The optimizer's per-row state (Adam moments) moves with its rows;
-new rows start from zero moments. Cached features were captured against the old vocab (a dense
-teacher over the old draft ids, a loss mask that checked the old vocab), so the cache is emptied.
+new rows start from zero moments. Cached features with a dense teacher over the old draft ids
+(teacher="draft_vocab") were captured against the old vocab, so the cache is emptied; a top-k or
+final_hidden teacher names target ids and is mapped to the draft vocab when sampled, so those features
+stay (the post-refresh training then has the window's steps of features, not one step's; "auto" picks top-k
+where the refresh can run).
 
 Only the in-process worker (`LocalDraftWorker`, or `StrategyDraftWorker`) is supported: a
 background, Ray or data-parallel worker holds the draft elsewhere or in replicas. Knows nothing of
@@ -49,11 +52,12 @@ class VocabRefresh(NamedTuple):
     """What one refresh did (AdapterStats.vocab)."""
 
     version: int  # the boundary it happened at
-    stale_through: int | None  # newest rollout version counted; batches of versions <= it are refused afterwards
+    stale_through: int | None  # newest rollout version counted; batches of these versions with a dense teacher
+    #   over the old draft ids (teacher="draft_vocab") are refused afterwards
     coverage_before: float  # share of the counted completion tokens the old draft vocab holds
     coverage_after: float  # ... the new one holds
     admitted: int  # tokens new to the draft vocab (as many left it)
-    dropped_cached: int  # cached sequences dropped (captured against the old vocab)
+    dropped_cached: int  # cached sequences dropped (captured against the old vocab; 0 when they are kept)
     uncovered: float = 0.0  # share of the step's completion tokens outside the old draft vocab
     reason: str = "cadence"  # "uncovered" (the step crossed vocab_refresh_uncovered) or "cadence"
 
@@ -170,10 +174,11 @@ class VocabRefresher:
         v = batch.policy_version
         self.newest_seen = v if self.newest_seen is None else max(v, self.newest_seen)
 
-    def is_stale(self, version: int) -> bool:
-        """A batch of this policy version may have been captured against a vocab the draft no longer has
-        (captures of the versions seen before a refresh); the versions after it capture with the new one."""
-        return self.stale_through is not None and version <= self.stale_through
+    def is_stale(self, batch: RolloutBatch) -> bool:
+        """The batch holds a dense teacher over a vocab the draft no longer has (captured for a version seen
+        before a refresh; the versions after it capture with the new one). A top-k teacher is never stale."""
+        return (batch.teacher_logprobs is not None and self.stale_through is not None
+                and batch.policy_version <= self.stale_through)
 
     def maybe_refresh(self, version: int) -> VocabRefresh | None:
         """At a boundary (after training, before the push): refresh if due and worth it."""
@@ -200,7 +205,9 @@ class VocabRefresher:
         src = retarget_vocab(draft, new.d2t, self.head)
         remap_optimizer_rows(worker.trainer.optimizer, draft.lm_head.weight, src)
         worker._target_ids = draft.target_ids().cpu()
-        dropped = worker.cache.drop_stale(version + 1, 0)  # every entry: all were captured in the old vocab
+        dropped = 0
+        if "teacher_logprobs" in (worker.cache.schema or {}):  # a dense teacher over the old draft ids: every entry
+            dropped = worker.cache.drop_stale(version + 1, 0)  # was captured for the old vocab (top-k ones stay)
         self.stale_through = self.newest_seen
         return VocabRefresh(version, self.stale_through, old_cov, new_cov, int((src < 0).sum()), dropped, uncovered,
                             reason)

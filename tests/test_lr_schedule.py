@@ -94,3 +94,18 @@ def test_offline_training_from_own_samples_follows_the_schedule(tmp_path):
     assert [h.lr for h in res.history] == pytest.approx([2e-3, 2e-3, 1e-3 * (1 + math.cos(math.pi / 4)), 1e-3,
                                                           1e-3 * (1 - math.cos(math.pi / 4)), 0.0])
     assert load_eagle3(tmp_path / "d").config.draft_vocab_size == 32
+
+
+def test_an_lr_burst_falls_from_its_factor_and_ends_with_its_steps():
+    """The post-refresh burst (AdapterConfig.vocab_refresh_lr): the schedule's lr x a factor falling (cosine) from
+    `factor` to 0.1 x factor over `steps` updates; after them, and outside the block, the schedule alone."""
+    t = trainer(lr_schedule="cosine", lr_decay_steps=20)
+    t.step(batch())
+    with t.lr_burst(4, 3.0):
+        lrs = [t.step(batch()).lr for _ in range(5)]
+    after = t.step(batch()).lr
+    scale = [3.0 * (0.1 + 0.45 * (1 + math.cos(math.pi * i / 4))) for i in range(4)] + [1.0]
+    assert lrs == pytest.approx([t.lr_at(1 + i) * s for i, s in enumerate(scale)])
+    assert after == pytest.approx(t.lr_at(6))
+    with t.lr_burst(4, 1.0):
+        assert t.step(batch()).lr == pytest.approx(t.lr_at(7)), "factor 1 leaves the schedule alone"

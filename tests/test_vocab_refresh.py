@@ -1,6 +1,8 @@
 """Online vocabulary refresh (draftadapt/vocab_refresh.py): remap, optimizer state, coverage, cache, push."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -138,7 +140,7 @@ def test_expected_counts_extrapolate_the_last_two_steps():
 
 
 def test_the_first_training_after_a_refresh_is_boosted_once(policy):
-    adapter = make_adapter(policy, vocab_refresh_boost=3.0)
+    adapter = make_adapter(policy, vocab_refresh_boost=3.0, vocab_refresh_lr=4.0)
     adapter.on_rollouts(task_batch(0))
     st = adapter.on_step_end(0)
     assert st.vocab is not None and st.train.steps == 2, "the refresh's own boundary trains the fixed budget"
@@ -150,8 +152,11 @@ def test_the_first_training_after_a_refresh_is_boosted_once(policy):
     adapter.on_rollouts(task_batch(1, seed=2))
     st = adapter.on_step_end(1)
     assert st.vocab is None and st.train.steps == 6, "features in the new vocab: train_steps x vocab_refresh_boost"
+    lr = adapter.worker.trainer.optimizer.param_groups[0]["lr"]  # the burst's last step: 4 x (0.1 + 0.9 x cos-decay)
+    assert lr == pytest.approx(3e-3 * 4 * (0.1 + 0.45 * (1 + math.cos(math.pi * 5 / 6))))
     adapter.on_rollouts(task_batch(2, seed=3))
     assert adapter.on_step_end(2).train.steps == 2, "boosted once, then the fixed budget again"
+    assert adapter.worker.trainer.optimizer.param_groups[0]["lr"] == 3e-3, "the burst's lr ends with the burst"
 
 
 def test_refresh_is_refused_where_it_cannot_run(policy):
@@ -163,6 +168,8 @@ def test_refresh_is_refused_where_it_cannot_run(policy):
         headless.on_rollouts(task_batch(0))
     with pytest.raises(ValueError, match="vocab_refresh_every"):
         AdapterConfig(vocab_refresh_every=-1)
+    with pytest.raises(ValueError, match="vocab_refresh_lr=0.*factor > 0"):
+        AdapterConfig(vocab_refresh_lr=0)
 
 
 def test_resume_after_a_refresh_restores_the_new_vocab(policy, tmp_path):

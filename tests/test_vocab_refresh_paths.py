@@ -241,9 +241,9 @@ def test_a_completion_written_wholly_outside_the_draft_vocab_is_counted():
     mark them; capture's `completion` field does, and the cache does not keep it."""
     from draftadapt.vocab_refresh import completion_token_counts
 
-    policy = policy_of("qwen2", tied=False)
-    adapter = DraftAdapter(draft_for(policy), policy.get_input_embeddings(), AdapterConfig(**CFG), TrainerConfig(),
-                           CacheConfig(max_tokens=8192), policy=policy)
+    policy = policy_of("qwen2", tied=False)  # a dense teacher: its loss_mask checked the draft vocab at capture
+    adapter = DraftAdapter(draft_for(policy), policy.get_input_embeddings(), AdapterConfig(**CFG, teacher="draft_vocab"),
+                           TrainerConfig(), CacheConfig(max_tokens=8192), policy=policy)
     outside = TASK[~torch.isin(TASK, adapter.draft.target_ids())]
     g = torch.Generator().manual_seed(5)
     ids = torch.cat([torch.randint(0, 900, (B, PROMPT), generator=g),
@@ -260,3 +260,29 @@ def test_a_completion_written_wholly_outside_the_draft_vocab_is_counted():
     adapter.on_rollouts(batch)
     assert torch.equal(adapter.vocab.recent, want)
     assert all(e.completion is None for e in adapter.worker.cache._entries), "the cache stores no completion mask"
+
+
+def test_a_topk_teacher_keeps_the_cache_through_a_refresh_and_trains_what_it_admitted():
+    """teacher="auto" keeps top-k target ids where the refresh can run (a dense teacher otherwise): the refresh keeps
+    the cached features, and a position whose top token was outside the old vocab trains once the refresh admits it
+    (capture no longer cuts it from the stored loss_mask; sampling checks the top token against the vocab it has)."""
+    policy = policy_of("qwen2", tied=False)
+    make = lambda **cfg: DraftAdapter(draft_for(policy), policy.get_input_embeddings(), AdapterConfig(**{**CFG, **cfg}),
+                                      TrainerConfig(), CacheConfig(max_tokens=8192), policy=policy)
+    assert make(vocab_refresh_uncovered=None).teacher == "draft_vocab", "no refresh: the dense teacher, as before"
+    adapter = make()
+    assert (adapter.teacher, adapter.top_k) == ("topk", 64)
+    batch = captured(adapter, policy, 0)
+    old_ids, top = adapter.draft.target_ids().clone(), batch.teacher_topk_ids[:, 0]
+    assert (batch.loss_mask & ~torch.isin(top, old_ids)).any(), "capture must keep positions outside the draft vocab"
+    adapter.on_rollouts(batch)
+    stats = adapter.on_step_end(0)
+    new_ids = adapter.draft.target_ids()
+    assert stats.vocab is not None and stats.vocab.dropped_cached == 0 and stats.cache.sequences == B
+    assert not torch.equal(torch.isin(top, old_ids), torch.isin(top, new_ids))
+    sample = adapter.worker.cache.sample(num_sequences=B, draft_vocab_ids=adapter.worker._target_ids,
+                                         sparse_teacher=True)
+    assert int(sample.loss_mask.sum()) == int((batch.loss_mask & torch.isin(top, new_ids)).sum()), \
+        "the kept features train the positions whose top token the NEW vocab holds"
+    late = captured(adapter, policy, 0, seed=3)  # a late batch of the version before the refresh: top-k, kept
+    assert adapter.on_rollouts(late) > 0
