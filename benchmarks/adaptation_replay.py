@@ -110,19 +110,26 @@ ARMS = {"default": {},
         # those arms were measured: every training gain is < 1)
         "defaults": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0, "vocab_refresh_trend": True},
                      "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}},
-        # session 5: the features outlive a refresh (teacher "auto" keeps top-k target ids where the refresh can run,
-        # mapped to the draft vocab when sampled: the post-refresh burst trains on the window's steps, not one), and the
-        # burst at 4x the lr, falling (cosine) to 0.4x (AdapterConfig.vocab_refresh_lr)
+        # session 5: the features outlive a refresh (a top-k teacher over target ids, mapped to the draft vocab when
+        # sampled: the post-refresh burst trains on the window's steps, not one; top-64 as first measured - the letters
+        # vocab has 59 ids, so it is every id there), and the burst at 4x the lr, falling (cosine) to 0.4x
+        # (AdapterConfig.vocab_refresh_lr)
         "defaults-keep": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
-                                      "vocab_refresh_trend": True, "teacher": "auto"},
+                                      "vocab_refresh_trend": True, "teacher": "topk", "top_k": 64},
                           "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}},
         "defaults-blr4": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
                                       "vocab_refresh_trend": True, "vocab_refresh_lr": 4.0},
                           "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}},
         "defaults-keep-blr4": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
-                                           "vocab_refresh_trend": True, "teacher": "auto", "vocab_refresh_lr": 4.0},
+                                           "vocab_refresh_trend": True, "teacher": "topk", "top_k": 64,
+                                           "vocab_refresh_lr": 4.0},
                                "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25,
-                                            "hold_max_gain": 0.02}}}
+                                            "hold_max_gain": 0.02}},
+        # the library's defaults since session 5: as above with teacher "auto" = top-k of as many ids as the draft vocab
+        # holds (toy: 512, where top-64 held 96-98% of the policy's mass; letters: all 59, as above)
+        "defaults5": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0, "vocab_refresh_trend": True,
+                                  "teacher": "auto", "vocab_refresh_lr": 4.0},
+                      "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}}}
 
 
 def arm_config(name: str) -> dict:

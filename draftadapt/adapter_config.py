@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .batch import AUTO_DENSE_MAX_VOCAB, AUTO_TOP_K  # noqa: F401 (re-exported)
+from .batch import AUTO_DENSE_MAX_VOCAB, AUTO_REFRESH_MAX_TOP_K, AUTO_TOP_K  # noqa: F401 (re-exported)
 from .budget import BudgetStats
 from .cache import CacheConfig
 from .capture import TEACHERS
@@ -38,7 +38,8 @@ class AdapterConfig:
     ema_decay: float = 0.8  # weight of the past in the acceptance EMA
     teacher: str = "auto"  # FeatureCapture teacher: "draft_vocab", "topk", "final_hidden", or "auto":
     #   draft_vocab when the draft vocab has <= AUTO_DENSE_MAX_VOCAB ids and the vocab refresh cannot re-target it,
-    #   else topk (top_k, or AUTO_TOP_K when 0): target ids, so cached features outlive a refresh
+    #   else topk (top_k, or AUTO_TOP_K when 0; where the refresh can re-target a small draft vocab, its size in
+    #   [AUTO_TOP_K, AUTO_REFRESH_MAX_TOP_K]): target ids, so cached features outlive a refresh
     top_k: int = 0  # ids per position when teacher="topk" (or "auto" picks top-k)
     seed: int = 0  # seed of the cache-sampling generator and of the step budget's window priorities
     capture_tokens: int | None = None  # positions captured per step at most; None = train_steps x batch_tokens
@@ -121,9 +122,12 @@ class AdapterConfig:
         refresh may re-target it, so "auto" keeps top-k target ids (the features outlive a refresh)."""
         if self.teacher != "auto":
             return self.teacher, self.top_k
-        if draft_vocab_size <= AUTO_DENSE_MAX_VOCAB and not refresh:
+        if draft_vocab_size > AUTO_DENSE_MAX_VOCAB:
+            return "topk", self.top_k or AUTO_TOP_K
+        if not refresh:
             return "draft_vocab", 0
-        return "topk", self.top_k or AUTO_TOP_K
+        # as many ids as the dense teacher held, chosen by the teacher instead of by the draft vocab
+        return "topk", self.top_k or min(max(draft_vocab_size, AUTO_TOP_K), AUTO_REFRESH_MAX_TOP_K)
 
 
 def check_embedding(draft: nn.Module, embed: nn.Embedding | torch.Tensor) -> None:

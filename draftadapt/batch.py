@@ -22,6 +22,10 @@ _CHUNK_ELEMENTS = 1 << 26  # logits upcast to fp32 at most this many elements at
 # in fp32), top-k above it
 AUTO_DENSE_MAX_VOCAB = 8192
 AUTO_TOP_K = 64  # ids kept by an automatic top-k teacher: 64 x (8 B id + 4 B log-prob) = 768 B/token
+# ... where the vocab refresh may re-target a draft vocab <= AUTO_DENSE_MAX_VOCAB, "auto" keeps top-k target ids
+# instead of the dense teacher (to outlive a refresh): k = the draft vocab size, at least AUTO_TOP_K and at most
+# this (the toy's 512-id draft vocab: top-64 holds 96-98% of its policy's mass at T=1, top-512 99.9%)
+AUTO_REFRESH_MAX_TOP_K = 1024
 
 
 @dataclass

@@ -271,7 +271,10 @@ def test_a_topk_teacher_keeps_the_cache_through_a_refresh_and_trains_what_it_adm
                                       TrainerConfig(), CacheConfig(max_tokens=8192), policy=policy)
     assert make(vocab_refresh_uncovered=None).teacher == "draft_vocab", "no refresh: the dense teacher, as before"
     adapter = make()
-    assert (adapter.teacher, adapter.top_k) == ("topk", 64)
+    assert (adapter.teacher, adapter.top_k) == ("topk", 64)  # as many ids as the 64-id draft vocab: at least 64
+    auto = AdapterConfig().resolved_teacher  # ... at most 1024; a large draft vocab: top-64 with or without refresh
+    assert [auto(512, True), auto(27, True), auto(4096, True), auto(32000, True), auto(512, False)] == \
+        [("topk", 512), ("topk", 64), ("topk", 1024), ("topk", 64), ("draft_vocab", 0)]
     batch = captured(adapter, policy, 0)
     old_ids, top = adapter.draft.target_ids().clone(), batch.teacher_topk_ids[:, 0]
     assert (batch.loss_mask & ~torch.isin(top, old_ids)).any(), "capture must keep positions outside the draft vocab"
