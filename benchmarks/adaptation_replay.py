@@ -213,10 +213,10 @@ def replay(scn, traj_dir: Path, arms: list[str], args) -> list[dict]:
             # 1) every arm sees the same features of step v's rollouts (policy v), then trains
             load_policy(policy, traj.policy_state(v))
             ro = traj.rollouts(v)
-            # (the teacher is over each draft's own vocab: one feature pass per initial draft and vocab)
+            # (the teacher is over each draft's own vocab: one feature pass per initial draft, vocab and teacher)
             def key(a):
-                ids = adapters[a].features.draft_vocab_ids
-                return arm_config(a)["init"], None if ids is None else tuple(ids.tolist())
+                ids, ad = adapters[a].features.draft_vocab_ids, adapters[a]
+                return arm_config(a)["init"], None if ids is None else tuple(ids.tolist()), ad.teacher, ad.top_k
             first = {key(a): a for a in reversed(arms)}
             batches = {k: list(features(policy, adapters[a], ro, v)) for k, a in first.items()}
             advs = ro.advantages.split(64)
