@@ -108,6 +108,11 @@ class TrainStats:
         return out
 
 
+def _cosine(done: float) -> float:
+    """Cosine decay from 1 (done=0) to 0 (done=1)."""
+    return 0.5 * (1 + math.cos(math.pi * done))
+
+
 # (draft, batch on the trainer's device, embed, normalizer [K] or None) -> TTTResult (loss, step_loss [K],
 # step_acc [K], step_tokens [K]); normalizer: a collective's token counts over all ranks (None: the batch's own)
 LossFn = Callable[[nn.Module, DraftBatch, "nn.Embedding | torch.Tensor | None", "torch.Tensor | None"], TTTResult]
@@ -153,13 +158,15 @@ class DraftTrainer:
         if cfg.lr_schedule == "constant":
             return cfg.lr
         done = min(1.0, (step - cfg.warmup_steps) / cfg.lr_decay_steps)  # 0 at the peak, 1 at the end
-        left = 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1 - done
+        left = _cosine(done) if cfg.lr_schedule == "cosine" else 1 - done
         return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * left)
 
     @contextmanager
     def lr_burst(self, steps: int, factor: float) -> Iterator[None]:
         """Within the block, the next `steps` updates run at the schedule's lr x a factor that falls (cosine) from
         `factor` to 0.1 x `factor` (the post-refresh burst: AdapterConfig.vocab_refresh_lr); factor 1: unchanged."""
+        if not factor > 0:
+            raise ValueError(f"DraftTrainer.lr_burst(factor={factor!r}); use a factor > 0 on the schedule's lr")
         if factor != 1 and steps > 0:
             self._burst = (self.steps_done, steps, factor)
         try:
@@ -172,7 +179,7 @@ class DraftTrainer:
         if self._burst is None or not 0 <= step - self._burst[0] < self._burst[1]:
             return 1.0
         first, n, factor = self._burst
-        return factor * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - first) / n)))
+        return factor * (0.1 + 0.9 * _cosine((step - first) / n))
 
     def step(self, batch: DraftBatch | None) -> TrainStats:
         """One update. `batch=None` only with a collective: this rank contributes nothing this step."""

@@ -109,3 +109,5 @@ def test_an_lr_burst_falls_from_its_factor_and_ends_with_its_steps():
     assert after == pytest.approx(t.lr_at(6))
     with t.lr_burst(4, 1.0):
         assert t.step(batch()).lr == pytest.approx(t.lr_at(7)), "factor 1 leaves the schedule alone"
+    with pytest.raises(ValueError, match="factor > 0"), t.lr_burst(4, 0.0):
+        pass
