@@ -129,7 +129,21 @@ ARMS = {"default": {},
         # holds (toy: 512, where top-64 held 96-98% of the policy's mass; letters: all 59, as above)
         "defaults5": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0, "vocab_refresh_trend": True,
                                   "teacher": "auto", "vocab_refresh_lr": 4.0},
-                      "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}}}
+                      "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}},
+        # session 6: the hold's guard is what a training bought WITHIN itself (TrainResult.acc_gain: its later half's
+        # step-1 accuracy minus its earlier half's), no longer the gain between two trainings, which also rose when the
+        # policy sharpened (c). Every arm above with hold_max_gain 0.02 was measured with the gain between trainings.
+        # "first_counters": the first boundary gets the acceptance length the initial draft served on step 0's
+        # rollouts, as in a real loop (the adapter reads them from the sink); without it (every arm above) the first
+        # boundary has none and the EMA reference starts one boundary later.
+        "defaults6": {"first_counters": True,
+                      "adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0, "vocab_refresh_trend": True,
+                                  "teacher": "auto", "vocab_refresh_lr": 4.0},
+                      "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25, "hold_max_gain": 0.02}},
+        "defaults6-nofirst": {"adapter": {"vocab_refresh_uncovered": 0.05, "vocab_refresh_boost": 16.0,
+                                          "vocab_refresh_trend": True, "teacher": "auto", "vocab_refresh_lr": 4.0},
+                              "strategy": {"boost_factor": 4.0, "boost_drop": 0.05, "hold_factor": 0.25,
+                                           "hold_max_gain": 0.02}}}
 
 
 def arm_config(name: str) -> dict:
@@ -208,6 +222,15 @@ def replay(scn, traj_dir: Path, arms: list[str], args) -> list[dict]:
                                  spec=SpecConfig("eagle3", 3, model=str(draft_dir))))
     swapper, push_version, counters, rows = EngineSwapper(engine), 0, {a: None for a in arms}, []
     try:
+        initial = {arm_config(a)["init"] for a in arms if arm_config(a).get("first_counters")}
+        for init in sorted(initial):  # what the initial draft served on policy 0 (step 0's rollouts in a real loop)
+            push_version += 1
+            spec, _ = measure(swapper, engine, frozen if init == "task" else frozen_chat, push_version, prompts, tok,
+                              args, scn.max_tokens)
+            print(f"  replay {traj_dir.name} v0: {init} initial draft {spec.acceptance_length:.3f}", flush=True)
+            for a in arms:
+                if arm_config(a).get("first_counters") and arm_config(a)["init"] == init:
+                    counters[a] = spec
         for v in traj.versions:
             t0 = time.perf_counter()
             # 1) every arm sees the same features of step v's rollouts (policy v), then trains
@@ -233,6 +256,11 @@ def replay(scn, traj_dir: Path, arms: list[str], args) -> list[dict]:
                 st = ad.on_step_end(v + 1, counters=counters[a])
                 train[a] = {"steps": st.train.steps, "tokens": st.train.tokens, "seconds": st.train.seconds} \
                     if st.train else {"steps": 0, "tokens": 0, "seconds": 0.0}
+                # what the budget was decided on: the served draft's acceptance, its reference, the training accuracy
+                train[a].update(acceptance=st.spec.acceptance_length if st.spec is not None else None,
+                                reference=st.acceptance_reference,
+                                step_acc=list(st.train.step_acc) if st.train else None,
+                                acc_gain=st.train.acc_gain if st.train else None)
                 if st.vocab is not None:  # a vocab refresh (vocab_refresh_every): coverage before/after
                     train[a]["vocab"] = st.vocab._asdict()
             # 2) the engine serves policy v+1; each draft is pushed and measured on the same seeded samples

@@ -40,6 +40,7 @@ before this step's push. A lost draft is re-pushed; alarms and repairs are logge
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -112,7 +113,8 @@ class DraftAdapter:
         self.sink = self.watchdog or sink  # pushes go through the watchdog, which records what it must serve
         self._watched = (0, 0)  # (watchdog.checks, watchdog.repairs) at the last step's end
         self.last_step_acc: tuple[float, ...] | None = None  # training accuracy of the last finished training
-        self.prev_step_acc: tuple[float, ...] | None = None  # ... of the one before (is the draft still learning?)
+        self.last_acc_gain: float | None = None  # what the last training of >= 2 steps bought within itself (the
+        #   hold's guard: is the draft still learning? TrainResult.acc_gain); None = none ran yet
         self.served_step_acc: tuple[float, ...] | None = None  # ... of the draft the sink last accepted
         self.features = worker.feature_spec()
         self.sampler = StepSampler(config.budget_tokens, config.capture_fraction, config.window_tokens, config.seed)
@@ -269,9 +271,7 @@ class DraftAdapter:
             self.watchdog.check_step(spec, self.served_step_acc)
         al = spec.acceptance_length if spec is not None and spec.drafts > 0 else None
         ref = self.acceptance_ema if cfg.acceptance_reference == "ema" else self.acceptance_after_push
-        last, prev = self.last_step_acc, self.prev_step_acc
-        gain = last[0] - prev[0] if last and prev else None  # is the draft still learning? (the hold's guard)
-        budget = train_budget(cfg.train_steps, self.strategy, al, ref, gain)
+        budget = train_budget(cfg.train_steps, self.strategy, al, ref, self.last_acc_gain)
         if self.refresh_untrained:  # the first training on features of the re-targeted vocab: its new rows start cold
             budget = max(budget, int(round(cfg.train_steps * cfg.vocab_refresh_boost)))
         burst = cfg.vocab_refresh_lr if self.refresh_untrained else 1.0  # (the refresh runs on local workers only)
@@ -289,8 +289,9 @@ class DraftAdapter:
             if train.steps == 0:  # a background worker whose first run has not finished yet
                 train, skipped = None, "no draft training has finished yet (background worker)"
             else:
-                self.trained_since_push, self.prev_step_acc, self.last_step_acc = \
-                    True, self.last_step_acc, tuple(train.step_acc)
+                self.trained_since_push, self.last_step_acc = True, tuple(train.step_acc)
+                if not math.isnan(train.acc_gain):  # a 1-step training (the hold's) cannot tell; keep the last that could
+                    self.last_acc_gain = train.acc_gain
                 self.refresh_untrained = False
         # 3) the vocab refresh, when due: the push below then carries the new d2t
         refresh = self.vocab.maybe_refresh(v) if self.vocab is not None else None
@@ -397,9 +398,9 @@ class DraftAdapter:
     # 4) resume --------------------------------------------------------------------------------
     _COUNTERS = ("last_version", "newest_rollout_version", "last_push_version", "last_pushed_version",
                  "trained_since_push", "acceptance_ema", "acceptance_after_push", "dropped_rollouts",
-                 "last_step_acc", "served_step_acc", "refresh_untrained", "prev_step_acc")
+                 "last_step_acc", "served_step_acc", "refresh_untrained", "last_acc_gain")
     _LATER = {"last_step_acc": None, "served_step_acc": None,  # states saved before the watchdog have none,
-              "refresh_untrained": False, "prev_step_acc": None}  # ... before the post-refresh boost, the hold
+              "refresh_untrained": False, "last_acc_gain": None}  # ... before the post-refresh boost, the hold
 
     def state_dict(self, cache_dir: str | os.PathLike | None = None) -> dict:
         """Everything a resumed run needs: draft weights, optimizer, sampling RNG, push/acceptance

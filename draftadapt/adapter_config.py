@@ -6,6 +6,7 @@ through (`DraftAdapter(...)`, `DraftAdapter.with_worker`, `DistributedDraftAdapt
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -184,6 +185,8 @@ class AdapterStats:
             out.update({"draft/loss": t.loss, "draft/train_steps": float(t.steps), "draft/train_tokens": float(t.tokens),
                         "draft/train_seconds": t.seconds, "draft/grad_norm": t.grad_norm})
             out.update({f"draft/acc-step-{k}": a for k, a in enumerate(t.step_acc)})
+            if not math.isnan(t.acc_gain):  # what the training bought within itself (the budget's hold guard)
+                out["draft/acc_gain"] = t.acc_gain
         if c.newest_version is not None:
             out["draft/cache_lag_newest"] = float(self.policy_version - c.newest_version)
             out["draft/cache_lag_oldest"] = float(self.policy_version - c.oldest_version)

@@ -213,10 +213,7 @@ class DataParallelDraftWorker(LocalDraftWorker):
                                           draft_vocab_ids=self._target_ids, target_head=self.target_head,
                                           sparse_teacher=True)
             hist.append(self.trainer.step(batch))
-        n = max(1, len(hist))
-        acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()
-        return TrainResult(len(hist), sum(s.loss for s in hist) / n, acc, sum(s.tokens for s in hist),
-                           sum(s.grad_norm for s in hist) / n, time.perf_counter() - start)
+        return TrainResult.of(hist, time.perf_counter() - start)
 
 
 # 3) one adapter view per rank ---------------------------------------------------------------------

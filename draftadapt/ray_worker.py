@@ -73,10 +73,7 @@ class _DraftServer:
                                        draft_vocab_ids=self.target_ids, target_head=w.target_head, sparse_teacher=True)
             with self.draft_lock:
                 hist.append(w.trainer.step(batch))
-        n = max(1, len(hist))
-        acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()
-        return TrainResult(len(hist), sum(s.loss for s in hist) / n, acc, sum(s.tokens for s in hist),
-                           sum(s.grad_norm for s in hist) / n, time.perf_counter() - start)
+        return TrainResult.of(hist, time.perf_counter() - start)
 
     def state_for_push(self) -> dict[str, torch.Tensor]:
         with self.draft_lock:  # a copy: the live tensors change with the next step

@@ -17,9 +17,12 @@ settings:
   them; reward-weighted adaptation as a selection).
 - boost_factor / boost_drop / hold_factor: the acceptance-triggered budget. At a boundary where the
   step's acceptance length fell more than boost_drop below the adapter's reference, train
-  boost_factor x train_steps; where it held or rose (>= the reference) while the draft's training
-  accuracy gained less than hold_max_gain since the training before, hold_factor x train_steps (< 1: a
-  draft that keeps up costs less; 0: nothing); otherwise, and before any of that is known, train_steps.
+  boost_factor x train_steps; where it held or rose (>= the reference) while the draft's last training of
+  >= 2 steps gained less than hold_max_gain step-1 accuracy within itself (its later half vs its earlier
+  half: TrainResult.acc_gain), hold_factor x train_steps (< 1: a draft that keeps up costs less; 0:
+  nothing); otherwise, and before any of that is known, train_steps. The gain is measured within one
+  training, on one cache, because a gain between two trainings also rises when the policy sharpens and
+  its samples grow easier to draft - the drift where training buys least.
 
 `StrategyLoss` is that loss, handed to `DraftTrainer` (the one step: non-finite skip, autocast,
 clipping); `StrategyDraftWorker` is `LocalDraftWorker` with it; `UntilBoundaryDraftWorker` trains in
@@ -28,6 +31,7 @@ and the teacher in chunks of positions) plus one no-grad step-1 pass when reject
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, replace
 
@@ -50,8 +54,8 @@ class StrategyConfig:
     boost_factor: float = 4.0  # train_steps x this when the step's acceptance length drops (1 = fixed budget)
     boost_drop: float = 0.05  # tokens of acceptance length below the reference that trigger the boost
     hold_factor: float = 0.25  # train_steps x this when the step's acceptance length held or rose (>= the reference)
-    hold_max_gain: float = 0.02  # ... and the draft's step-1 training accuracy rose less than this from the training
-    #   before (a draft still learning - a weak start, rows a vocab refresh admitted - keeps its budget)
+    hold_max_gain: float = 0.02  # ... and the draft's last training (>= 2 steps) raised its step-1 accuracy less than
+    #   this within itself (a draft still learning - a weak start, rows a vocab refresh admitted - keeps its budget)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -133,8 +137,8 @@ def train_budget(train_steps: int, strategy: StrategyConfig, acceptance: float |
                  acc_gain: float | None = 0.0) -> int:
     """Optimizer steps for this boundary: boost_factor x train_steps when acceptance fell more than boost_drop
     below the reference; hold_factor x (at least 1 unless it is 0) when it held or rose (>= the reference) and the
-    draft's training accuracy gained less than hold_max_gain since the training before (`acc_gain`; None = not
-    known yet, no shrinking); else train_steps."""
+    draft's last training gained less than hold_max_gain step-1 accuracy within itself (`acc_gain`,
+    TrainResult.acc_gain; None = not known yet, no shrinking); else train_steps."""
     if acceptance is None or reference is None:
         return train_steps
     if acceptance < reference - strategy.boost_drop:
@@ -178,4 +182,5 @@ class UntilBoundaryDraftWorker(BackgroundDraftWorker):
         return TrainResult(steps=sum(p.steps for p in parts), loss=sum(p.loss * p.steps for p in parts) / n,
                            step_acc=tuple(sum(p.step_acc[i] * p.steps for p in parts if p.step_acc) / n for i in range(k)),
                            tokens=sum(p.tokens for p in parts), grad_norm=sum(p.grad_norm * p.steps for p in parts) / n,
-                           seconds=sum(p.seconds for p in parts))
+                           seconds=sum(p.seconds for p in parts),
+                           acc_gain=parts[0].acc_gain if parts else math.nan)  # the fixed run's (steps 1..min)

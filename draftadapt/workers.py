@@ -70,6 +70,19 @@ class TrainResult:
     tokens: int  # positions scored at TTT step 1, summed over the steps
     grad_norm: float  # mean pre-clip grad norm
     seconds: float  # wall time of the whole train call
+    acc_gain: float = math.nan  # step-1 accuracy of the later half of these steps minus the earlier half's: what
+    #   the call's own updates bought on the data it trained on (nan with < 2 steps); unlike a gain between calls it
+    #   does not rise when the policy sharpens and its data grows easier (strategy.train_budget's hold guard)
+
+    @classmethod
+    def of(cls, hist: list, seconds: float) -> TrainResult:
+        """The result of a call that ran the trainer steps `hist` (TrainStats) in `seconds`."""
+        n, half = max(1, len(hist)), len(hist) // 2
+        acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()
+        gain = (sum(s.step_acc[0] for s in hist[-half:]) - sum(s.step_acc[0] for s in hist[:half])) / half \
+            if half and hist[0].step_acc else math.nan
+        return cls(len(hist), sum(s.loss for s in hist) / n, acc, sum(s.tokens for s in hist),
+                   sum(s.grad_norm for s in hist) / n, seconds, gain)
 
 
 class DraftWorker(Protocol):
@@ -140,10 +153,7 @@ class LocalDraftWorker:
                                                     draft_vocab_ids=self._target_ids, target_head=self.target_head,
                                                     sparse_teacher=True))
                 for _ in range(num_steps)]
-        n = max(1, len(hist))
-        acc = tuple(sum(s.step_acc[k] for s in hist) / n for k in range(len(hist[0].step_acc))) if hist else ()
-        return TrainResult(len(hist), sum(s.loss for s in hist) / n, acc, sum(s.tokens for s in hist),
-                           sum(s.grad_norm for s in hist) / n, time.perf_counter() - start)
+        return TrainResult.of(hist, time.perf_counter() - start)
 
     def state_for_push(self) -> dict[str, torch.Tensor]:
         """The live weights vLLM's drafter owns (no copy): consume them before the next train()."""

@@ -250,7 +250,7 @@ def test_stats_flatten_to_the_names_rl_users_chart(policy):
     flat = run(adapter, policy, [0])[0].as_dict()
     for key in ("draft/loss", "draft/acc-step-0", "draft/acc-step-2", "draft/train_seconds", "draft/push_seconds",
                 "draft/cache_tokens", "draft/cache_bytes", "draft/cache_lag_newest", "spec_acceptance_length",
-                "spec_acceptance_rate-pos-0", "draft/pushed_version"):
+                "spec_acceptance_rate-pos-0", "draft/pushed_version", "draft/acc_gain"):
         assert key in flat, f"{key} missing from {sorted(flat)}"
     assert all(isinstance(v, float) for v in flat.values())
     assert flat["spec_acceptance_length"] == pytest.approx(2.5) and flat["spec_acceptance_rate-pos-1"] == 0.5

@@ -2,6 +2,8 @@
 what their settings say; a recorded trajectory replays the same features."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_config, tiny_model
@@ -164,19 +166,33 @@ def test_adapter_trains_nothing_while_acceptance_holds_with_hold_factor_zero():
     policy = tiny_model("llama", layers=8, hidden=64)
     ad = _adapter(policy, StrategyConfig(hold_factor=0.0, boost_factor=2.0, boost_drop=0.1))
     ad.on_rollouts(_capture(ad, policy, 0))
-    assert ad.on_step_end(1, counters=SpecCounters(100, 300, 150, (60, 50, 40))).train.steps == 2  # no reference yet
+    first = ad.on_step_end(1, counters=SpecCounters(100, 300, 150, (60, 50, 40)))
+    assert first.train.steps == 2  # no reference yet
+    # the guard is what the training bought within itself: step 2's step-1 accuracy minus step 1's
+    assert ad.last_acc_gain == first.train.acc_gain and math.isfinite(first.train.acc_gain)
+    ad.last_acc_gain = 0.1  # the draft was still learning (its own steps raised its accuracy by 0.1)
     ad.on_rollouts(_capture(ad, policy, 1))
-    learning = ad.on_step_end(2, counters=SpecCounters(100, 300, 150, (60, 50, 40)))  # held, one training known
-    assert learning.train.steps == 2, "no training gain known yet: the budget does not shrink"
-    ad.prev_step_acc = ad.last_step_acc  # the draft stopped learning (its training accuracy did not rise)
+    learning = ad.on_step_end(2, counters=SpecCounters(100, 300, 150, (60, 50, 40)))  # held
+    assert learning.train.steps == 2, "a draft still learning keeps its budget"
+    ad.last_acc_gain = 0.0  # the draft stopped learning
     ad.on_rollouts(_capture(ad, policy, 2))
     held = ad.on_step_end(3, counters=SpecCounters(100, 300, 160, (62, 55, 43)))  # AL 2.5 -> 2.6: rose
     assert held.train is None and "hold_factor" in held.train_skipped_reason
-    ad.prev_step_acc = tuple(a - 0.1 for a in ad.last_step_acc)  # it gained 0.1 in its last training
+    assert ad.last_acc_gain == 0.0, "no training ran: the guard keeps the last gain"
     ad.on_rollouts(_capture(ad, policy, 3))
-    assert ad.on_step_end(4, counters=SpecCounters(100, 300, 170, (64, 58, 48))).train.steps == 2, "still learning"
-    ad.on_rollouts(_capture(ad, policy, 4))
-    assert ad.on_step_end(5, counters=SpecCounters(100, 300, 50, (30, 15, 5))).train.steps == 4  # fell: boost
+    assert ad.on_step_end(4, counters=SpecCounters(100, 300, 50, (30, 15, 5))).train.steps == 4  # fell: boost
+
+
+def test_a_one_step_hold_keeps_the_gain_of_the_last_training_that_could_measure_one():
+    policy = tiny_model("llama", layers=8, hidden=64)
+    ad = _adapter(policy, StrategyConfig(hold_factor=0.25, boost_factor=2.0, boost_drop=0.1))  # hold: 1 of 2 steps
+    ad.on_rollouts(_capture(ad, policy, 0))
+    ad.on_step_end(1, counters=SpecCounters(100, 300, 150, (60, 50, 40)))
+    ad.last_acc_gain = -0.01
+    ad.on_rollouts(_capture(ad, policy, 1))
+    held = ad.on_step_end(2, counters=SpecCounters(100, 300, 160, (62, 55, 43)))
+    assert held.train.steps == 1 and math.isnan(held.train.acc_gain)
+    assert ad.last_acc_gain == -0.01  # one step tells nothing: the hold goes on until acceptance falls
 
 
 def test_a_recorded_trajectory_replays_the_same_features(tmp_path):
@@ -222,3 +238,17 @@ def test_until_boundary_worker_trains_until_the_next_boundary():
     assert first is not None and first.steps > 2, first
     worker.close()  # stops the second run at once instead of waiting for max_steps
     assert worker._last.steps >= 2
+
+
+def test_a_train_results_gain_is_its_later_half_minus_its_earlier_half():
+    from draftadapt.trainer import TrainStats
+    from draftadapt.workers import TrainResult
+
+    def stats(acc1):
+        return TrainStats(step=1, loss=1.0, step_loss=(1.0, 1.0), step_acc=(acc1, 0.1), tokens=10, grad_norm=1.0, lr=1e-3)
+
+    four = TrainResult.of([stats(a) for a in (0.50, 0.60, 0.70, 0.90)], 1.0)
+    assert four.acc_gain == pytest.approx((0.70 + 0.90) / 2 - (0.50 + 0.60) / 2)
+    assert four.step_acc == pytest.approx((0.675, 0.1)) and four.tokens == 40
+    assert TrainResult.of([stats(a) for a in (0.5, 0.6, 0.8)], 1.0).acc_gain == pytest.approx(0.3)  # middle left out
+    assert math.isnan(TrainResult.of([stats(0.5)], 1.0).acc_gain) and math.isnan(TrainResult.of([], 1.0).acc_gain)
