@@ -3,6 +3,7 @@ what their settings say; a recorded trajectory replays the same features."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -252,3 +253,33 @@ def test_a_train_results_gain_is_its_later_half_minus_its_earlier_half():
     assert four.step_acc == pytest.approx((0.675, 0.1)) and four.tokens == 40
     assert TrainResult.of([stats(a) for a in (0.5, 0.6, 0.8)], 1.0).acc_gain == pytest.approx(0.3)  # middle left out
     assert math.isnan(TrainResult.of([stats(0.5)], 1.0).acc_gain) and math.isnan(TrainResult.of([], 1.0).acc_gain)
+
+
+def test_the_hold_follows_what_training_buys_not_a_policy_that_grows_easier():
+    """The budget's guard, as the replay lab's sharpening drift (c) met it: the draft's training accuracy rises from
+    one training to the next because the policy's samples grow easier, while its own steps buy nothing - the budget
+    shrinks; a draft whose own steps raise its accuracy (a weak start) keeps its budget at the same acceptance."""
+    from draftadapt.workers import TrainResult
+
+    class Scripted:  # a worker whose trainings report a scripted accuracy: 0.80, 0.85, 0.90, ... (+0.05 per training)
+        def __init__(self, inner, within):
+            self.inner, self.within, self.asked = inner, within, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def train(self, num_steps):
+            self.asked.append(num_steps)
+            acc = 0.80 + 0.05 * (len(self.asked) - 1)
+            return TrainResult(num_steps, 1.0, (acc, acc / 2), 64 * num_steps, 1.0, 0.01,
+                               self.within if num_steps >= 2 else math.nan)
+
+    policy = tiny_model("llama", layers=8, hidden=64)
+    for within, expected in [(0.0, [4, 1, 1, 1, 1]), (0.1, [4, 4, 4, 4, 4])]:
+        base = _adapter(policy, StrategyConfig())
+        worker = Scripted(base.worker, within)
+        ad = DraftAdapter.with_worker(worker, replace(base.config, train_steps=4), strategy=StrategyConfig())
+        for v in range(5):  # acceptance rises every step (2.5 -> 2.9): it holds against the EMA
+            ad.on_rollouts(_capture(ad, policy, v))
+            ad.on_step_end(v + 1, counters=SpecCounters(100, 300, 150 + 10 * v, (60, 50, 40 + 10 * v)))
+        assert worker.asked == expected, (within, worker.asked)
